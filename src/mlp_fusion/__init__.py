@@ -1,0 +1,24 @@
+"""mlp-fusion: fuse the MLP blocks of pre-trained transformers (MLP Fusion, ICML 2023) for cheaper fine-tuning."""
+
+from .adapters import find_sites
+from .config import FusionConfig
+from .errors import UserError
+from .fuse import FusionReport, fuse
+from .kmeans import KMeans, k_means
+from .methods import METHODS
+from .persistence import export, from_pretrained, save_pretrained
+
+__version__ = "0.1.0"
+__all__ = [
+    "METHODS",
+    "FusionConfig",
+    "FusionReport",
+    "KMeans",
+    "UserError",
+    "export",
+    "find_sites",
+    "from_pretrained",
+    "fuse",
+    "k_means",
+    "save_pretrained",
+]

@@ -1,0 +1,148 @@
+"""Find a model's MLP sites by module structure (attribute names and shapes), never by checkpoint name.
+
+Adding a family means adding a row to one of the tables below, or one matcher function.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import UserError
+from .sites import ExpertModules, LinearMlp, MlpSite, StackedExperts
+
+# (gate, up, down): SwiGLU / GeGLU MLPs.
+GATED_LAYOUTS = [
+    ("gate_proj", "up_proj", "down_proj"),  # LLaMA, Mistral, Qwen, SmolLM, Gemma
+    ("wi_0", "wi_1", "wo"),  # T5 v1.1 style gated
+    ("w1", "w3", "w2"),  # per-expert Mixtral-style modules
+]
+# (in, out): plain MLPs.
+PLAIN_LAYOUTS = [
+    ("intermediate.dense", "output.dense"),  # BERT, RoBERTa, MPNet, ELECTRA, ...
+    ("c_fc", "c_proj"),  # GPT-2 (Conv1D)
+    ("wi", "wo"),  # T5, Switch Transformers experts
+    ("fc1", "fc2"),  # OPT, ViT-style
+    ("lin1", "lin2"),  # DistilBERT
+    ("dense_h_to_4h", "dense_4h_to_h"),  # GPT-NeoX, Falcon
+]
+SUPPORTED_FAMILIES = (
+    "plain MLPs (BERT, RoBERTa, MPNet, DistilBERT, GPT-2, OPT, T5), gated MLPs (LLaMA, Mistral, Qwen2, "
+    "SmolLM, Gemma 2/3), Mixture-of-Experts (Mixtral, Qwen2-MoE, Qwen3-MoE, Switch Transformers)"
+)
+# Config fields that set an MLP's width, most specific first.
+EXPERT_WIDTH_KEYS = ["moe_intermediate_size", "intermediate_size", "d_ff", "ffn_dim"]
+SHARED_WIDTH_KEYS = ["shared_expert_intermediate_size"]
+DENSE_WIDTH_KEYS = ["intermediate_size", "d_ff", "n_inner", "ffn_dim", "encoder_ffn_dim", "hidden_dim"]
+
+
+def find_sites(model: nn.Module) -> list[MlpSite]:
+    """Every MLP site of ``model``, in module order. Raises :class:`UserError` if there is none."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    active = getattr(text_config, "num_experts_per_tok", None) or 1
+    sites: list[MlpSite] = []
+    claimed: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in claimed):
+            continue
+        site = _match(name, module, active)
+        if site is not None:
+            site.config_key = _width_key(text_config, site)
+            sites.append(site)
+            claimed.append(name)
+    if not sites:
+        raise UserError(
+            f"found no supported MLP in {type(model).__name__}; supported families: {SUPPORTED_FAMILIES}"
+        )
+    return sites
+
+
+def layer_index(name: str) -> int:
+    """The first numeric component of a module path (``encoder.layer.3.mlp`` -> 3), 0 if there is none."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return int(match.group(1)) if match else 0
+
+
+def _match(name: str, module: nn.Module, active_experts: int) -> MlpSite | None:
+    for matcher in MATCHERS:
+        site = matcher(name, module, active_experts)
+        if site is not None:
+            return site
+    return None
+
+
+def _stacked_experts(name: str, module: nn.Module, active_experts: int) -> MlpSite | None:
+    params = dict(module.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if gate_up is None or down is None or set(params) != {"gate_up_proj", "down_proj"}:
+        return None
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
+        return None
+    experts, double_width, hidden = gate_up.shape
+    if double_width != 2 * down.shape[2] or down.shape[1] != hidden:
+        return None
+    return StackedExperts(name, layer_index(name), module, active_experts)
+
+
+def _expert_modules(name: str, module: nn.Module, active_experts: int) -> MlpSite | None:
+    is_container = isinstance(module, (nn.ModuleList, nn.ModuleDict))
+    if not is_container or name.rsplit(".", 1)[-1] != "experts" or len(module) < 2:
+        return None
+    members, shapes = [], set()
+    for index, (child_name, child) in enumerate(module.named_children()):
+        member = _dense_mlp(f"{name}.{child_name}", child, 1, expert=index)
+        if member is None:
+            return None
+        members.append(member)
+        sub = member.read()
+        shapes.add(tuple(t.shape for t in (*sub.inputs, sub.output)))
+    if len(shapes) != 1:
+        return None
+    return ExpertModules(name, layer_index(name), members, active_experts)
+
+
+def _dense_mlp(name: str, module: nn.Module, active_experts: int, expert: int = 0) -> LinearMlp | None:
+    for layout in GATED_LAYOUTS + PLAIN_LAYOUTS:
+        projections = [_projection(module, path) for path in layout]
+        if any(p is None for p in projections):
+            continue
+        *inputs, output = projections
+        site = LinearMlp(name, layer_index(name), inputs, output, expert=expert)
+        sub = site.read()
+        widths = {t.shape[1] for t in sub.inputs} | {sub.output.shape[1]}
+        in_sizes = {t.shape[2] - has_bias for t, has_bias in zip(sub.inputs, sub.has_bias)}
+        if len(widths) == 1 and len(in_sizes) == 1 and in_sizes == {sub.output.shape[2]}:
+            return site
+    return None
+
+
+def _projection(module: nn.Module, path: str) -> nn.Module | None:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module if isinstance(module, (nn.Linear, Conv1D)) else None
+
+
+def _width_key(config: object, site: MlpSite) -> str | None:
+    """The config field whose value is this site's width, so an export can set it."""
+    if site.experts:
+        keys = EXPERT_WIDTH_KEYS
+    elif "shared" in site.name.rsplit(".", 1)[-1]:
+        keys = SHARED_WIDTH_KEYS
+    else:
+        keys = DENSE_WIDTH_KEYS
+    for key in keys:
+        value = getattr(config, key, None)
+        if key == "n_inner" and value is None and hasattr(config, "n_embd"):
+            value = 4 * config.n_embd
+        if value == site.width:
+            return key
+    return None
+
+
+MATCHERS: list[Callable[[str, nn.Module, int], MlpSite | None]] = [_stacked_experts, _expert_modules, _dense_mlp]

@@ -1,0 +1,91 @@
+"""FusionConfig: what to fuse and how, validated when it is made."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .methods import METHODS
+
+
+@dataclass
+class FusionConfig:
+    """Settings of one :func:`mlp_fusion.fuse` call.
+
+    Give either ``ratio`` (kept fraction of each MLP's width) or ``width`` (the same width for every fused
+    MLP). ``layers`` is a list of layer indices, ``"all"``, or a spec such as ``"2-5"`` or ``"0,2,4-6"``.
+    """
+
+    method: str = field(default="fusion", metadata={"help": "one of the registered methods"})
+    ratio: float | None = field(default=None, metadata={"help": "kept fraction of the width, in (0, 1]"})
+    width: int | None = field(default=None, metadata={"help": "new width of every fused MLP"})
+    layers: list[int] | str = field(default="all", metadata={"help": "layers to fuse"})
+    seed: int = field(default=0, metadata={"help": "seed of k-means and of the sketch"})
+    n_init: int = field(default=1, metadata={"help": "k-means restarts (the lowest inertia is kept)"})
+    max_iter: int = field(default=100, metadata={"help": "Lloyd iterations per restart"})
+    hartigan_rounds: int = field(default=50, metadata={"help": "rounds of Hartigan refinement (0: off)"})
+    keep_fraction: float = field(default=0.0, metadata={"help": "sketch: share of the width kept exactly"})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(sorted(METHODS))}")
+        if self.ratio is not None and self.width is not None:
+            raise UserError("give either a ratio or a width, not both")
+        if self.ratio is None and self.width is None:
+            self.ratio = 0.25
+        if self.ratio is not None:
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+                raise UserError(f"ratio must be a number in (0, 1], got {self.ratio!r}")
+            if not (math.isfinite(self.ratio) and 0 < self.ratio <= 1):
+                raise UserError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)):
+            raise UserError(f"width must be a whole number of neurons, got {self.width!r}")
+        if self.width is not None and self.width < 1:
+            raise UserError(f"width must be at least 1, got {self.width}")
+        if not 0 <= self.keep_fraction < 1:
+            raise UserError(f"keep_fraction must be in [0, 1), got {self.keep_fraction}")
+        for name in ("n_init", "max_iter"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.hartigan_rounds < 0:
+            raise UserError(f"hartigan_rounds must be at least 0, got {self.hartigan_rounds}")
+        self.layers = parse_layers(self.layers)
+
+    def target_width(self, width: int) -> int:
+        """The new width of an MLP that is ``width`` neurons wide now."""
+        if self.width is not None:
+            return self.width
+        return max(1, round(self.ratio * width))
+
+
+def parse_layers(spec: list[int] | tuple[int, ...] | range | str) -> list[int] | str:
+    """``"all"`` stays ``"all"``; ``"2-5"``, ``"1,3"``, ``[2, 3]`` become a sorted list of distinct indices."""
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text == "all":
+            return "all"
+        indices: set[int] = set()
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, dash, high = part.partition("-")
+            try:
+                start, end = int(low), int(high if dash else low)
+            except ValueError:
+                raise UserError(
+                    f"bad layer spec {spec!r}: use 'all', a list like '2,3,5' or a range like '2-5'"
+                ) from None
+            if start < 0 or end < start:
+                raise UserError(f"bad layer range {part!r}: use 'low-high' with 0 <= low <= high")
+            indices.update(range(start, end + 1))
+        if not indices:
+            raise UserError(f"bad layer spec {spec!r}: it names no layer")
+        return sorted(indices)
+    try:
+        indices = {int(i) for i in spec}
+    except (TypeError, ValueError):
+        raise UserError(f"layers must be 'all', a spec like '2-5' or a list of integers, got {spec!r}") from None
+    if not indices:
+        raise UserError("layers is empty: name at least one layer, or 'all'")
+    if min(indices) < 0:
+        raise UserError(f"layer indices must be >= 0, got {sorted(indices)}")
+    return sorted(indices)

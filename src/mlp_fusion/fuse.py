@@ -1,0 +1,154 @@
+"""``fuse(model, config)``: the one verb. Validates everything first, then rewrites the chosen MLPs in place."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import find_sites
+from .config import FusionConfig
+from .errors import UserError
+from .methods import METHODS
+from .narrowing import apply_result
+from .sites import MlpSite
+
+RECORD_ATTR = "mlp_fusion_record"
+
+
+@dataclass
+class SiteRecord:
+    """What was done to one site; enough to rebuild its shapes when loading."""
+
+    name: str
+    layer: int
+    experts: int | None
+    width_before: int
+    width: int
+    method: str
+    scaled: bool
+    rank: int | None
+
+
+@dataclass
+class LayerReport:
+    name: str
+    layer: int
+    expert: int | None
+    width_before: int
+    width_after: int
+    inertia: float | None
+    seconds: float
+
+
+@dataclass
+class FusionReport:
+    method: str
+    layers: list[LayerReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    mlp_flops_before: int = 0
+    mlp_flops_after: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format_table(self) -> str:
+        lines = [f"{'layer':>5} {'expert':>6} {'width':>13} {'inertia':>12} {'seconds':>8}  module"]
+        for row in self.layers:
+            expert = "-" if row.expert is None else str(row.expert)
+            inertia = "-" if row.inertia is None else f"{row.inertia:.2f}"
+            widths = f"{row.width_before} -> {row.width_after}"
+            lines.append(f"{row.layer:>5} {expert:>6} {widths:>13} {inertia:>12} {row.seconds:>8.2f}  {row.name}")
+        lines.append(
+            f"parameters: {self.params_before:,} -> {self.params_after:,} "
+            f"({100 * (1 - self.params_after / self.params_before):.1f}% fewer)"
+        )
+        lines.append(f"MLP FLOPs per token: {self.mlp_flops_before:,} -> {self.mlp_flops_after:,}")
+        lines.append(f"method {self.method}, {len(self.layers)} rows, {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def fuse(model: nn.Module, config: FusionConfig) -> FusionReport:
+    """Fuse the MLPs of ``model`` chosen by ``config``, in place, and report what changed."""
+    if not isinstance(config, FusionConfig):
+        raise UserError(f"config must be a FusionConfig, got {type(config).__name__}")
+    start = time.perf_counter()
+    sites = find_sites(model)
+    plans = _plan(model, sites, config)
+    report = FusionReport(method=config.method, params_before=count_parameters(model))
+    report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
+    records = fusion_records(model)
+    method = METHODS[config.method]
+    for site, width, sub in plans:
+        site_start = time.perf_counter()
+        with torch.no_grad():
+            result = method(sub, width, config)
+            apply_result(site, result)
+        seconds = time.perf_counter() - site_start
+        records.append(
+            SiteRecord(
+                site.name, site.layer, site.experts, sub.width, width, config.method,
+                result.scale is not None, result.rank,
+            )
+        )
+        for expert in range(sub.batch):
+            inertia = None if result.inertia is None else float(result.inertia[expert])
+            report.layers.append(
+                LayerReport(
+                    site.name, site.layer, expert if site.experts else None, sub.width,
+                    result.sub.width, inertia, seconds / sub.batch,
+                )
+            )
+    setattr(model, RECORD_ATTR, records)
+    report.params_after = count_parameters(model)
+    report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def fusion_records(model: nn.Module) -> list[SiteRecord]:
+    """What earlier :func:`fuse` calls did to ``model`` (empty for an unfused model)."""
+    return list(getattr(model, RECORD_ATTR, []))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def select_sites(sites: list[MlpSite], layers: list[int] | str) -> list[MlpSite]:
+    """The sites in ``layers``; an index past the last layer, or a layer with no MLP, is an error."""
+    if layers == "all":
+        return sites
+    present = sorted({site.layer for site in sites})
+    for layer in layers:
+        if layer > present[-1]:
+            raise UserError(f"layer {layer} is out of range: this model's MLP layers are {_ranges(present)}")
+        if layer not in present:
+            raise UserError(f"layer {layer} has no MLP; this model's MLP layers are {_ranges(present)}")
+    return [site for site in sites if site.layer in layers]
+
+
+def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list:
+    done = {record.name for record in fusion_records(model)}
+    plans = []
+    for site in select_sites(sites, config.layers):
+        if site.name in done:
+            raise UserError(f"{site.name} is already fused; start again from the original model")
+        width = config.target_width(site.width)
+        if width > site.width:
+            raise UserError(f"width {width} is above the width of {site.describe()}; choose at most {site.width}")
+        sub = site.read()
+        if not all(bool(torch.isfinite(t).all()) for t in (*sub.inputs, sub.output)):
+            raise UserError(f"{site.describe()} has NaN or infinite weights; fusion needs finite weights")
+        plans.append((site, width, sub))
+    return plans
+
+
+def _ranges(values: list[int]) -> str:
+    if values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}-{values[-1]}"
+    return ",".join(map(str, values))

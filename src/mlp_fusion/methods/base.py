@@ -1,0 +1,86 @@
+"""What a method sees and returns: one layer's sub-MLPs as plain tensors, nothing about transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..config import FusionConfig
+
+
+@dataclass
+class SubMlps:
+    """The D sub-MLPs of one MLP, or of every expert of one layer, stacked on a leading batch axis.
+
+    Neuron i is row i (axis 1) of every tensor. ``inputs`` holds one ``[B, D, d]`` tensor per input
+    projection (one for a plain MLP, gate and up for a gated one), with that projection's bias appended as
+    the last column when it has one (``has_bias``). ``output`` is the output projection transposed,
+    ``[B, D, d_out]``; the output bias belongs to no sub-MLP and is not here.
+    """
+
+    inputs: list[torch.Tensor]
+    output: torch.Tensor
+    has_bias: tuple[bool, ...]
+
+    @property
+    def width(self) -> int:
+        return self.output.shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.output.shape[0]
+
+    def rows(self) -> torch.Tensor:
+        """The ``[B, D, p]`` matrix whose rows are the sub-MLP vectors ``[w_in_i, b_in_i, w_out_i]``."""
+        return torch.cat([*self.inputs, self.output], dim=-1)
+
+    def from_rows(self, rows: torch.Tensor) -> SubMlps:
+        """Split ``[B, c, p]`` rows laid out as :meth:`rows` back into pieces."""
+        sizes = [t.shape[-1] for t in self.inputs] + [self.output.shape[-1]]
+        *inputs, output = torch.split(rows, sizes, dim=-1)
+        return SubMlps(list(inputs), output, self.has_bias)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SubMlps:
+        return SubMlps([fn(t) for t in self.inputs], fn(self.output), self.has_bias)
+
+    def zeros(self, width: int) -> SubMlps:
+        """Zero tensors laid out like these, with ``width`` neurons."""
+        return self.map_rows(lambda t: t.new_zeros(t.shape[0], width, t.shape[-1]))
+
+    def neuron_scores(self) -> torch.Tensor:
+        """``||w_in_i|| * ||w_out_i||`` (a product over every projection for gated MLPs), ``[B, D]``."""
+        score = self.output.float().norm(dim=-1)
+        for t in self.inputs:
+            score = score * t.float().norm(dim=-1)
+        return score
+
+
+@dataclass
+class MethodResult:
+    """New sub-MLP tensors and how to write them: a fixed per-neuron scale ``[B, c]`` (fusion) or a rank (svd)."""
+
+    sub: SubMlps
+    scale: torch.Tensor | None = None
+    rank: int | None = None
+    inertia: torch.Tensor | None = None  # [B], clustering methods only
+    extra: dict = field(default_factory=dict)
+
+
+Method = Callable[[SubMlps, int, "FusionConfig"], MethodResult]
+METHODS: dict[str, Method] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def register(name: str, description: str) -> Callable[[Method], Method]:
+    """Add a method to the registry under ``name``."""
+
+    def add(fn: Method) -> Method:
+        METHODS[name] = fn
+        DESCRIPTIONS[name] = description
+        return fn
+
+    return add

@@ -1,0 +1,26 @@
+"""Structured magnitude pruning: keep the neurons with the largest ``||w_in_i|| * ||w_out_i||``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import MethodResult, SubMlps, register
+
+if TYPE_CHECKING:
+    from ..config import FusionConfig
+
+
+def top_neurons(sub: SubMlps, count: int) -> torch.Tensor:
+    """Indices ``[B, count]`` of the highest-scoring neurons, in their original order."""
+    return sub.neuron_scores().topk(count, dim=-1).indices.sort(dim=-1).values
+
+
+def gather_neurons(sub: SubMlps, index: torch.Tensor) -> SubMlps:
+    return sub.map_rows(lambda t: t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1])))
+
+
+@register("prune", "keep the neurons with the largest ||w_in|| * ||w_out||, drop the rest")
+def prune(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+    return MethodResult(gather_neurons(sub, top_neurons(sub, width)))

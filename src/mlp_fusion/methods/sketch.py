@@ -1,0 +1,35 @@
+"""Random Gaussian sketch of the neuron axis, optionally keeping the top-scored neurons exactly."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import MethodResult, SubMlps, register
+from .pruning import gather_neurons
+
+if TYPE_CHECKING:
+    from ..config import FusionConfig
+
+
+@register("sketch", "Gaussian sketch S (D x c, N(0, 1/c)): W_in' = S^T W_in, W_out' = W_out S")
+def sketch(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+    keep = min(width - 1, round(config.keep_fraction * width)) if config.keep_fraction > 0 else 0
+    order = sub.neuron_scores().argsort(dim=-1, descending=True)
+    kept = gather_neurons(sub, order[:, :keep].sort(dim=-1).values)
+    rest = gather_neurons(sub, order[:, keep:].sort(dim=-1).values)
+    columns = width - keep
+    generator = torch.Generator().manual_seed(config.seed)
+    projection = torch.randn(sub.batch, rest.width, columns, generator=generator) / columns**0.5
+    projection = projection.to(device=sub.output.device, dtype=sub.output.dtype)
+    sketched = rest.map_rows(lambda t: projection.transpose(1, 2) @ t)
+    return MethodResult(_concat(kept, sketched) if keep else sketched)
+
+
+def _concat(first: SubMlps, second: SubMlps) -> SubMlps:
+    return SubMlps(
+        [torch.cat(pair, dim=1) for pair in zip(first.inputs, second.inputs)],
+        torch.cat([first.output, second.output], dim=1),
+        first.has_bias,
+    )
