@@ -76,10 +76,11 @@ def _match(name: str, module: nn.Module, active_experts: int) -> MlpSite | None:
 
 
 def _stacked_experts(name: str, module: nn.Module, active_experts: int) -> MlpSite | None:
-    params = dict(module.named_parameters(recurse=False))
-    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
-    if gate_up is None or down is None or set(params) != {"gate_up_proj", "down_proj"}:
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    names |= set(getattr(module, "parametrizations", {}))  # a fused site's weights live in parametrizations
+    if names != {"gate_up_proj", "down_proj"}:
         return None
+    gate_up, down = module.gate_up_proj, module.down_proj
     if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0]:
         return None
     experts, double_width, hidden = gate_up.shape
@@ -129,20 +130,14 @@ def _projection(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def _width_key(config: object, site: MlpSite) -> str | None:
-    """The config field whose value is this site's width, so an export can set it."""
+    """The config field that sets this site's width, so an export can set it."""
     if site.experts:
         keys = EXPERT_WIDTH_KEYS
     elif "shared" in site.name.rsplit(".", 1)[-1]:
         keys = SHARED_WIDTH_KEYS
     else:
         keys = DENSE_WIDTH_KEYS
-    for key in keys:
-        value = getattr(config, key, None)
-        if key == "n_inner" and value is None and hasattr(config, "n_embd"):
-            value = 4 * config.n_embd
-        if value == site.width:
-            return key
-    return None
+    return next((key for key in keys if hasattr(config, key)), None)
 
 
 MATCHERS: list[Callable[[str, nn.Module, int], MlpSite | None]] = [_stacked_experts, _expert_modules, _dense_mlp]

@@ -12,7 +12,7 @@ from .adapters import find_sites
 from .config import FusionConfig
 from .errors import UserError
 from .methods import METHODS
-from .narrowing import apply_result
+from .narrowing import apply_result, use_compatible_experts_kernel
 from .sites import MlpSite
 
 RECORD_ATTR = "mlp_fusion_record"
@@ -91,7 +91,7 @@ def fuse(model: nn.Module, config: FusionConfig) -> FusionReport:
         seconds = time.perf_counter() - site_start
         records.append(
             SiteRecord(
-                site.name, site.layer, site.experts, sub.width, width, config.method,
+                site.name, site.layer, site.experts, sub.width, result.sub.width, config.method,
                 result.scale is not None, result.rank,
             )
         )
@@ -104,6 +104,7 @@ def fuse(model: nn.Module, config: FusionConfig) -> FusionReport:
                 )
             )
     setattr(model, RECORD_ATTR, records)
+    use_compatible_experts_kernel(model, sites)
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
     report.seconds = time.perf_counter() - start

@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from .methods import MethodResult
 from .parametrizations import LowRank, NeuronScale
-from .sites import MlpSite, WeightSlot
+from .sites import MlpSite, StackedExperts, WeightSlot
 
 
 def apply_result(site: MlpSite, result: MethodResult) -> None:
@@ -33,6 +33,16 @@ def attach_low_rank(site: MlpSite, rank: int) -> None:
     """Replace every weight of ``site`` by a rank-``rank`` factorisation (truncated SVD of the current weight)."""
     for slot in site.slots():
         parametrize.register_parametrization(slot.module, slot.attr, LowRank(rank))
+
+
+def use_compatible_experts_kernel(model: torch.nn.Module, sites: list[MlpSite]) -> None:
+    """Fall back to the eager experts loop when a stacked-experts width breaks grouped_mm's 16-byte alignment."""
+    for site in sites:
+        if isinstance(site, StackedExperts):
+            itemsize = getattr(site.module, "down_proj").element_size()
+            if (site.width * itemsize) % 16 and hasattr(model, "set_experts_implementation"):
+                model.set_experts_implementation("eager")
+                return
 
 
 def _scale_shape(slot: WeightSlot, weight: torch.Tensor) -> list[int]:

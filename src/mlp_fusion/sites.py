@@ -68,9 +68,9 @@ class MlpSite:
 
 def _replace(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     old = getattr(module, attr)
-    setattr(
-        module, attr, nn.Parameter(value.to(device=old.device, dtype=old.dtype).contiguous(), old.requires_grad)
-    )
+    # A clone, so that no two parameters ever share storage (views of one batched tensor would).
+    fresh = value.detach().to(device=old.device, dtype=old.dtype).clone(memory_format=torch.contiguous_format)
+    setattr(module, attr, nn.Parameter(fresh, old.requires_grad))
 
 
 def _projection_axis(module: nn.Module, role: str) -> int:
