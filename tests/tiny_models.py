@@ -6,28 +6,52 @@ import torch
 import transformers as tf
 
 HIDDEN, WIDTH, LAYERS, VOCAB = 16, 24, 3, 64
-_common = dict(hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=2, vocab_size=VOCAB)
+_common = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=WIDTH,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=2,
+    vocab_size=VOCAB,
+)
 _decoder = dict(_common, num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def _configs() -> dict:
     return {
         "bert": (tf.BertConfig(**_common, max_position_embeddings=32), tf.BertModel),
-        "roberta": (tf.RobertaConfig(**_common, max_position_embeddings=40), tf.RobertaForSequenceClassification),
+        "roberta": (
+            tf.RobertaConfig(**_common, max_position_embeddings=40),
+            tf.RobertaForSequenceClassification,
+        ),
         "mpnet": (tf.MPNetConfig(**_common, max_position_embeddings=40), tf.MPNetModel),
         "gpt2": (
-            tf.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=2, vocab_size=VOCAB, n_positions=32,
-                          bos_token_id=1, eos_token_id=2),
+            tf.GPT2Config(
+                n_embd=HIDDEN,
+                n_layer=LAYERS,
+                n_head=2,
+                vocab_size=VOCAB,
+                n_positions=32,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
             tf.GPT2LMHeadModel,
         ),
         "llama": (tf.LlamaConfig(**_decoder), tf.LlamaForCausalLM),
         "qwen2": (tf.Qwen2Config(**_decoder), tf.Qwen2ForCausalLM),
         "gemma2": (tf.Gemma2Config(**_decoder), tf.Gemma2ForCausalLM),
         "gemma3": (tf.Gemma3TextConfig(**_decoder), tf.Gemma3ForCausalLM),
-        "mixtral": (tf.MixtralConfig(**_decoder, num_local_experts=4, num_experts_per_tok=2), tf.MixtralForCausalLM),
+        "mixtral": (
+            tf.MixtralConfig(**_decoder, num_local_experts=4, num_experts_per_tok=2),
+            tf.MixtralForCausalLM,
+        ),
         "qwen2_moe": (
-            tf.Qwen2MoeConfig(**_decoder, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=20,
-                              shared_expert_intermediate_size=28),
+            tf.Qwen2MoeConfig(
+                **_decoder,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=20,
+                shared_expert_intermediate_size=28,
+            ),
             tf.Qwen2MoeForCausalLM,
         ),
         "qwen3_moe": (
@@ -35,10 +59,21 @@ def _configs() -> dict:
             tf.Qwen3MoeForCausalLM,
         ),
         "switch": (
-            tf.SwitchTransformersConfig(d_model=HIDDEN, d_ff=WIDTH, d_kv=8, num_layers=4, num_decoder_layers=4,
-                                        num_heads=2, num_experts=4, vocab_size=VOCAB, encoder_sparse_step=2,
-                                        decoder_sparse_step=2, pad_token_id=0, eos_token_id=1,
-                                        decoder_start_token_id=0),
+            tf.SwitchTransformersConfig(
+                d_model=HIDDEN,
+                d_ff=WIDTH,
+                d_kv=8,
+                num_layers=4,
+                num_decoder_layers=4,
+                num_heads=2,
+                num_experts=4,
+                vocab_size=VOCAB,
+                encoder_sparse_step=2,
+                decoder_sparse_step=2,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            ),
             tf.SwitchTransformersForConditionalGeneration,
         ),
     }

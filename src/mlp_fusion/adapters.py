@@ -140,4 +140,8 @@ def _width_key(config: object, site: MlpSite) -> str | None:
     return next((key for key in keys if hasattr(config, key)), None)
 
 
-MATCHERS: list[Callable[[str, nn.Module, int], MlpSite | None]] = [_stacked_experts, _expert_modules, _dense_mlp]
+MATCHERS: list[Callable[[str, nn.Module, int], MlpSite | None]] = [
+    _stacked_experts,
+    _expert_modules,
+    _dense_mlp,
+]

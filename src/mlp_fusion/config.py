@@ -83,7 +83,9 @@ def parse_layers(spec: list[int] | tuple[int, ...] | range | str) -> list[int] |
     try:
         indices = {int(i) for i in spec}
     except (TypeError, ValueError):
-        raise UserError(f"layers must be 'all', a spec like '2-5' or a list of integers, got {spec!r}") from None
+        raise UserError(
+            f"layers must be 'all', a spec like '2-5' or a list of integers, got {spec!r}"
+        ) from None
     if not indices:
         raise UserError("layers is empty: name at least one layer, or 'all'")
     if min(indices) < 0:

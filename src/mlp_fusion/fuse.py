@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -62,7 +63,9 @@ class FusionReport:
             expert = "-" if row.expert is None else str(row.expert)
             inertia = "-" if row.inertia is None else f"{row.inertia:.2f}"
             widths = f"{row.width_before} -> {row.width_after}"
-            lines.append(f"{row.layer:>5} {expert:>6} {widths:>13} {inertia:>12} {row.seconds:>8.2f}  {row.name}")
+            lines.append(
+                f"{row.layer:>5} {expert:>6} {widths:>13} {inertia:>12} {row.seconds:>8.2f}  {row.name}"
+            )
         lines.append(
             f"parameters: {self.params_before:,} -> {self.params_after:,} "
             f"({100 * (1 - self.params_after / self.params_before):.1f}% fewer)"
@@ -72,8 +75,14 @@ class FusionReport:
         return "\n".join(lines)
 
 
-def fuse(model: nn.Module, config: FusionConfig) -> FusionReport:
-    """Fuse the MLPs of ``model`` chosen by ``config``, in place, and report what changed."""
+def fuse(
+    model: nn.Module, config: FusionConfig, progress: Callable[[str], None] | None = None
+) -> FusionReport:
+    """Fuse the MLPs of ``model`` chosen by ``config``, in place, and report what changed.
+
+    Every check (layers, widths, finite weights) runs before the first site is touched. ``progress``, when
+    given, receives one line per site.
+    """
     if not isinstance(config, FusionConfig):
         raise UserError(f"config must be a FusionConfig, got {type(config).__name__}")
     start = time.perf_counter()
@@ -83,7 +92,9 @@ def fuse(model: nn.Module, config: FusionConfig) -> FusionReport:
     report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
     records = fusion_records(model)
     method = METHODS[config.method]
-    for site, width, sub in plans:
+    for number, (site, width, sub) in enumerate(plans, 1):
+        if progress is not None:
+            progress(f"[{number}/{len(plans)}] {config.method} {site.describe()} -> {width}")
         site_start = time.perf_counter()
         with torch.no_grad():
             result = method(sub, width, config)
@@ -91,16 +102,27 @@ def fuse(model: nn.Module, config: FusionConfig) -> FusionReport:
         seconds = time.perf_counter() - site_start
         records.append(
             SiteRecord(
-                site.name, site.layer, site.experts, sub.width, result.sub.width, config.method,
-                result.scale is not None, result.rank,
+                site.name,
+                site.layer,
+                site.experts,
+                sub.width,
+                result.sub.width,
+                config.method,
+                result.scale is not None,
+                result.rank,
             )
         )
         for expert in range(sub.batch):
             inertia = None if result.inertia is None else float(result.inertia[expert])
             report.layers.append(
                 LayerReport(
-                    site.name, site.layer, expert if site.experts else None, sub.width,
-                    result.sub.width, inertia, seconds / sub.batch,
+                    site.name,
+                    site.layer,
+                    expert if site.experts else None,
+                    sub.width,
+                    result.sub.width,
+                    inertia,
+                    seconds / sub.batch,
                 )
             )
     setattr(model, RECORD_ATTR, records)
@@ -141,7 +163,9 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list:
             raise UserError(f"{site.name} is already fused; start again from the original model")
         width = config.target_width(site.width)
         if width > site.width:
-            raise UserError(f"width {width} is above the width of {site.describe()}; choose at most {site.width}")
+            raise UserError(
+                f"width {width} is above the width of {site.describe()}; choose at most {site.width}"
+            )
         sub = site.read()
         if not all(bool(torch.isfinite(t).all()) for t in (*sub.inputs, sub.output)):
             raise UserError(f"{site.describe()} has NaN or infinite weights; fusion needs finite weights")

@@ -116,7 +116,9 @@ def _squared_distances(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor) -> 
     return (a_sq.unsqueeze(-1) - 2 * torch.bmm(a, b.transpose(1, 2)) + b_sq.unsqueeze(1)).clamp_min_(0)
 
 
-def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def _kmeans_plus_plus(
+    x: torch.Tensor, x_sq: torch.Tensor, k: int, generator: torch.Generator
+) -> torch.Tensor:
     """Greedy k-means++: at each step sample ``2 + log k`` candidates, keep the one that lowers the potential most."""
     batch, n, _ = x.shape
     rows = torch.arange(batch, device=x.device)
@@ -195,7 +197,9 @@ def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, start: KMeansResult, max_roun
     return KMeansResult(state.centers, state.labels, state.counts, state.inertia, start.n_iter)
 
 
-def _move_gains(x: torch.Tensor, x_sq: torch.Tensor, state: KMeansResult) -> tuple[torch.Tensor, torch.Tensor]:
+def _move_gains(
+    x: torch.Tensor, x_sq: torch.Tensor, state: KMeansResult
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For every point: the inertia change of its best move and the cluster it would move to."""
     distances = _squared_distances(x, x_sq, state.centers)  # [B, n, k]
     own_size = state.counts.gather(1, state.labels)
@@ -210,7 +214,9 @@ def _move_gains(x: torch.Tensor, x_sq: torch.Tensor, state: KMeansResult) -> tup
     return torch.where(delta < -tiny, delta, torch.full_like(delta, float("inf"))), target
 
 
-def _moved(x: torch.Tensor, x_sq: torch.Tensor, state: KMeansResult, labels: torch.Tensor, k: int) -> KMeansResult:
+def _moved(
+    x: torch.Tensor, x_sq: torch.Tensor, state: KMeansResult, labels: torch.Tensor, k: int
+) -> KMeansResult:
     centers, labels, counts = _centers_of(x, x_sq, labels, k)
     return KMeansResult(centers, labels, counts, _inertia(x, centers, labels), state.n_iter)
 

@@ -39,7 +39,7 @@ def use_compatible_experts_kernel(model: torch.nn.Module, sites: list[MlpSite]) 
     """Fall back to the eager experts loop when a stacked-experts width breaks grouped_mm's 16-byte alignment."""
     for site in sites:
         if isinstance(site, StackedExperts):
-            itemsize = getattr(site.module, "down_proj").element_size()
+            itemsize = site.module.down_proj.element_size()
             if (site.width * itemsize) % 16 and hasattr(model, "set_experts_implementation"):
                 model.set_experts_implementation("eager")
                 return

@@ -33,7 +33,9 @@ WEIGHTS_FILE = "model.safetensors"
 EXPORT_NOTE_FILE = "mlp_fusion_export.json"
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+def save_pretrained(
+    model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False
+) -> Path:
     """Save a fused model (and its tokenizer) to ``directory`` in the fused format."""
     from . import __version__
 
@@ -75,13 +77,17 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device | None 
             f"version ({transformers.__version__}) does not have"
         )
     model = model_class(config)
-    records = [SiteRecord(**{f.name: site.get(f.name) for f in fields(SiteRecord)}) for site in fusion["sites"]]
+    records = [
+        SiteRecord(**{f.name: site.get(f.name) for f in fields(SiteRecord)}) for site in fusion["sites"]
+    ]
     sites = {site.name: site for site in find_sites(model)}
     with torch.no_grad():
         for record in records:
             site = sites.get(record.name)
             if site is None:
-                raise UserError(f"{directory / FUSION_FILE} names {record.name!r}, which {type(model).__name__} lacks")
+                raise UserError(
+                    f"{directory / FUSION_FILE} names {record.name!r}, which {type(model).__name__} lacks"
+                )
             site.write(site.read().zeros(record.width))
             if record.scaled:
                 attach_scale(site, torch.ones(site.experts or 1, record.width))
@@ -90,7 +96,9 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device | None 
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError, OSError) as error:
-        raise UserError(f"cannot load {weights}: {_first_line(error)}; the file is damaged, save it again") from None
+        raise UserError(
+            f"cannot load {weights}: {_first_line(error)}; the file is damaged, save it again"
+        ) from None
     if missing or unexpected:
         raise UserError(
             f"{weights} does not match {FUSION_FILE} (missing {sorted(missing)[:3]}, unexpected "
@@ -108,19 +116,29 @@ def read_fusion_file(directory: Path) -> dict:
         raise UserError(f"{directory} is not a directory; give the folder written by save_pretrained")
     path = directory / FUSION_FILE
     if not path.is_file():
-        hint = "it looks like a plain checkpoint: load it with transformers" if (directory / "config.json").is_file() else "save the model again"
+        hint = (
+            "it looks like a plain checkpoint: load it with transformers"
+            if (directory / "config.json").is_file()
+            else "save the model again"
+        )
         raise UserError(f"{path} is missing, so {directory} is not a fused checkpoint; {hint}")
     try:
         fusion = json.loads(path.read_text())
         version, sites = fusion["format_version"], fusion["sites"]
         if not isinstance(fusion["architecture"], str) or not isinstance(version, int):
             raise ValueError("bad header")
-        if not isinstance(sites, list) or not all(isinstance(s, dict) and "name" in s and "width" in s for s in sites):
+        if not isinstance(sites, list) or not all(
+            isinstance(s, dict) and "name" in s and "width" in s for s in sites
+        ):
             raise ValueError("bad site list")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise UserError(f"{path} is damaged (not the JSON that save_pretrained writes); save the model again") from None
+        raise UserError(
+            f"{path} is damaged (not the JSON that save_pretrained writes); save the model again"
+        ) from None
     if version > FORMAT_VERSION:
-        raise UserError(f"{path} has format version {version}; this mlp-fusion reads up to {FORMAT_VERSION}: upgrade it")
+        raise UserError(
+            f"{path} has format version {version}; this mlp-fusion reads up to {FORMAT_VERSION}: upgrade it"
+        )
     return fusion
 
 
@@ -173,7 +191,9 @@ def check_writable(directory: str | Path, overwrite: bool) -> None:
     """Fail early, before any work, when ``directory`` exists and may not be replaced."""
     directory = Path(directory)
     if directory.exists() and not overwrite:
-        raise UserError(f"{directory} already exists; pass --overwrite (overwrite=True) or choose another directory")
+        raise UserError(
+            f"{directory} already exists; pass --overwrite (overwrite=True) or choose another directory"
+        )
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory; choose another output path")
 

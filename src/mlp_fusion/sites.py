@@ -125,8 +125,12 @@ class LinearMlp(MlpSite):
         _write_projection(self.output, "output", sub.output[0])
 
     def slots(self) -> list[WeightSlot]:
-        slots = [WeightSlot(m, "weight", _projection_axis(m, "input"), self.expert, "input") for m in self.inputs]
-        return slots + [WeightSlot(self.output, "weight", _projection_axis(self.output, "output"), self.expert, "output")]
+        slots = [
+            WeightSlot(m, "weight", _projection_axis(m, "input"), self.expert, "input") for m in self.inputs
+        ]
+        return slots + [
+            WeightSlot(self.output, "weight", _projection_axis(self.output, "output"), self.expert, "output")
+        ]
 
 
 class ExpertModules(MlpSite):

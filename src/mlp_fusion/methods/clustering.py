@@ -15,7 +15,11 @@ def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[Su
     """k-means on the sub-MLP vectors; the centroids split back into pieces."""
     rows = sub.rows()
     result = k_means(
-        rows, width, n_init=config.n_init, max_iter=config.max_iter, hartigan_rounds=config.hartigan_rounds,
+        rows,
+        width,
+        n_init=config.n_init,
+        max_iter=config.max_iter,
+        hartigan_rounds=config.hartigan_rounds,
         seed=config.seed,
     )
     return sub.from_rows(result.centers.to(rows.dtype)), result

@@ -1,0 +1,166 @@
+"""The ``mlp-fusion`` command line: ``compress``, ``export`` and ``methods``.
+
+Every bad input ends in one line on stderr and exit status 2, before any file is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    from .models import BUNDLED, DEFAULT_MODEL
+
+    parser = _Parser(prog="mlp-fusion", description="Fuse the MLP blocks of a transformer (MLP Fusion).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    compress = commands.add_parser("compress", help="fuse a model's MLPs and save the result")
+    compress.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"hub id, local directory, or bundled alias ({', '.join(BUNDLED)}; default {DEFAULT_MODEL})",
+    )
+    compress.add_argument("--method", default="fusion", help=f"one of: {', '.join(METHODS)} (default fusion)")
+    size = compress.add_mutually_exclusive_group()
+    size.add_argument(
+        "--ratio", type=float, help="kept fraction of each MLP's width, in (0, 1] (default 0.25)"
+    )
+    size.add_argument("--width", type=int, help="new width of every fused MLP")
+    compress.add_argument(
+        "--layers", default="all", help="'all', a list '2,3' or a range '2-5' (default all)"
+    )
+    compress.add_argument("--seed", type=int, default=0, help="seed of k-means and of the sketch (default 0)")
+    compress.add_argument("--n-init", type=int, default=1, help="k-means restarts (default 1)")
+    compress.add_argument(
+        "--keep-fraction", type=float, default=0.0, help="sketch: share of the width kept exactly"
+    )
+    compress.add_argument("--out", type=Path, help="save the fused model to this directory")
+    compress.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    compress.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare outputs on probe sentences: fused vs original, and reloaded vs in-memory when --out is given",
+    )
+    compress.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
+
+    export = commands.add_parser(
+        "export", help="fold the scales of a fused checkpoint into a plain checkpoint"
+    )
+    export.add_argument("fused", type=Path, help="directory written by 'compress --out'")
+    export.add_argument("--out", type=Path, required=True, help="directory for the plain checkpoint")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    commands.add_parser("methods", help="list the compression methods")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_transformers()
+    try:
+        return {"compress": run_compress, "export": run_export, "methods": run_methods}[args.command](args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; nothing was saved", file=sys.stderr)
+        return 130
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from .config import FusionConfig
+    from .fuse import fuse
+    from .models import load_model
+    from .persistence import check_writable, from_pretrained, save_pretrained
+    from .probes import compare, main_output, probe_batch
+
+    config = FusionConfig(
+        method=args.method,
+        ratio=args.ratio,
+        width=args.width,
+        layers=args.layers,
+        seed=args.seed,
+        n_init=args.n_init,
+        keep_fraction=args.keep_fraction,
+    )
+    if args.out is not None:
+        check_writable(args.out, args.overwrite)
+    _log(f"loading {args.model}")
+    loaded = load_model(args.model)
+    model = loaded.model
+    if args.verify:
+        batch = probe_batch(model, loaded.tokenizer)
+        original = main_output(model, batch)
+    report = fuse(model, config, progress=_log)
+    result = {"model": loaded.source, **report.to_dict(), "out": str(args.out) if args.out else None}
+    if args.verify:
+        fused = main_output(model, batch)
+        result["verify"] = {"fused_vs_original": compare(original, fused, batch["attention_mask"])}
+    if args.out is not None:
+        save_pretrained(model, args.out, loaded.tokenizer, overwrite=args.overwrite)
+        if args.verify:
+            reloaded = main_output(from_pretrained(args.out), batch)
+            result["verify"]["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{loaded.source}: {config.method}")
+    print(report.format_table())
+    for name, numbers in result.get("verify", {}).items():
+        print(
+            f"{name}: max abs diff {numbers['max_abs_diff']:.3g}, relative error {numbers['relative_error']:.4f}"
+        )
+    print(f"saved to {args.out}" if args.out else "not saved: pass --out DIR to keep the fused model")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .persistence import check_writable, export, read_fusion_file
+
+    read_fusion_file(args.fused)
+    check_writable(args.out, args.overwrite)
+    loaded = load_model(str(args.fused))
+    export(loaded.model, args.out, loaded.tokenizer, overwrite=args.overwrite)
+    print(
+        f"exported to {args.out}: a plain checkpoint, scales folded into the weights (same outputs; "
+        "fine-tune the fused checkpoint to keep the paper's training dynamics)"
+    )
+    return 0
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    from .methods import DESCRIPTIONS
+
+    for name, description in DESCRIPTIONS.items():
+        print(f"{name:8} {description}")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
