@@ -146,7 +146,8 @@ def _lloyd(
     k = centers.shape[1]
     labels = _squared_distances(x, x_sq, centers).argmin(-1)
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    while n_iter < max_iter:
+        n_iter += 1
         new_centers, labels, counts = _centers_of(x, x_sq, labels, k)
         shift = ((new_centers - centers) ** 2).sum((1, 2))
         centers = new_centers
