@@ -1,0 +1,103 @@
+"""Every supported family, on tiny models built from configs."""
+
+import pytest
+import torch
+import transformers
+from tiny_models import FAMILIES, build, inputs, outputs
+
+import mlp_fusion
+from mlp_fusion import FusionConfig, find_sites, fuse
+from mlp_fusion.parametrizations import NeuronScale
+
+
+def max_diff(a, b):
+    return float((a - b).abs().max())
+
+
+def duplicate_neurons(model):
+    """Make the second half of every MLP's neurons copies of the first half."""
+    with torch.no_grad():
+        for site in find_sites(model):
+            sub = site.read()
+            half = sub.width // 2
+            index = torch.arange(sub.width) % half
+            site.write(sub.map_rows(lambda t: t[:, index]))
+    return half
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_width_reproduces_outputs(family):
+    model, batch = build(family), inputs()
+    before = outputs(model, batch)
+    report = fuse(model, FusionConfig(method="fusion", ratio=1.0))
+    assert max_diff(outputs(model, batch), before) <= 1e-5
+    assert report.params_after == report.params_before
+    assert all(row.width_after == row.width_before for row in report.layers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_duplicated_neurons_fuse_exactly(family):
+    model, batch = build(family), inputs()
+    half = duplicate_neurons(model)
+    before = outputs(model, batch)
+    report = fuse(model, FusionConfig(method="fusion", width=half))
+    assert max(row.inertia for row in report.layers) <= 1e-6
+    assert max_diff(outputs(model, batch), before) <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shapes_scale_buffer_and_report(family):
+    model = build(family)
+    widths = {site.name: site.width for site in find_sites(model)}
+    report = fuse(model, FusionConfig(method="fusion", ratio=0.5, layers="1-2"))
+    for site in find_sites(model):
+        expected = round(widths[site.name] * 0.5) if site.layer in (1, 2) else widths[site.name]
+        assert site.width == expected, site.name
+    scales = [m for m in model.modules() if isinstance(m, NeuronScale)]
+    assert scales, "fusion must attach the fixed scale"
+    scale_ids = {id(m.scale) for m in scales}
+    assert not scale_ids & {id(p) for p in model.parameters()}
+    assert any(k.endswith(".scale") for k in model.state_dict())
+    assert model.to(torch.float64) is model and all(m.scale.dtype == torch.float64 for m in scales)
+    assert report.params_after < report.params_before
+    assert report.mlp_flops_after < report.mlp_flops_before
+    assert {row.layer for row in report.layers} == {1, 2}
+    assert all(row.inertia is not None and row.seconds >= 0 for row in report.layers)
+
+
+@pytest.mark.parametrize("method", ["fusion", "prune", "svd"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_gives_identical_outputs(family, method, tmp_path):
+    model, batch = build(family), inputs()
+    fuse(model, FusionConfig(method=method, ratio=0.5, layers="0-1"))
+    expected = outputs(model, batch)
+    mlp_fusion.save_pretrained(model, tmp_path / "fused")
+    loaded = mlp_fusion.from_pretrained(tmp_path / "fused")
+    assert type(loaded) is type(model)
+    assert torch.equal(outputs(loaded, batch), expected)
+    assert [(s.name, s.width) for s in find_sites(loaded)] == [(s.name, s.width) for s in find_sites(model)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_loads_in_vanilla_transformers(family, tmp_path):
+    model, batch = build(family), inputs()
+    fuse(model, FusionConfig(method="fusion", ratio=0.5))  # every layer: uniform widths
+    expected = outputs(model, batch)
+    mlp_fusion.export(model, tmp_path / "plain")
+    model_class = getattr(transformers, type(model).__name__)
+    plain = model_class.from_pretrained(tmp_path / "plain", experts_implementation="eager").eval()
+    assert max_diff(outputs(plain, batch), expected) <= 1e-5
+    assert not any(isinstance(m, NeuronScale) for m in plain.modules())
+
+
+def test_export_refuses_mixed_widths(tmp_path):
+    model = build("bert")
+    fuse(model, FusionConfig(ratio=0.5, layers=[1]))
+    with pytest.raises(mlp_fusion.UserError, match="different widths"):
+        mlp_fusion.export(model, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+
+
+def test_model_without_mlp_is_refused():
+    with pytest.raises(mlp_fusion.UserError, match="supported families"):
+        fuse(torch.nn.Sequential(torch.nn.Linear(3, 3)), FusionConfig())
