@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed on one line
+        return int(stop.code or 0)
     _quiet_transformers()
     try:
         return {"compress": run_compress, "export": run_export, "methods": run_methods}[args.command](args)

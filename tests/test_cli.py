@@ -1,0 +1,136 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_models import build
+
+from mlp_fusion.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-bert"
+    build("bert").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "nan-bert"
+    model = build("bert")
+    with torch.no_grad():
+        model.encoder.layer[1].intermediate.dense.weight[0, 0] = float("nan")
+    model.save_pretrained(path)
+    return path
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compress_json_report_and_saved_model(capsys, model_dir, tmp_path):
+    out = tmp_path / "fused"
+    code, stdout, _ = run(capsys, "compress", model_dir, "--ratio", "0.5", "--layers", "1-2", "--out", out, "--json", "--verify")
+    assert code == 0
+    report = json.loads(stdout)  # stdout holds exactly one JSON object
+    assert [(r["layer"], r["width_before"], r["width_after"]) for r in report["layers"]] == [(1, 24, 12), (2, 24, 12)]
+    assert all(set(r) >= {"layer", "expert", "inertia", "seconds"} for r in report["layers"])
+    assert report["params_after"] < report["params_before"] and report["seconds"] > 0
+    assert report["verify"]["reloaded_vs_fused"]["max_abs_diff"] == 0
+    assert report["verify"]["fused_vs_original"]["relative_error"] > 0
+    assert (out / "fusion.json").is_file()
+
+
+def test_compress_table(capsys, model_dir):
+    code, stdout, stderr = run(capsys, "compress", model_dir, "--width", "6", "--method", "prune")
+    assert code == 0
+    assert "24 -> 6" in stdout and "parameters:" in stdout and "not saved" in stdout
+    assert "[3/3]" in stderr  # progress, one line per site
+
+
+def test_methods_lists_every_method(capsys):
+    code, stdout, _ = run(capsys, "methods")
+    assert code == 0
+    assert {line.split()[0] for line in stdout.splitlines()} == {"fusion", "fold", "cluster", "prune", "sketch", "svd"}
+
+
+def test_export_command(capsys, model_dir, tmp_path):
+    assert run(capsys, "compress", model_dir, "--ratio", "0.5", "--out", tmp_path / "fused")[0] == 0
+    code, stdout, _ = run(capsys, "export", tmp_path / "fused", "--out", tmp_path / "plain")
+    assert code == 0 and "exported" in stdout
+    assert (tmp_path / "plain" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "magic"], "unknown method"),
+        (["--ratio", "0"], "ratio must be in (0, 1]"),
+        (["--ratio", "1.5"], "ratio must be in (0, 1]"),
+        (["--ratio", "nan"], "ratio must be in (0, 1]"),
+        (["--width", "0"], "width must be at least 1"),
+        (["--width", "1000"], "choose at most 24"),
+        (["--layers", "9"], "out of range"),
+        (["--layers", "two"], "bad layer spec"),
+        (["--ratio", "0.5", "--width", "3"], "not allowed with argument"),
+        (["--ratio", "half"], "invalid float value"),
+    ],
+)
+def test_bad_arguments(capsys, model_dir, tmp_path, args, message):
+    out = tmp_path / "never"
+    code, stdout, stderr = run(capsys, "compress", model_dir, *args, "--out", out)
+    assert code == 2
+    last = stderr.strip().splitlines()[-1]  # progress lines may come first; the error is one line
+    assert message in last and last.startswith("error:") and stderr.count("error:") == 1
+    assert "Traceback" not in stderr and stdout == ""
+    assert not out.exists()
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, stderr = run(capsys, "compress", tmp_path / "no-such-model")
+    assert code == 2 and "does not exist" in stderr
+
+
+def test_nan_weights(capsys, nan_model_dir, tmp_path):
+    code, _, stderr = run(capsys, "compress", nan_model_dir, "--out", tmp_path / "out")
+    assert code == 2 and "NaN or infinite" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_kept_without_overwrite(capsys, model_dir, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, _, stderr = run(capsys, "compress", model_dir, "--out", out)
+    assert code == 2 and "--overwrite" in stderr
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert run(capsys, "compress", model_dir, "--out", out, "--overwrite")[0] == 0
+    assert (out / "fusion.json").is_file() and not (out / "precious.txt").exists()
+
+
+def test_damaged_fused_directory(capsys, model_dir, tmp_path):
+    assert run(capsys, "compress", model_dir, "--out", tmp_path / "fused")[0] == 0
+    (tmp_path / "fused" / "fusion.json").write_text("garbage")
+    for args in (["export", tmp_path / "fused", "--out", tmp_path / "plain"], ["compress", tmp_path / "fused"]):
+        code, _, stderr = run(capsys, *args)
+        assert code == 2 and "damaged" in stderr
+    assert not (tmp_path / "plain").exists()
+
+
+@pytest.mark.slow
+def test_console_script_on_the_bundled_model(tmp_path):
+    script = shutil.which("mlp-fusion") or str(__import__("pathlib").Path(sys.executable).parent / "mlp-fusion")
+    out = tmp_path / "minilm-fused"
+    args = [script, "compress", "--layers", "2-5", "--out", str(out), "--json", "--verify"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [r["layer"] for r in report["layers"]] == [2, 3, 4, 5]
+    assert {(r["width_before"], r["width_after"]) for r in report["layers"]} == {(1536, 384)}
+    assert report["verify"]["reloaded_vs_fused"]["max_abs_diff"] == 0
+    assert report["params_after"] < report["params_before"]

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from tiny_models import build, inputs
+
+import mlp_fusion
+from mlp_fusion import FusionConfig, UserError, fuse
+from mlp_fusion.persistence import FUSION_FILE, WEIGHTS_FILE
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = build("bert")
+    fuse(model, FusionConfig(ratio=0.5, layers="1-2"))
+    path = mlp_fusion.save_pretrained(model, tmp_path / "fused")
+    return model, path
+
+
+def test_checkpoint_layout(saved):
+    _, path = saved
+    assert {p.name for p in path.iterdir()} >= {"config.json", WEIGHTS_FILE, FUSION_FILE}
+    fusion = json.loads((path / FUSION_FILE).read_text())
+    assert fusion["format_version"] == 1 and fusion["architecture"] == "BertModel"
+    assert [(s["layer"], s["width_before"], s["width"], s["scaled"]) for s in fusion["sites"]] == [
+        (1, 24, 12, True),
+        (2, 24, 12, True),
+    ]
+    assert not list(path.parent.glob(".fused.tmp-*"))
+
+
+def test_existing_directory_needs_overwrite(saved):
+    model, path = saved
+    before = (path / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        mlp_fusion.save_pretrained(model, path)
+    assert (path / WEIGHTS_FILE).read_bytes() == before
+    mlp_fusion.save_pretrained(model, path, overwrite=True)
+
+
+def test_failed_save_leaves_the_old_checkpoint(saved, monkeypatch):
+    model, path = saved
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("mlp_fusion.persistence.save_model", broken)
+    with pytest.raises(OSError):
+        mlp_fusion.save_pretrained(model, path, overwrite=True)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in path.parent.iterdir()] == ["fused"]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: (p / FUSION_FILE).unlink(), "fusion.json is missing"),
+        (lambda p: (p / FUSION_FILE).write_text("{not json"), "damaged"),
+        (lambda p: (p / FUSION_FILE).write_text('{"format_version": 1}'), "damaged"),
+        (lambda p: (p / WEIGHTS_FILE).unlink(), "missing"),
+        (lambda p: (p / WEIGHTS_FILE).write_bytes((p / WEIGHTS_FILE).read_bytes()[:500]), "damaged"),
+    ],
+)
+def test_damaged_checkpoints_give_clear_errors(saved, damage, message):
+    _, path = saved
+    damage(path)
+    with pytest.raises(UserError, match=message):
+        mlp_fusion.from_pretrained(path)
+
+
+def test_width_mismatch_in_fusion_json_is_caught(saved):
+    _, path = saved
+    fusion = json.loads((path / FUSION_FILE).read_text())
+    fusion["sites"][0]["width"] = 7
+    (path / FUSION_FILE).write_text(json.dumps(fusion))
+    with pytest.raises(UserError, match="damaged|does not match"):
+        mlp_fusion.from_pretrained(path)
+
+
+def test_loaded_model_trains_only_stored_weights(saved):
+    _, path = saved
+    model = mlp_fusion.from_pretrained(path)
+    model.train()
+    scale_before = model.encoder.layer[1].output.dense.parametrizations.weight[0].scale.clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(**inputs())[0].sum().backward()
+    optimizer.step()
+    assert torch.equal(model.encoder.layer[1].output.dense.parametrizations.weight[0].scale, scale_before)
+
+
+def test_fusing_a_fused_layer_again_is_refused(saved):
+    model, _ = saved
+    with pytest.raises(UserError, match="already fused"):
+        fuse(model, FusionConfig(ratio=0.5, layers=[2]))
