@@ -35,10 +35,15 @@ def run(capsys, *args):
 
 def test_compress_json_report_and_saved_model(capsys, model_dir, tmp_path):
     out = tmp_path / "fused"
-    code, stdout, _ = run(capsys, "compress", model_dir, "--ratio", "0.5", "--layers", "1-2", "--out", out, "--json", "--verify")
+    code, stdout, _ = run(
+        capsys, "compress", model_dir, "--ratio", "0.5", "--layers", "1-2", "--out", out, "--json", "--verify"
+    )
     assert code == 0
     report = json.loads(stdout)  # stdout holds exactly one JSON object
-    assert [(r["layer"], r["width_before"], r["width_after"]) for r in report["layers"]] == [(1, 24, 12), (2, 24, 12)]
+    assert [(r["layer"], r["width_before"], r["width_after"]) for r in report["layers"]] == [
+        (1, 24, 12),
+        (2, 24, 12),
+    ]
     assert all(set(r) >= {"layer", "expert", "inertia", "seconds"} for r in report["layers"])
     assert report["params_after"] < report["params_before"] and report["seconds"] > 0
     assert report["verify"]["reloaded_vs_fused"]["max_abs_diff"] == 0
@@ -56,7 +61,14 @@ def test_compress_table(capsys, model_dir):
 def test_methods_lists_every_method(capsys):
     code, stdout, _ = run(capsys, "methods")
     assert code == 0
-    assert {line.split()[0] for line in stdout.splitlines()} == {"fusion", "fold", "cluster", "prune", "sketch", "svd"}
+    assert {line.split()[0] for line in stdout.splitlines()} == {
+        "fusion",
+        "fold",
+        "cluster",
+        "prune",
+        "sketch",
+        "svd",
+    }
 
 
 def test_export_command(capsys, model_dir, tmp_path):
@@ -116,7 +128,10 @@ def test_existing_output_is_kept_without_overwrite(capsys, model_dir, tmp_path):
 def test_damaged_fused_directory(capsys, model_dir, tmp_path):
     assert run(capsys, "compress", model_dir, "--out", tmp_path / "fused")[0] == 0
     (tmp_path / "fused" / "fusion.json").write_text("garbage")
-    for args in (["export", tmp_path / "fused", "--out", tmp_path / "plain"], ["compress", tmp_path / "fused"]):
+    for args in (
+        ["export", tmp_path / "fused", "--out", tmp_path / "plain"],
+        ["compress", tmp_path / "fused"],
+    ):
         code, _, stderr = run(capsys, *args)
         assert code == 2 and "damaged" in stderr
     assert not (tmp_path / "plain").exists()
@@ -124,7 +139,9 @@ def test_damaged_fused_directory(capsys, model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_console_script_on_the_bundled_model(tmp_path):
-    script = shutil.which("mlp-fusion") or str(__import__("pathlib").Path(sys.executable).parent / "mlp-fusion")
+    script = shutil.which("mlp-fusion") or str(
+        __import__("pathlib").Path(sys.executable).parent / "mlp-fusion"
+    )
     out = tmp_path / "minilm-fused"
     args = [script, "compress", "--layers", "2-5", "--out", str(out), "--json", "--verify"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)

@@ -21,7 +21,7 @@ def duplicate_neurons(model):
             sub = site.read()
             half = sub.width // 2
             index = torch.arange(sub.width) % half
-            site.write(sub.map_rows(lambda t: t[:, index]))
+            site.write(sub.map_rows(lambda t, index=index: t[:, index]))
     return half
 
 

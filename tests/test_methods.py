@@ -8,7 +8,11 @@ from mlp_fusion.methods.svd import matched_rank
 
 def plain(width=12, dim=5, batch=1, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return SubMlps([torch.randn(batch, width, dim + 1, generator=g)], torch.randn(batch, width, dim, generator=g), (True,))
+    return SubMlps(
+        [torch.randn(batch, width, dim + 1, generator=g)],
+        torch.randn(batch, width, dim, generator=g),
+        (True,),
+    )
 
 
 def gated(width=12, dim=5, batch=2, seed=0):

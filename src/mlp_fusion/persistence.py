@@ -51,6 +51,8 @@ def save_pretrained(
 
     def write(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -77,6 +79,8 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device | None 
             f"version ({transformers.__version__}) does not have"
         )
     model = model_class(config)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
     records = [
         SiteRecord(**{f.name: site.get(f.name) for f in fields(SiteRecord)}) for site in fusion["sites"]
     ]
