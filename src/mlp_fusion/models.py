@@ -187,4 +187,8 @@ def _load_from_hub(name: str) -> LoadedModel:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1 or spec.endswith("/")
+    """Hub ids look like ``org/name``; anything else with a slash, or under an existing folder, is a path."""
+    parent = Path(spec).parent
+    if str(parent) not in ("", ".") and parent.is_dir():
+        return True
+    return spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1
