@@ -6,7 +6,7 @@ variant is recomputed the same way (float64, from the returned labels and center
 ``make demo`` job (``mlp-fusion compress`` on MiniLM, layers 2-5, save, reload, verify).
 
     python benchmarks/kmeans.py                      # MiniLM, all 6 layers (about 6 minutes on 2 cores)
-    python benchmarks/kmeans.py --models minilm,mpnet --mpnet-layers 0,6   # adds MPNet-base (about 25 more)
+    python benchmarks/kmeans.py --models mpnet --mpnet-layers 0,6   # MPNet-base, two layers (about 25 minutes)
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--models", default="minilm", help="comma-separated: minilm, mpnet")
     parser.add_argument("--mpnet-layers", default="0,6", help="MPNet layers to measure (each costs ~10 min)")
     parser.add_argument("--no-sklearn-30", action="store_true", help="skip the slow n_init=30 baseline")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "kmeans.json")
+    parser.add_argument("--json", type=Path, help="default: benchmarks/results/kmeans-MODELS.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -200,9 +200,11 @@ def main() -> None:
         "rows": rows,
         "demo_seconds": time_demo_job(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    write_section(args.markdown, "kmeans", markdown(results))
+    name = "kmeans-" + args.models.replace(",", "-")
+    json_path = args.json or ROOT / "benchmarks" / "results" / f"{name}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(args.markdown, name, markdown(results))
     print(markdown(results))
 
 

@@ -167,35 +167,50 @@ def _inertia(x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> to
 
 
 def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, start: KMeansResult, max_rounds: int) -> KMeansResult:
-    """Move every point whose move to another cluster lowers the inertia, a round at a time.
+    """Move points to other clusters while that lowers the inertia, a round of moves at a time.
 
     Moving x from cluster a (size n_a) to b changes the inertia by
-    ``n_b/(n_b+1) ||x - c_b||^2 - n_a/(n_a-1) ||x - c_a||^2``. All improving moves are tried together;
-    where that does not lower a batch element's inertia, only the best move out of each cluster is tried;
-    an element stops when neither helps.
+    ``n_b/(n_b+1) ||x - c_b||^2 - n_a/(n_a-1) ||x - c_a||^2``. Each round first tries every improving move
+    at once; where that does not lower a batch element's inertia, it makes the best moves that touch
+    disjoint clusters, whose gains add up exactly. A batch element stops when no move improves it.
     """
-    state = start
-    k = state.centers.shape[1]
+    k = start.centers.shape[1]
+    total = x_sq.double().sum(-1)
+    state = _with_fast_inertia(start, total)  # comparisons inside the loop use the fast formula throughout
     active = torch.ones_like(state.inertia, dtype=torch.bool)
     for _ in range(max_rounds):
         delta, target = _move_gains(x, x_sq, state)
         moves = (delta < 0) & active.unsqueeze(-1)
-        if not bool(moves.any()):
+        has_moves = moves.any(-1)
+        if not bool(has_moves.any()):
             break
-        bold = _moved(x, x_sq, state, torch.where(moves, target, state.labels), k)
-        accepted = bold.inertia < state.inertia
-        if not bool(accepted.all()):
-            best_out = torch.full_like(state.counts, float("inf")).scatter_reduce(
-                1, state.labels, torch.where(moves, delta, torch.inf).to(state.counts.dtype), "amin"
-            )
-            cautious_moves = moves & (delta <= best_out.gather(1, state.labels))
-            cautious = _moved(x, x_sq, state, torch.where(cautious_moves, target, state.labels), k)
-            use_cautious = ~accepted & (cautious.inertia < state.inertia)
-            bold = _select(use_cautious, cautious, bold)
-            accepted = accepted | use_cautious
-            active = active & accepted
-        state = _select(accepted, bold, state)
-    return KMeansResult(state.centers, state.labels, state.counts, state.inertia, start.n_iter)
+        bold = _moved(x, x_sq, total, state, torch.where(moves, target, state.labels), k)
+        retry = has_moves & (bold.inertia >= state.inertia)
+        if bool(retry.any()):
+            safe_moves = _independent_moves(delta, target, state.labels, retry)
+            safe = _moved(x, x_sq, total, state, torch.where(safe_moves, target, state.labels), k)
+            bold = _select(retry, safe, bold)
+        improved = has_moves & (bold.inertia < state.inertia)
+        active = active & improved
+        state = _select(improved, bold, state)
+    inertia = _inertia(x, state.centers, state.labels)
+    return KMeansResult(state.centers, state.labels, state.counts, inertia, start.n_iter)
+
+
+def _independent_moves(
+    delta: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Per batch element in ``rows``: the best improving moves, no two touching the same cluster."""
+    chosen = torch.zeros_like(delta, dtype=torch.bool)
+    for b in torch.nonzero(rows).flatten().tolist():
+        count = int((delta[b] < 0).sum())
+        sources, targets = labels[b].tolist(), target[b].tolist()
+        touched: set[int] = set()
+        for i in delta[b].argsort()[:count].tolist():
+            if sources[i] not in touched and targets[i] not in touched:
+                touched.update((sources[i], targets[i]))
+                chosen[b, i] = True
+    return chosen
 
 
 def _move_gains(
@@ -216,10 +231,22 @@ def _move_gains(
 
 
 def _moved(
-    x: torch.Tensor, x_sq: torch.Tensor, state: KMeansResult, labels: torch.Tensor, k: int
+    x: torch.Tensor,
+    x_sq: torch.Tensor,
+    total: torch.Tensor,
+    state: KMeansResult,
+    labels: torch.Tensor,
+    k: int,
 ) -> KMeansResult:
     centers, labels, counts = _centers_of(x, x_sq, labels, k)
-    return KMeansResult(centers, labels, counts, _inertia(x, centers, labels), state.n_iter)
+    return _with_fast_inertia(KMeansResult(centers, labels, counts, state.inertia, state.n_iter), total)
+
+
+def _with_fast_inertia(state: KMeansResult, total: torch.Tensor) -> KMeansResult:
+    """Inertia from ``sum ||x||^2 - sum_j n_j ||c_j||^2`` (exact when every center is its cluster's mean)."""
+    center_sq = (state.centers.double() ** 2).sum(-1)
+    inertia = total - (state.counts.double() * center_sq).sum(-1)
+    return KMeansResult(state.centers, state.labels, state.counts, inertia, state.n_iter)
 
 
 def _centers_of(
