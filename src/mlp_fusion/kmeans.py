@@ -3,8 +3,9 @@
 Lloyd stops in the first local optimum it meets; Hartigan moves (move a point when that lowers the total
 inertia, counting how the two cluster means shift) escape most of them at the cost of a few more distance
 matrices, which is why one restart here reaches a lower inertia than many plain Lloyd restarts.
-Everything is batched over a leading axis: batching lets all experts of a Mixture-of-Experts layer be clustered in one pass; every tensor stays on
-the input's device, so the same code runs on CPU and CUDA. Every cluster of the result is non-empty.
+Everything is batched over a leading axis, so all experts of a Mixture-of-Experts layer are clustered in
+one pass; every tensor stays on the input's device, so the same code runs on CPU and CUDA. Every cluster
+of the result is non-empty.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _lloyd(
     n_iter = 0
     while n_iter < max_iter:
         n_iter += 1
-        new_centers, labels, counts = _centers_of(x, x_sq, labels, k)
+        new_centers, labels, counts = _centers_of(x, labels, k)
         shift = ((new_centers - centers) ** 2).sum((1, 2))
         centers = new_centers
         new_labels = _squared_distances(x, x_sq, centers).argmin(-1)
@@ -157,13 +158,17 @@ def _lloyd(
         if converged:
             break
     # Final step: centers are the exact means of the final labels (so identical members give their exact value).
-    centers, labels, counts = _centers_of(x, x_sq, labels, k)
+    centers, labels, counts = _centers_of(x, labels, k)
     return KMeansResult(centers, labels, counts, _inertia(x, centers, labels), n_iter)
 
 
 def _inertia(x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    residual = x.double() - torch.gather(centers.double(), 1, labels.unsqueeze(-1).expand_as(x))
-    return (residual * residual).sum((1, 2))
+    """Exact inertia in float64, one batch element at a time to bound memory."""
+    values = []
+    for b in range(x.shape[0]):
+        residual = x[b].double() - centers[b].double()[labels[b]]
+        values.append((residual * residual).sum())
+    return torch.stack(values)
 
 
 def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, start: KMeansResult, max_rounds: int) -> KMeansResult:
@@ -184,11 +189,11 @@ def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, start: KMeansResult, max_roun
         has_moves = moves.any(-1)
         if not bool(has_moves.any()):
             break
-        bold = _moved(x, x_sq, total, state, torch.where(moves, target, state.labels), k)
+        bold = _moved(x, total, state, torch.where(moves, target, state.labels), k)
         retry = has_moves & (bold.inertia >= state.inertia)
         if bool(retry.any()):
             safe_moves = _independent_moves(delta, target, state.labels, retry)
-            safe = _moved(x, x_sq, total, state, torch.where(safe_moves, target, state.labels), k)
+            safe = _moved(x, total, state, torch.where(safe_moves, target, state.labels), k)
             bold = _select(retry, safe, bold)
         improved = has_moves & (bold.inertia < state.inertia)
         active = active & improved
@@ -231,14 +236,9 @@ def _move_gains(
 
 
 def _moved(
-    x: torch.Tensor,
-    x_sq: torch.Tensor,
-    total: torch.Tensor,
-    state: KMeansResult,
-    labels: torch.Tensor,
-    k: int,
+    x: torch.Tensor, total: torch.Tensor, state: KMeansResult, labels: torch.Tensor, k: int
 ) -> KMeansResult:
-    centers, labels, counts = _centers_of(x, x_sq, labels, k)
+    centers, labels, counts = _centers_of(x, labels, k)
     return _with_fast_inertia(KMeansResult(centers, labels, counts, state.inertia, state.n_iter), total)
 
 
@@ -250,7 +250,7 @@ def _with_fast_inertia(state: KMeansResult, total: torch.Tensor) -> KMeansResult
 
 
 def _centers_of(
-    x: torch.Tensor, x_sq: torch.Tensor, labels: torch.Tensor, k: int
+    x: torch.Tensor, labels: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cluster means for ``labels``; an empty cluster takes over the point farthest from its own center."""
     counts = _counts(labels, k, x.dtype)
