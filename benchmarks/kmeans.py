@@ -144,7 +144,7 @@ def markdown(results: dict) -> str:
             for key, _ in present
         }
         parts = [f"{label}: inertia {total[key][0]:,.1f} in {total[key][1]:.1f} s" for key, label in present]
-        lines.append(f"- **{model}, all {len(rows)} layers measured** — " + "; ".join(parts) + ".")
+        lines.append(f"- **{model}, {len(rows)} layers** — " + "; ".join(parts) + ".")
         if "sklearn_30" in total:
             ratio = total["ours"][0] / total["sklearn_30"][0]
             speedup = total["sklearn_30"][1] / total["ours"][1]

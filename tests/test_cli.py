@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import build
+from tiny_models import FAMILIES, build
 
 from mlp_fusion.cli import main
 
@@ -49,6 +49,19 @@ def test_compress_json_report_and_saved_model(capsys, model_dir, tmp_path):
     assert report["verify"]["reloaded_vs_fused"]["max_abs_diff"] == 0
     assert report["verify"]["fused_vs_original"]["relative_error"] > 0
     assert (out / "fusion.json").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compress_every_family_from_a_local_directory(capsys, family, tmp_path):
+    build(family).save_pretrained(tmp_path / "model")
+    out = tmp_path / "fused"
+    code, stdout, stderr = run(
+        capsys, "compress", tmp_path / "model", "--ratio", "0.5", "--out", out, "--json", "--verify"
+    )
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["params_after"] < report["params_before"]
+    assert report["verify"]["reloaded_vs_fused"]["max_abs_diff"] == 0
 
 
 def test_compress_table(capsys, model_dir):

@@ -31,6 +31,7 @@ class SiteRecord:
     method: str
     scaled: bool
     rank: int | None
+    seed: int | None = None
 
 
 @dataclass
@@ -92,11 +93,12 @@ def fuse(
     report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
     records = fusion_records(model)
     method = METHODS[config.method]
-    for number, (site, width, sub) in enumerate(plans, 1):
+    for number, (site, width) in enumerate(plans, 1):
         if progress is not None:
             progress(f"[{number}/{len(plans)}] {config.method} {site.describe()} -> {width}")
         site_start = time.perf_counter()
         with torch.no_grad():
+            sub = site.read()
             result = method(sub, width, config)
             apply_result(site, result)
         seconds = time.perf_counter() - site_start
@@ -110,6 +112,7 @@ def fuse(
                 config.method,
                 result.scale is not None,
                 result.rank,
+                config.seed,
             )
         )
         for expert in range(sub.batch):
@@ -125,7 +128,9 @@ def fuse(
                     seconds / sub.batch,
                 )
             )
-    setattr(model, RECORD_ATTR, records)
+        setattr(
+            model, RECORD_ATTR, records
+        )  # kept current, so an interrupted call still says what it changed
     use_compatible_experts_kernel(model, sites)
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
@@ -155,7 +160,7 @@ def select_sites(sites: list[MlpSite], layers: list[int] | str) -> list[MlpSite]
     return [site for site in sites if site.layer in layers]
 
 
-def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list:
+def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[tuple[MlpSite, int]]:
     done = {record.name for record in fusion_records(model)}
     plans = []
     for site in select_sites(sites, config.layers):
@@ -166,10 +171,10 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list:
             raise UserError(
                 f"width {width} is above the width of {site.describe()}; choose at most {site.width}"
             )
-        sub = site.read()
+        sub = site.read()  # not kept: one site's copy at a time
         if not all(bool(torch.isfinite(t).all()) for t in (*sub.inputs, sub.output)):
             raise UserError(f"{site.describe()} has NaN or infinite weights; fusion needs finite weights")
-        plans.append((site, width, sub))
+        plans.append((site, width))
     return plans
 
 

@@ -11,7 +11,7 @@ of the result is non-empty.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -73,36 +73,20 @@ def k_means(
     return best
 
 
+@dataclass
 class KMeans:
-    """Estimator twin of :func:`k_means`; learned state ends in ``_`` as in scikit-learn."""
+    """Estimator twin of :func:`k_means` (same arguments); learned state ends in ``_`` as in scikit-learn."""
 
-    def __init__(
-        self,
-        n_clusters: int,
-        *,
-        n_init: int = 1,
-        max_iter: int = 100,
-        tol: float = 1e-4,
-        hartigan_rounds: int = 50,
-        seed: int = 0,
-    ):
-        self.n_clusters = n_clusters
-        self.n_init = n_init
-        self.max_iter = max_iter
-        self.tol = tol
-        self.hartigan_rounds = hartigan_rounds
-        self.seed = seed
+    n_clusters: int
+    n_init: int = 1
+    max_iter: int = 100
+    tol: float = 1e-4
+    hartigan_rounds: int = 50
+    seed: int = 0
 
     def fit(self, x: torch.Tensor) -> KMeans:
-        result = k_means(
-            x,
-            self.n_clusters,
-            n_init=self.n_init,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            hartigan_rounds=self.hartigan_rounds,
-            seed=self.seed,
-        )
+        options = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "n_clusters"}
+        result = k_means(x, self.n_clusters, **options)
         self.cluster_centers_ = result.centers
         self.labels_ = result.labels
         self.counts_ = result.counts

@@ -163,7 +163,19 @@ def _from_pretrained(name: str) -> torch.nn.Module:
     return transformers.AutoModel.from_pretrained(name, dtype=torch.float32).eval()
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
 def _tokenizer(path: Path):
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         return transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
