@@ -58,6 +58,12 @@ def test_failed_save_leaves_the_old_checkpoint(saved, monkeypatch):
         (lambda p: (p / FUSION_FILE).unlink(), "fusion.json is missing"),
         (lambda p: (p / FUSION_FILE).write_text("{not json"), "damaged"),
         (lambda p: (p / FUSION_FILE).write_text('{"format_version": 1}'), "damaged"),
+        (
+            lambda p: (p / FUSION_FILE).write_text(
+                (p / FUSION_FILE).read_text().replace('"width": 12', '"width": "x"')
+            ),
+            "damaged",
+        ),
         (lambda p: (p / WEIGHTS_FILE).unlink(), "missing"),
         (lambda p: (p / WEIGHTS_FILE).write_bytes((p / WEIGHTS_FILE).read_bytes()[:500]), "damaged"),
     ],

@@ -131,9 +131,7 @@ def read_fusion_file(directory: Path) -> dict:
         version, sites = fusion["format_version"], fusion["sites"]
         if not isinstance(fusion["architecture"], str) or not isinstance(version, int):
             raise ValueError("bad header")
-        if not isinstance(sites, list) or not all(
-            isinstance(s, dict) and "name" in s and "width" in s for s in sites
-        ):
+        if not isinstance(sites, list) or not all(_valid_site(s) for s in sites):
             raise ValueError("bad site list")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise UserError(
@@ -144,6 +142,17 @@ def read_fusion_file(directory: Path) -> dict:
             f"{path} has format version {version}; this mlp-fusion reads up to {FORMAT_VERSION}: upgrade it"
         )
     return fusion
+
+
+def _valid_site(site: object) -> bool:
+    return (
+        isinstance(site, dict)
+        and isinstance(site.get("name"), str)
+        and isinstance(site.get("width"), int)
+        and site["width"] >= 1
+        and isinstance(site.get("scaled", False), bool)
+        and (site.get("rank") is None or isinstance(site["rank"], int) and site["rank"] >= 1)
+    )
 
 
 def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
