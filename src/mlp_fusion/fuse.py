@@ -128,9 +128,8 @@ def fuse(
                     seconds / sub.batch,
                 )
             )
-        setattr(
-            model, RECORD_ATTR, records
-        )  # kept current, so an interrupted call still says what it changed
+        # Kept current, so that an interrupted call still says what it changed.
+        setattr(model, RECORD_ATTR, records)
     use_compatible_experts_kernel(model, sites)
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from .errors import UserError
 
 # Sentences written for this project: varied length, topic and tone.
 PROBE_SENTENCES = [
@@ -26,19 +31,64 @@ PROBE_SENTENCES = [
 ]
 
 
-def probe_batch(model: nn.Module, tokenizer, count: int = 8, max_length: int = 64) -> dict:
-    """Tokenised probe sentences, or fixed random token ids when there is no tokenizer."""
-    if tokenizer is not None:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        texts = PROBE_SENTENCES[:count]
-        return dict(
-            tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "premise")
+
+
+def read_probe_texts(path: str | Path, count: int | None = None) -> list[str]:
+    """Inputs from a text file (one per line) or a TSV/CSV with a header and a text column."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read probe file {path}: {type(error).__name__}") from None
+    if path.suffix.lower() in (".tsv", ".csv"):
+        tab = path.suffix.lower() == ".tsv"
+        rows = list(
+            csv.reader(
+                raw.splitlines(),
+                delimiter="\t" if tab else ",",
+                quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL,
+            )
         )
+        header = [h.strip().lower() for h in rows[0]] if rows else []
+        column = next((header.index(c) for c in TEXT_COLUMNS if c in header), 0)
+        texts = [row[column].strip() for row in rows[1:] if len(row) > column]
+    else:
+        texts = [line.strip() for line in raw.splitlines()]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise UserError(f"probe file {path} holds no inputs")
+    return texts[:count] if count else texts
+
+
+def probe_batch(
+    model: nn.Module, tokenizer, count: int = 8, max_length: int = 64, texts: list[str] | None = None
+) -> dict:
+    """Tokenised probe sentences (the built-in ones unless ``texts``), right-padded; random ids without a tokenizer."""
+    texts = (PROBE_SENTENCES if texts is None else texts)[:count]
+    if (
+        tokenizer is not None
+    ):  # padded by hand: the user's tokenizer may have no pad token, and stays untouched
+        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+        longest = max(len(ids) for ids in encoded)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([row + [pad] * (longest - len(row)) for row in encoded])
+        mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in encoded])
+        return {"input_ids": ids, "attention_mask": mask}
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (count, 16), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def micro_batches(batch: dict, size: int) -> list[dict]:
+    """``batch`` cut into batches of ``size``, each trimmed to its longest example (right padding)."""
+    parts = []
+    for start in range(0, len(batch["input_ids"]), size):
+        part = {key: value[start : start + size] for key, value in batch.items()}
+        longest = int(part["attention_mask"].sum(1).max())
+        parts.append({key: value[:, :longest] for key, value in part.items()})
+    return parts
 
 
 @torch.no_grad()
@@ -59,6 +109,9 @@ def compare(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) ->
     a, b = reference, other
     if tuple(reference.shape[:2]) == tuple(mask.shape):
         keep = mask.bool().to(reference.device)
+        a, b = reference[keep], other[keep]
+    elif reference.dim() == 2 and reference.shape[0] == mask.numel():  # tokens flattened (MoE experts)
+        keep = mask.flatten().bool().to(reference.device)
         a, b = reference[keep], other[keep]
     return {
         "max_abs_diff": float((a - b).abs().max()),

@@ -1,0 +1,73 @@
+"""Every method x ratio against the original model: output errors, Adam and SGD kernel errors, parameters."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+from torch import nn
+
+from ..config import FusionConfig
+from ..fuse import count_parameters, fuse
+from .kernels import KERNELS, empirical_kernels, kernel_error
+from .outputs import output_errors
+from .parameters import kernel_modules
+
+
+def compare_methods(
+    original: nn.Module,
+    batch: dict,
+    batches: list[dict],
+    *,
+    methods: list[str],
+    ratios: list[float],
+    layers: list[int] | str = "all",
+    kernels: tuple[str, ...] = KERNELS,
+    params: str = "mlp",
+    seed: int = 0,
+    max_memory_mb: float = 1024,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Fuse a copy of ``original`` per method and ratio and measure it; the original's kernels are computed once.
+
+    ``batch`` holds every probe (for output errors); ``batches`` the same probes in micro-batches (kernels).
+    """
+    say = progress or (lambda message: None)
+    say("kernels of the original model")
+    reference = empirical_kernels(
+        original,
+        batches,
+        kernel_modules(original, params, layers),
+        kernels,
+        max_memory_mb=max_memory_mb,
+        seed=seed,
+    )
+    rows = []
+    for method in methods:
+        for ratio in ratios:
+            say(f"{method} at ratio {ratio}")
+            start = time.perf_counter()
+            model = copy.deepcopy(original)
+            fuse(model, FusionConfig(method=method, ratio=ratio, layers=layers, seed=seed))
+            errors = output_errors(original, model, batch, layers)
+            measured = empirical_kernels(
+                model,
+                batches,
+                kernel_modules(model, params, layers),
+                kernels,
+                max_memory_mb=max_memory_mb,
+                seed=seed,
+            )
+            row = {
+                "method": method,
+                "ratio": ratio,
+                "output_error": errors["final"],
+                "layer_output_error": errors["mean_layer"],
+            }
+            for name in kernels:
+                row[f"{name}_error"], row[f"{name}_alignment"] = kernel_error(reference[name], measured[name])
+            row["params"] = count_parameters(model)
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+    return {"params": count_parameters(original), "probes": len(batch["input_ids"]), "rows": rows}

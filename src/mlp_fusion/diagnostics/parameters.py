@@ -1,0 +1,42 @@
+"""Parameter sets a kernel is taken over, as lists of modules (each contributes all its own tensors)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..adapters import find_sites
+from ..errors import UserError
+from ..sites import ExpertModules, LinearMlp, MlpSite, StackedExperts
+
+PARAMETER_SETS = ("mlp", "fused", "all", "a layer index")
+
+
+def site_modules(site: MlpSite) -> list[nn.Module]:
+    """The modules that hold a site's tensors."""
+    if isinstance(site, LinearMlp):
+        return [*site.inputs, site.output]
+    if isinstance(site, ExpertModules):
+        return [module for member in site.members for module in site_modules(member)]
+    if isinstance(site, StackedExperts):
+        return [site.module]
+    raise TypeError(f"unknown site type {type(site).__name__}")
+
+
+def kernel_modules(model: nn.Module, spec: str, fused_layers: list[int] | str) -> list[nn.Module]:
+    """``mlp``: every MLP; ``fused``: the MLPs of ``fused_layers``; ``all``: the whole model; ``N``: layer N's MLPs."""
+    if spec == "all":
+        return [model]
+    sites = find_sites(model)
+    if spec == "mlp":
+        chosen = sites
+    elif spec == "fused":
+        chosen = sites if fused_layers == "all" else [s for s in sites if s.layer in fused_layers]
+    elif spec.isdigit():
+        chosen = [s for s in sites if s.layer == int(spec)]
+        if not chosen:
+            raise UserError(
+                f"layer {spec} has no MLP; this model's MLP layers are {sorted({s.layer for s in sites})}"
+            )
+    else:
+        raise UserError(f"unknown parameter set {spec!r}: use mlp, fused, all, or a layer index")
+    return [module for site in chosen for module in site_modules(site)]
