@@ -239,7 +239,9 @@ def run_ntk(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from .diagnostics.plot import plot_rows
 
-        plot_rows(result["rows"], kernels, args.plot, title=f"{loaded.source} (layers {args.layers})")
+        plot_rows(
+            result["rows"], kernels, args.plot, title=f"{args.model}, layers {args.layers}, {count} probes"
+        )
     if args.json:
         print(json.dumps(result))
         return 0

@@ -11,7 +11,7 @@ def plot_rows(rows: list[dict], kernels: tuple[str, ...], path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(f"{k}_error", f"{k.capitalize()} kernel error") for k in kernels] + [
+    panels = [(f"{k}_error", f"{ {'adam': 'Adam', 'sgd': 'SGD'}[k] } kernel error") for k in kernels] + [
         ("output_error", "output error")
     ]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
