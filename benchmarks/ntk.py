@@ -30,7 +30,7 @@ from mlp_fusion.diagnostics.parameters import kernel_modules  # noqa: E402
 from mlp_fusion.diagnostics.plot import plot_rows  # noqa: E402
 from mlp_fusion.methods import METHODS  # noqa: E402
 from mlp_fusion.models import load_model  # noqa: E402
-from mlp_fusion.probes import micro_batches, probe_batch, read_probe_texts  # noqa: E402
+from mlp_fusion.probes import probe_batch, read_probe_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
@@ -39,13 +39,12 @@ METRICS = ["output_error", "layer_output_error", "adam_error", "adam_alignment",
 
 
 def speed(model, batch: dict, batch_size: int) -> dict:
-    batches = micro_batches(batch, batch_size)
     modules = kernel_modules(model, "mlp", "all")
-    empirical_kernels(model, batches[:1], modules[:2])  # warm-up
+    empirical_kernels(model, {k: v[:batch_size] for k, v in batch.items()}, modules[:2])  # warm-up
     timings, kernels = {}, {}
     for name, naive in (("batched", False), ("naive", True)):
         start = time.perf_counter()
-        kernels[name] = empirical_kernels(model, batches, modules, naive=naive)
+        kernels[name] = empirical_kernels(model, batch, modules, batch_size=batch_size, naive=naive)
         timings[name] = time.perf_counter() - start
     agreement = {k: kernel_error(kernels["naive"][k], kernels["batched"][k])[0] for k in kernels["naive"]}
     parameters = sum(p.numel() for m in modules for p in m.parameters())
@@ -140,7 +139,7 @@ def main() -> None:
             result = compare_methods(
                 loaded.model,
                 batch,
-                micro_batches(batch, args.batch_size),
+                batch_size=args.batch_size,
                 methods=list(METHODS),
                 ratios=ratios,
                 layers=SETUPS[name],

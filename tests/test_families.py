@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from tiny_models import FAMILIES, build, inputs, outputs
+from tiny_models import FAMILIES, build, duplicate_neurons, inputs, outputs
 
 import mlp_fusion
 from mlp_fusion import FusionConfig, find_sites, fuse
@@ -12,17 +12,6 @@ from mlp_fusion.parametrizations import NeuronScale
 
 def max_diff(a, b):
     return float((a - b).abs().max())
-
-
-def duplicate_neurons(model):
-    """Make the second half of every MLP's neurons copies of the first half."""
-    with torch.no_grad():
-        for site in find_sites(model):
-            sub = site.read()
-            half = sub.width // 2
-            index = torch.arange(sub.width) % half
-            site.write(sub.map_rows(lambda t, index=index: t[:, index]))
-    return half
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -92,6 +92,19 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def duplicate_neurons(model: torch.nn.Module) -> int:
+    """Make the second half of every MLP's neurons copies of the first half; returns the half width."""
+    from mlp_fusion import find_sites
+
+    with torch.no_grad():
+        for site in find_sites(model):
+            sub = site.read()
+            half = sub.width // 2
+            index = torch.arange(sub.width) % half
+            site.write(sub.map_rows(lambda t, index=index: t[:, index]))
+    return half
+
+
 def inputs(seed: int = 0, batch: int = 2, length: int = 7) -> dict:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, length), generator=generator)

@@ -191,7 +191,7 @@ def run_ntk(args: argparse.Namespace) -> int:
     from .diagnostics import compare_methods
     from .diagnostics.kernels import KERNELS
     from .models import load_model
-    from .probes import PROBE_SENTENCES, micro_batches, probe_batch, read_probe_texts
+    from .probes import PROBE_SENTENCES, probe_batch, read_probe_texts
 
     methods = _names(args.methods, "method")
     ratios = [_ratio(text) for text in _names(args.ratios, "ratio")]
@@ -225,13 +225,13 @@ def run_ntk(args: argparse.Namespace) -> int:
     result = compare_methods(
         loaded.model,
         batch,
-        micro_batches(batch, args.batch_size),
         methods=methods,
         ratios=ratios,
         layers=layers,
         kernels=kernels,
         params=args.params,
         seed=args.seed,
+        batch_size=args.batch_size,
         max_memory_mb=args.max_memory,
         progress=_log,
     )

@@ -18,7 +18,6 @@ from .parameters import kernel_modules
 def compare_methods(
     original: nn.Module,
     batch: dict,
-    batches: list[dict],
     *,
     methods: list[str],
     ratios: list[float],
@@ -26,22 +25,19 @@ def compare_methods(
     kernels: tuple[str, ...] = KERNELS,
     params: str = "mlp",
     seed: int = 0,
+    batch_size: int = 16,
     max_memory_mb: float = 1024,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Fuse a copy of ``original`` per method and ratio and measure it; the original's kernels are computed once.
 
-    ``batch`` holds every probe (for output errors); ``batches`` the same probes in micro-batches (kernels).
+    ``batch`` holds every probe, right-padded; the kernels run on it in micro-batches of ``batch_size``.
     """
     say = progress or (lambda message: None)
+    options = {"batch_size": batch_size, "max_memory_mb": max_memory_mb, "seed": seed}
     say("kernels of the original model")
     reference = empirical_kernels(
-        original,
-        batches,
-        kernel_modules(original, params, layers),
-        kernels,
-        max_memory_mb=max_memory_mb,
-        seed=seed,
+        original, batch, kernel_modules(original, params, layers), kernels, **options
     )
     rows = []
     for method in methods:
@@ -52,12 +48,7 @@ def compare_methods(
             fuse(model, FusionConfig(method=method, ratio=ratio, layers=layers, seed=seed))
             errors = output_errors(original, model, batch, layers)
             measured = empirical_kernels(
-                model,
-                batches,
-                kernel_modules(model, params, layers),
-                kernels,
-                max_memory_mb=max_memory_mb,
-                seed=seed,
+                model, batch, kernel_modules(model, params, layers), kernels, **options
             )
             row = {
                 "method": method,

@@ -25,17 +25,21 @@ class _NotPerExample(Exception):
 
 def per_example_gradients(
     model: nn.Module, batches: list[dict], modules: list[nn.Module], scalar: ScalarFn, naive: bool = False
-) -> torch.Tensor:
-    """``[N, P]``: row i is d f(x_i) / d(every tensor of ``modules``), in float32."""
+) -> list[torch.Tensor]:
+    """Blocks ``[N, P_i]`` (float32) that side by side give row i = d f(x_i) / d(every tensor of ``modules``)."""
     if not naive and all(isinstance(m, (nn.Linear, Conv1D)) for m in modules):
         try:
-            return torch.cat([_hooked(model, batch, modules, scalar) for batch in batches])
+            parts = [_hooked(model, batch, modules, scalar) for batch in batches]
+            return [torch.cat(blocks) for blocks in zip(*parts)]
         except _NotPerExample:
             pass
-    return torch.cat([_one_at_a_time(model, batch, modules, scalar) for batch in batches])
+    parts = [_one_at_a_time(model, batch, modules, scalar) for batch in batches]
+    return [torch.cat(blocks) for blocks in zip(*parts)]
 
 
-def _one_at_a_time(model: nn.Module, batch: dict, modules: list[nn.Module], scalar: ScalarFn) -> torch.Tensor:
+def _one_at_a_time(
+    model: nn.Module, batch: dict, modules: list[nn.Module], scalar: ScalarFn
+) -> list[torch.Tensor]:
     params = [p for m in modules for p in m.parameters()]
     lengths = batch["attention_mask"].sum(1).tolist()
     rows = []
@@ -43,14 +47,12 @@ def _one_at_a_time(model: nn.Module, batch: dict, modules: list[nn.Module], scal
         single = {key: value[i : i + 1, :length] for key, value in batch.items()}
         grads = torch.autograd.grad(scalar(model, single).sum(), params, allow_unused=True)
         rows.append(
-            torch.cat(
-                [(torch.zeros_like(p) if g is None else g).flatten().float() for g, p in zip(grads, params)]
-            )
+            [(torch.zeros_like(p) if g is None else g).flatten().float() for g, p in zip(grads, params)]
         )
-    return torch.stack(rows)
+    return [torch.stack(column) for column in zip(*rows)]
 
 
-def _hooked(model: nn.Module, batch: dict, modules: list[nn.Module], scalar: ScalarFn) -> torch.Tensor:
+def _hooked(model: nn.Module, batch: dict, modules: list[nn.Module], scalar: ScalarFn) -> list[torch.Tensor]:
     inputs: dict[nn.Module, torch.Tensor] = {}
     output_grads: dict[nn.Module, torch.Tensor] = {}
 
@@ -83,7 +85,7 @@ def _hooked(model: nn.Module, batch: dict, modules: list[nn.Module], scalar: Sca
         columns += [g.flatten(1).float() for g in _stored_gradients(module, weight_grad)]
         if module.bias is not None:
             columns.append(dy.sum(1).float())
-    return torch.cat(columns, dim=1)
+    return columns
 
 
 def _stored_gradients(module: nn.Module, weight_grad: torch.Tensor) -> list[torch.Tensor]:

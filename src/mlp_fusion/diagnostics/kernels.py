@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..probes import micro_batches
 from .gradients import per_example_gradients
 
 KERNELS = ("adam", "sgd")
@@ -45,28 +46,38 @@ def scalar_outputs(model: nn.Module, batch: dict, seed: int = 0) -> torch.Tensor
 
 def empirical_kernels(
     model: nn.Module,
-    batches: list[dict],
+    batch: dict,
     modules: list[nn.Module],
     kernels: tuple[str, ...] = KERNELS,
     *,
+    batch_size: int = 16,
     max_memory_mb: float = 1024,
     naive: bool = False,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The N x N kernels (float64) of ``model`` over the tensors of ``modules``, N = probes in ``batches``."""
-    count = sum(len(b["input_ids"]) for b in batches)
+    """The N x N kernels (float64) of ``model`` over the tensors of ``modules``, N = probes in ``batch``.
+
+    Probes run in micro-batches of ``batch_size``, longest first so that little padding is computed; the
+    kernels come back in the order of ``batch``.
+    """
+    count = len(batch["input_ids"])
+    order = batch["attention_mask"].sum(1).argsort(descending=True, stable=True)
+    batches = micro_batches({key: value[order] for key, value in batch.items()}, batch_size)
     sums = {name: torch.zeros(count, count, dtype=torch.float64) for name in kernels}
+
+    def scalar(m: nn.Module, b: dict) -> torch.Tensor:
+        return scalar_outputs(m, b, seed)
+
     for group in _groups(modules, max_memory_mb * 2**20 / (4 * count)):
-        gradients = per_example_gradients(
-            model, batches, group, lambda m, b: scalar_outputs(m, b, seed), naive
-        )
-        for start in range(0, gradients.shape[1], COLUMN_CHUNK):
-            chunk = gradients[:, start : start + COLUMN_CHUNK]
-            if "adam" in sums:
-                sums["adam"] += (chunk @ chunk.sign().T).double().cpu()
-            if "sgd" in sums:
-                sums["sgd"] += (chunk @ chunk.T).double().cpu()
-    return sums
+        for block in per_example_gradients(model, batches, group, scalar, naive):
+            for start in range(0, block.shape[1], COLUMN_CHUNK):
+                chunk = block[:, start : start + COLUMN_CHUNK]
+                if "adam" in sums:
+                    sums["adam"] += (chunk @ chunk.sign().T).double().cpu()
+                if "sgd" in sums:
+                    sums["sgd"] += (chunk @ chunk.T).double().cpu()
+    restore = order.argsort()
+    return {name: value[restore][:, restore] for name, value in sums.items()}
 
 
 def kernel_error(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
