@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kmeans import machine, write_section  # noqa: E402
 
 from mlp_fusion.diagnostics import compare_methods, empirical_kernels, kernel_error  # noqa: E402
-from mlp_fusion.diagnostics.parameters import kernel_modules  # noqa: E402
+from mlp_fusion.diagnostics.parameters import kernel_modules, module_tensors  # noqa: E402
 from mlp_fusion.diagnostics.plot import plot_rows  # noqa: E402
 from mlp_fusion.methods import METHODS  # noqa: E402
 from mlp_fusion.models import load_model  # noqa: E402
@@ -47,7 +47,7 @@ def speed(model, batch: dict, batch_size: int) -> dict:
         kernels[name] = empirical_kernels(model, batch, modules, batch_size=batch_size, naive=naive)
         timings[name] = time.perf_counter() - start
     agreement = {k: kernel_error(kernels["naive"][k], kernels["batched"][k])[0] for k in kernels["naive"]}
-    parameters = sum(p.numel() for m in modules for p in m.parameters())
+    parameters = sum(p.numel() for m in modules for p in module_tensors(m))
     return {
         "seconds": timings,
         "relative_difference": agreement,

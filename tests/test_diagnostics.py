@@ -7,7 +7,7 @@ from tiny_models import build, duplicate_neurons
 from mlp_fusion import FusionConfig, fuse
 from mlp_fusion.cli import main
 from mlp_fusion.diagnostics import compare_methods, empirical_kernels, kernel_error, scalar_outputs
-from mlp_fusion.diagnostics.parameters import kernel_modules
+from mlp_fusion.diagnostics.parameters import kernel_modules, module_tensors
 from mlp_fusion.probes import probe_batch
 
 
@@ -20,7 +20,7 @@ def probes(model, count=6):
 
 def loop_kernels(model, batch, modules):
     """An independent computation: one example at a time, plain autograd, float64."""
-    params = [p for m in modules for p in m.parameters()]
+    params = [p for m in modules for p in module_tensors(m)]
     rows = []
     for i, length in enumerate(batch["attention_mask"].sum(1).tolist()):
         single = {k: v[i : i + 1, :length] for k, v in batch.items()}

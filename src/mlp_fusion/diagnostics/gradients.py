@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
+from .parameters import module_tensors
+
 ScalarFn = Callable[[nn.Module, dict], torch.Tensor]
 
 
@@ -40,7 +42,7 @@ def per_example_gradients(
 def _one_at_a_time(
     model: nn.Module, batch: dict, modules: list[nn.Module], scalar: ScalarFn
 ) -> list[torch.Tensor]:
-    params = [p for m in modules for p in m.parameters()]
+    params = [p for m in modules for p in module_tensors(m)]
     lengths = batch["attention_mask"].sum(1).tolist()
     rows = []
     for i, length in enumerate(lengths):
@@ -66,7 +68,7 @@ def _hooked(model: nn.Module, batch: dict, modules: list[nn.Module], scalar: Sca
         # Asking for the modules' input gradients runs the backward through every module without also
         # computing the batch-summed weight gradients, which are not needed.
         targets = [x for x in inputs.values() if x.requires_grad] or [
-            p for m in modules for p in m.parameters()
+            p for m in modules for p in module_tensors(m)
         ]
         torch.autograd.grad(values.sum(), targets, allow_unused=True)
     finally:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..probes import micro_batches
 from .gradients import per_example_gradients
+from .parameters import module_tensors
 
 KERNELS = ("adam", "sgd")
 COLUMN_CHUNK = 1 << 20  # columns per float32 matrix product before adding into the float64 sums
@@ -93,7 +94,7 @@ def _groups(modules: list[nn.Module], max_columns: float) -> list[list[nn.Module
     groups: list[list[nn.Module]] = []
     size = 0
     for module in modules:
-        count = sum(p.numel() for p in module.parameters())
+        count = sum(p.numel() for p in module_tensors(module))
         if groups and size + count <= max_columns:
             groups[-1].append(module)
             size += count

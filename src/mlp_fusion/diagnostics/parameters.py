@@ -22,10 +22,22 @@ def site_modules(site: MlpSite) -> list[nn.Module]:
     raise TypeError(f"unknown site type {type(site).__name__}")
 
 
+def module_tensors(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable tensors a module owns itself, the stored tensors of its parametrized weights included."""
+    tensors = list(module.parameters(recurse=False))
+    for chain in getattr(module, "parametrizations", {}).values():
+        tensors += list(chain.parameters(recurse=False))
+    return tensors
+
+
 def kernel_modules(model: nn.Module, spec: str, fused_layers: list[int] | str) -> list[nn.Module]:
     """``mlp``: every MLP; ``fused``: the MLPs of ``fused_layers``; ``all``: the whole model; ``N``: layer N's MLPs."""
-    if spec == "all":
-        return [model]
+    if spec == "all":  # every module that owns tensors, so that memory can be bounded module by module
+        return [
+            module
+            for name, module in model.named_modules()
+            if "parametrizations" not in name.split(".") and module_tensors(module)
+        ]
     sites = find_sites(model)
     if spec == "mlp":
         chosen = sites
