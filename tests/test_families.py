@@ -67,6 +67,17 @@ def test_save_load_gives_identical_outputs(family, method, tmp_path):
     assert [(s.name, s.width) for s in find_sites(loaded)] == [(s.name, s.width) for s in find_sites(model)]
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral", "gpt2"])
+def test_save_load_keeps_the_dtype(family, tmp_path):
+    model, batch = build(family).to(torch.bfloat16), inputs()
+    fuse(model, FusionConfig(ratio=0.5))
+    expected = outputs(model, batch)
+    mlp_fusion.save_pretrained(model, tmp_path / "fused")
+    loaded = mlp_fusion.from_pretrained(tmp_path / "fused")
+    assert loaded.dtype == torch.bfloat16
+    assert torch.equal(outputs(loaded, batch), expected)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_loads_in_vanilla_transformers(family, tmp_path):
     model, batch = build(family), inputs()

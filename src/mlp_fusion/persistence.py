@@ -44,6 +44,7 @@ def save_pretrained(
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "architecture": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "source_model": getattr(model.config, "_name_or_path", "") or "",
         "methods": sorted({record.method for record in records}),
         "sites": [asdict(record) for record in records],
@@ -78,7 +79,12 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device | None 
             f"{directory / FUSION_FILE} names architecture {fusion['architecture']!r}, which this transformers "
             f"version ({transformers.__version__}) does not have"
         )
-    model = model_class(config)
+    dtype = getattr(torch, str(fusion.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise UserError(
+            f"{directory / FUSION_FILE} names an unknown dtype {fusion.get('dtype')!r}; save the model again"
+        )
+    model = model_class(config).to(dtype)
     if (directory / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
     records = [
