@@ -7,6 +7,7 @@ from .fuse import FusionReport, fuse
 from .kmeans import KMeans, k_means
 from .methods import METHODS
 from .persistence import export, from_pretrained, save_pretrained
+from .training import distill
 
 __version__ = "0.1.0"
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "FusionReport",
     "KMeans",
     "UserError",
+    "distill",
     "export",
     "find_sites",
     "from_pretrained",
