@@ -1,0 +1,50 @@
+"""The ``mlp-fusion`` command line: ``compress``, ``export``, ``ntk`` and ``methods``, one module each.
+
+Every bad input ends in one line on stderr and exit status 2, before any file is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError
+from . import compress, export, ntk
+from .common import EXIT_USAGE, Parser, quiet_transformers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="mlp-fusion", description="Fuse the MLP blocks of a transformer (MLP Fusion).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command in (compress, export, ntk):
+        command.add_parser(commands)
+    commands.add_parser("methods", help="list the compression methods").set_defaults(run=run_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error already printed on one line
+        return int(stop.code or 0)
+    quiet_transformers()
+    try:
+        return args.run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; nothing was saved", file=sys.stderr)
+        return 130
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    from ..methods import DESCRIPTIONS
+
+    for name, description in DESCRIPTIONS.items():
+        print(f"{name:8} {description}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
