@@ -186,9 +186,10 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
         if parametrize.is_parametrized(module):
             for name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    config = plain.config.get_text_config() if hasattr(plain.config, "get_text_config") else plain.config
     for key, values in widths.items():
         if not key.startswith("("):
-            setattr(plain.config, key, values.pop())
+            setattr(config, key, values.pop())
     if hasattr(plain, RECORD_ATTR):
         delattr(plain, RECORD_ATTR)
     note = {
