@@ -68,8 +68,9 @@ def test_full_width_preserves_everything():
             assert row[f"{name}_error"] < 1e-4 and row[f"{name}_alignment"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_duplicated_neurons_fusion_keeps_the_adam_kernel_fold_does_not():
-    model = build("bert")
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "mixtral", "qwen2_moe"])
+def test_duplicated_neurons_fusion_keeps_the_adam_kernel_fold_does_not(family):
+    model = build(family)
     duplicate_neurons(model)
     batch = probes(model)
     rows = {
