@@ -8,8 +8,6 @@ from ..adapters import find_sites
 from ..errors import UserError
 from ..sites import ExpertModules, LinearMlp, MlpSite, StackedExperts
 
-PARAMETER_SETS = ("mlp", "fused", "all", "a layer index")
-
 
 def site_modules(site: MlpSite) -> list[nn.Module]:
     """The modules that hold a site's tensors."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,7 +67,6 @@ class MethodResult:
     scale: torch.Tensor | None = None
     rank: int | None = None
     inertia: torch.Tensor | None = None  # [B], clustering methods only
-    extra: dict = field(default_factory=dict)
 
 
 Method = Callable[[SubMlps, int, "FusionConfig"], MethodResult]
