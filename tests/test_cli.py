@@ -11,13 +11,6 @@ from mlp_fusion.cli import main
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-bert"
-    build("bert").save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def nan_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "nan-bert"
     model = build("bert")

@@ -85,13 +85,6 @@ def test_duplicated_neurons_fusion_keeps_the_adam_kernel_fold_does_not(family):
     assert rows["fusion"]["output_error"] < 1e-5
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-bert"
-    build("bert").save_pretrained(path)
-    return path
-
-
 def test_ntk_command_json_and_plot(capsys, model_dir, tmp_path):
     plot = tmp_path / "kernels.png"
     code = main(

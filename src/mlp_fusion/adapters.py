@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import UserError
-from .sites import ExpertModules, LinearMlp, MlpSite, StackedExperts
+from .sites import ExpertModules, LinearMlp, MlpSite, StackedExperts, WeightSlot, weight_shape
 
 # (gate, up, down): SwiGLU / GeGLU MLPs.
 GATED_LAYOUTS = [
@@ -99,8 +99,7 @@ def _expert_modules(name: str, module: nn.Module, active_experts: int) -> MlpSit
         if member is None:
             return None
         members.append(member)
-        sub = member.read()
-        shapes.add(tuple(t.shape for t in (*sub.inputs, sub.output)))
+        shapes.add(tuple(_neuron_major_shape(slot) for slot in member.slots()))
     if len(shapes) != 1:
         return None
     return ExpertModules(name, layer_index(name), members, active_experts)
@@ -113,12 +112,15 @@ def _dense_mlp(name: str, module: nn.Module, active_experts: int, expert: int = 
             continue
         *inputs, output = projections
         site = LinearMlp(name, layer_index(name), inputs, output, expert=expert)
-        sub = site.read()
-        widths = {t.shape[1] for t in sub.inputs} | {sub.output.shape[1]}
-        in_sizes = {t.shape[2] - has_bias for t, has_bias in zip(sub.inputs, sub.has_bias)}
-        if len(widths) == 1 and len(in_sizes) == 1 and in_sizes == {sub.output.shape[2]}:
+        shapes = [_neuron_major_shape(slot) for slot in site.slots()]
+        if len(set(shapes)) == 1:  # every projection: D neurons x d features
             return site
     return None
+
+
+def _neuron_major_shape(slot: WeightSlot) -> tuple[int, int]:
+    shape = weight_shape(slot.module, slot.attr)
+    return shape[slot.neuron_axis], shape[1 - slot.neuron_axis]
 
 
 def _projection(module: nn.Module, path: str) -> nn.Module | None:

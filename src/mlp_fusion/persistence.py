@@ -167,15 +167,18 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
     Needs every MLP whose width one config field sets to have the same width. The exported model computes
     the same function but no longer has the fused model's fine-tuning dynamics.
     """
+    sites = find_sites(model)
+    fused = {record.name for record in fusion_records(model)}
+    unknown = [site.name for site in sites if site.config_key is None and site.name in fused]
+    if unknown:
+        raise UserError(
+            f"cannot export: no config field sets the width of {unknown[0]}; keep the fused format (save_pretrained)"
+        )
     widths: dict[str, set[int]] = {}
-    for site in find_sites(model):
-        if site.config_key is None:
-            widths.setdefault(f"(no config field for {site.name})", set()).add(site.width)
-        else:
+    for site in sites:
+        if site.config_key is not None:
             widths.setdefault(site.config_key, set()).add(site.width)
     for key, values in widths.items():
-        if key.startswith("(") and fusion_records(model):
-            raise UserError(f"cannot export: {key[1:-1]}; keep the fused format (save_pretrained)")
         if len(values) > 1:
             raise UserError(
                 f"cannot export: MLPs set by config field {key!r} have different widths {sorted(values)}; "
@@ -188,8 +191,7 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     config = plain.config.get_text_config() if hasattr(plain.config, "get_text_config") else plain.config
     for key, values in widths.items():
-        if not key.startswith("("):
-            setattr(config, key, values.pop())
+        setattr(config, key, values.pop())
     if hasattr(plain, RECORD_ATTR):
         delattr(plain, RECORD_ATTR)
     note = {

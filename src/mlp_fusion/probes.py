@@ -91,14 +91,18 @@ def micro_batches(batch: dict, size: int) -> list[dict]:
     return parts
 
 
+def model_inputs(model: nn.Module, batch: dict) -> dict:
+    """``batch`` as keyword arguments for ``model``: an encoder-decoder also decodes its own input."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return {**batch, "decoder_input_ids": batch["input_ids"]}
+    return batch
+
+
 @torch.no_grad()
 def main_output(model: nn.Module, batch: dict) -> torch.Tensor:
     """Logits, or the last hidden state for a model without a head. Encoder-decoders decode their input."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    if getattr(model.config, "is_encoder_decoder", False):
-        batch["decoder_input_ids"] = batch["input_ids"]
-    return model(**batch)[0].float()
+    return model(**model_inputs(model, {k: v.to(device) for k, v in batch.items()}))[0].float()
 
 
 def compare(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -31,6 +31,17 @@ class WeightSlot:
     role: str  # "input" or "output"
 
 
+def weight_shape(module: nn.Module, attr: str) -> torch.Size:
+    """Shape of ``getattr(module, attr)`` without computing a parametrized weight."""
+    chains = getattr(module, "parametrizations", None)
+    if chains is None or attr not in chains:
+        return getattr(module, attr).shape
+    chain = chains[attr]
+    if hasattr(chain, "original"):
+        return chain.original.shape  # NeuronScale keeps the shape
+    return chain.original0.shape[:-1] + chain.original1.shape[-1:]  # LowRank: A [..., m, r] @ B [..., r, n]
+
+
 class MlpSite:
     """Base of the three layouts. ``name`` is a module path; ``layer`` the first index in it."""
 
@@ -45,7 +56,7 @@ class MlpSite:
     @property
     def width(self) -> int:
         slot = self.slots()[-1]
-        return getattr(slot.module, slot.attr).shape[slot.neuron_axis]
+        return weight_shape(slot.module, slot.attr)[slot.neuron_axis]
 
     def read(self) -> SubMlps:
         raise NotImplementedError
@@ -58,7 +69,7 @@ class MlpSite:
 
     def mlp_flops_per_token(self) -> int:
         """Multiply-adds x 2 of the MLP's weight matrices for one token (the active experts only)."""
-        total = sum(getattr(s.module, s.attr).numel() for s in self.slots())
+        total = sum(weight_shape(s.module, s.attr).numel() for s in self.slots())
         return 2 * self.active_experts * total // (self.experts or 1)
 
     def describe(self) -> str:

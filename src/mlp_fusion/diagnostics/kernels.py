@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..probes import micro_batches
+from ..probes import micro_batches, model_inputs
 from .gradients import per_example_gradients
 from .parameters import module_tensors
 
@@ -24,12 +24,7 @@ def scalar_outputs(model: nn.Module, batch: dict, seed: int = 0) -> torch.Tensor
     Classification heads: the logit of class 0. Language-model logits: log p(last token | the tokens before
     it). Hidden states (an encoder without a head): ``<h_first, u>`` with a fixed random unit vector u.
     """
-    extra = (
-        {"decoder_input_ids": batch["input_ids"]}
-        if getattr(model.config, "is_encoder_decoder", False)
-        else {}
-    )
-    out = model(**batch, **extra)[0]
+    out = model(**model_inputs(model, batch))[0]
     if out.dim() == 2:
         return out[:, 0]
     mask = batch["attention_mask"]

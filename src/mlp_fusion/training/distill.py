@@ -17,6 +17,7 @@ from ..adapters import find_sites
 from ..diagnostics.parameters import module_tensors, site_modules
 from ..errors import UserError
 from ..fuse import fusion_records
+from ..probes import model_inputs
 
 
 def fused_tensors(model: nn.Module) -> list[nn.Parameter]:
@@ -98,12 +99,7 @@ def distill(
 
 
 def _states(model: nn.Module, batch: dict) -> tuple:
-    extra = (
-        {"decoder_input_ids": batch["input_ids"]}
-        if getattr(model.config, "is_encoder_decoder", False)
-        else {}
-    )
-    out = model(**batch, **extra, output_hidden_states=True)
+    out = model(**model_inputs(model, batch), output_hidden_states=True)
     if getattr(out, "hidden_states", None) is not None:
         return out.hidden_states
     return out.encoder_hidden_states  # encoder-decoder: the encoder's states share the input's mask
