@@ -118,3 +118,68 @@ def outputs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     extra = {"decoder_input_ids": batch["input_ids"]} if model.config.is_encoder_decoder else {}
     with torch.no_grad():
         return model(**batch, **extra)[0]
+
+
+POSITIVE = ("good", "great", "fine", "nice", "happy", "superb", "lovely", "bright")
+NEGATIVE = ("bad", "awful", "poor", "sad", "ugly", "dull", "grim", "weak")
+FILLERS = (
+    "the",
+    "a",
+    "movie",
+    "film",
+    "plot",
+    "is",
+    "was",
+    "very",
+    "quite",
+    "story",
+    "acting",
+    "and",
+    "it",
+    "of",
+)
+SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def save_tokenizer(path) -> None:
+    """A word-level BERT tokenizer over the sentiment task's words (ids below the tiny vocabulary size)."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    words = SPECIAL + POSITIVE + NEGATIVE + FILLERS
+    assert len(words) <= VOCAB
+    tokenizer = tf.BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+    assert tokenizer("good film")["input_ids"] == [2, 5, 24, 3]
+    tokenizer.save_pretrained(path)
+
+
+def sentiment_rows(count: int, seed: int) -> list[tuple[str, int]]:
+    """A learnable task: filler words around two sentiment words; the label is their polarity."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=generator))]
+
+    rows = []
+    for _ in range(count):
+        label = int(torch.randint(2, (1,), generator=generator))
+        words = [pick(FILLERS) for _ in range(int(torch.randint(1, 4, (1,), generator=generator)))]
+        for _ in range(2):
+            words.insert(
+                int(torch.randint(len(words) + 1, (1,), generator=generator)),
+                pick((NEGATIVE, POSITIVE)[label]),
+            )
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_sentiment_task(directory, train: int = 256, dev: int = 64) -> None:
+    """train.tsv / dev.tsv in the GLUE SST-2 format."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, count, seed in (("train", train, 1), ("dev", dev, 2)):
+        lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in sentiment_rows(count, seed)]
+        (directory / f"{name}.tsv").write_text("\n".join(lines) + "\n")

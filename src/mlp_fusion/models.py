@@ -52,24 +52,36 @@ class LoadedModel:
 
 def load_model(spec: str = DEFAULT_MODEL) -> LoadedModel:
     """Load ``spec`` (alias, directory or hub id) in float32, eval mode, with its tokenizer when it has one."""
+    path = resolve(spec)
+    if path is None:
+        return _load_from_hub(spec)
+    if is_fused(path):
+        return LoadedModel(from_pretrained(path), load_tokenizer(path), str(path))
+    return LoadedModel(_from_pretrained(str(path)), load_tokenizer(path), str(path))
+
+
+def resolve(spec: str) -> Path | None:
+    """The model directory ``spec`` names (a bundled alias or a local folder), or None for a hub id."""
     if spec in BUNDLED:
-        path = bundled_path(spec)
-    else:
-        path = Path(spec).expanduser()
-        if not path.exists():
-            if _looks_like_path(spec):
-                raise UserError(
-                    f"model path {spec} does not exist; give a directory, a hub id or one of "
-                    f"the bundled models ({', '.join(BUNDLED)})"
-                )
-            return _load_from_hub(spec)
-        if not path.is_dir():
-            raise UserError(f"{spec} is a file; give the model's directory (with config.json)")
-    if (path / FUSION_FILE).exists():
-        return LoadedModel(from_pretrained(path), _tokenizer(path), str(path))
-    if not (path / "config.json").is_file():
+        return bundled_path(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if _looks_like_path(spec):
+            raise UserError(
+                f"model path {spec} does not exist; give a directory, a hub id or one of "
+                f"the bundled models ({', '.join(BUNDLED)})"
+            )
+        return None
+    if not path.is_dir():
+        raise UserError(f"{spec} is a file; give the model's directory (with config.json)")
+    if not is_fused(path) and not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json, so it is not a model directory")
-    return LoadedModel(_from_pretrained(str(path)), _tokenizer(path), str(path))
+    return path
+
+
+def is_fused(path: Path) -> bool:
+    """Whether ``path`` holds a checkpoint written by :func:`mlp_fusion.save_pretrained`."""
+    return (path / FUSION_FILE).exists()
 
 
 def bundled_path(alias: str) -> Path:
@@ -173,11 +185,12 @@ TOKENIZER_FILES = (
 )
 
 
-def _tokenizer(path: Path):
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+def load_tokenizer(source: Path | str):
+    """The tokenizer saved with a model (a directory or a hub id), or None when there is none."""
+    if isinstance(source, Path) and not any((source / name).is_file() for name in TOKENIZER_FILES):
         return None
     try:
-        return transformers.AutoTokenizer.from_pretrained(path)
+        return transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError):
         return None
 
@@ -191,11 +204,7 @@ def _load_from_hub(name: str) -> LoadedModel:
             f"cannot load {name!r} as a local directory or from the hub ({first}); give an existing directory "
             f"or one of the bundled models ({', '.join(BUNDLED)})"
         ) from None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return LoadedModel(model, tokenizer, name)
+    return LoadedModel(model, load_tokenizer(name), name)
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -1,4 +1,4 @@
-"""The ``mlp-fusion`` command line: ``compress``, ``export``, ``ntk`` and ``methods``, one module each.
+"""The ``mlp-fusion`` command line: ``compress``, ``export``, ``ntk``, ``finetune`` / ``evaluate``, ``methods``.
 
 Every bad input ends in one line on stderr and exit status 2, before any file is touched.
 """
@@ -9,14 +9,14 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import compress, export, ntk
+from . import compress, export, finetune, ntk
 from .common import EXIT_USAGE, Parser, quiet_transformers
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mlp-fusion", description="Fuse the MLP blocks of a transformer (MLP Fusion).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (compress, export, ntk):
+    for command in (compress, export, ntk, finetune):
         command.add_parser(commands)
     commands.add_parser("methods", help="list the compression methods").set_defaults(run=run_methods)
     return parser
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted; nothing was saved", file=sys.stderr)
+        print(f"interrupted; {getattr(args, 'on_interrupt', 'nothing was saved')}", file=sys.stderr)
         return 130
 
 

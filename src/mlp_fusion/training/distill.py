@@ -89,7 +89,7 @@ def distill(
                 optimizer.step()
                 if progress is not None:
                     progress(
-                        f"distill epoch {epoch + 1}/{epochs} step {step}/{len(batches)} loss {float(loss):.4f}"
+                        f"distill epoch {epoch + 1}/{epochs} step {step}/{len(batches)} loss {loss.item():.4f}"
                     )
     finally:
         for p in frozen:

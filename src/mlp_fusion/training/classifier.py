@@ -1,0 +1,135 @@
+"""Sequence classifiers for fine-tuning: a base model with a new head, or a saved (fused) checkpoint.
+
+A fused checkpoint of a bare encoder (``BertModel``) or of a language model keeps its fused body and its
+fusion records when it is given a classification head here, so it fine-tunes and saves as a fused model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+import transformers
+from torch import nn
+
+from ..adapters import find_sites
+from ..errors import UserError
+from ..fuse import RECORD_ATTR, fusion_records
+from ..models import LoadedModel, is_fused, load_tokenizer, resolve
+from ..persistence import from_pretrained
+from .tasks import Task
+
+
+def is_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def load_classifier(spec: str, task: Task, *, seed: int = 0) -> LoadedModel:
+    """``spec`` as a classifier for ``task``: the head is new unless the checkpoint has one that fits."""
+    path = resolve(spec)
+    source = str(path) if path is not None else spec
+    transformers.set_seed(seed)  # the new head's initial weights
+    if path is not None and is_fused(path):
+        model = from_pretrained(path)
+        if not (is_classifier(model) and model.config.num_labels == task.num_labels):
+            model = with_new_head(model, task)
+    else:
+        model = _pretrained_classifier(source, task)
+    tokenizer = load_tokenizer(path if path is not None else spec)
+    return LoadedModel(_with_pad_token(model, tokenizer, source), tokenizer, source)
+
+
+def load_trained_classifier(spec: str) -> LoadedModel:
+    """A fine-tuned classifier as saved, for evaluation: refuses a model without a trained head."""
+    path = resolve(spec)
+    source = str(path) if path is not None else spec
+    if path is not None and is_fused(path):
+        model = from_pretrained(path)
+    else:
+        try:
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+                source, dtype=torch.float32, output_loading_info=True
+            )
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot load {source} as a classifier: {_first_line(error)}") from None
+        if info["missing_keys"]:
+            model = None
+    if model is None or not is_classifier(model):
+        raise UserError(
+            f"{source} has no trained classification head; fine-tune it first (mlp-fusion finetune)"
+        )
+    tokenizer = load_tokenizer(path if path is not None else spec)
+    return LoadedModel(_with_pad_token(model.eval(), tokenizer, source), tokenizer, source)
+
+
+def with_new_head(model: nn.Module, task: Task) -> nn.Module:
+    """A classifier for ``task`` whose body is ``model``'s (fused) body, with its fusion records."""
+    body = model.base_model
+    old_prefix = "" if body is model else model.base_model_prefix
+    config = copy.deepcopy(model.config)
+    _set_labels(config, task)
+    try:
+        classifier = transformers.AutoModelForSequenceClassification.from_config(config)
+    except ValueError:
+        raise UserError(
+            f"{type(model).__name__} has no sequence-classification variant in transformers"
+        ) from None
+    prefix = classifier.base_model_prefix
+    if type(getattr(classifier, prefix, None)) is not type(body):
+        raise UserError(
+            f"cannot put a classification head on {type(model).__name__}: its body does not match"
+        )
+    setattr(classifier, prefix, body.to(next(classifier.parameters()).dtype))
+    records = [
+        replace(
+            record,
+            name=f"{prefix}.{record.name.removeprefix(old_prefix + '.') if old_prefix else record.name}",
+        )
+        for record in fusion_records(model)
+    ]
+    names = {site.name for site in find_sites(classifier)}
+    if any(record.name not in names for record in records):
+        raise UserError(f"cannot put a classification head on {type(model).__name__}: its MLPs move")
+    setattr(classifier, RECORD_ATTR, records)
+    return classifier.eval()
+
+
+def _pretrained_classifier(source: str, task: Task) -> nn.Module:
+    config_options = {"num_labels": task.num_labels}
+    if task.labels is not None:
+        config_options["id2label"] = dict(enumerate(task.labels))
+        config_options["label2id"] = {name: i for i, name in enumerate(task.labels)}
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            source, dtype=torch.float32, ignore_mismatched_sizes=True, **config_options
+        )
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load {source} as a sequence classifier: {_first_line(error)}") from None
+    return model.eval()
+
+
+def _set_labels(config, task: Task) -> None:
+    config.num_labels = task.num_labels
+    if task.labels is not None:
+        config.id2label = dict(enumerate(task.labels))
+        config.label2id = {name: i for i, name in enumerate(task.labels)}
+    config.problem_type = None  # chosen from the labels' dtype at the first batch
+
+
+def _with_pad_token(model: nn.Module, tokenizer, source: str) -> nn.Module:
+    """Decoders often have no padding token; batching needs one (their EOS, as usual)."""
+    if tokenizer is None:
+        raise UserError(f"{source} has no tokenizer files; save the tokenizer with the model")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {source} has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

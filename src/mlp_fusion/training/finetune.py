@@ -1,0 +1,259 @@
+"""Fine-tuning and scoring a (fused) sequence classifier with the Hugging Face ``Trainer``.
+
+AdamW with linear or polynomial decay after a warm-up, dynamic padding, an evaluation and a checkpoint
+every epoch, the best epoch's weights kept, resumable from the last checkpoint, distributed data parallel
+when launched with ``torchrun`` / ``accelerate launch``. Fixed scales are buffers, so the optimiser never
+sees them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from ..errors import UserError
+from ..probes import model_inputs
+from .data import EncodedDataset, Examples, TaskData
+from .distill import distill
+from .memory import PeakMemory
+from .metrics import score
+
+SCHEDULERS = ("linear", "polynomial")
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of one fine-tuning run (defaults: the paper's optimiser settings, 3 epochs)."""
+
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+    scheduler: str = "linear"
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.98
+    adam_epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"the learning rate must be positive, not {self.lr}"),
+            (self.batch_size >= 1, f"the batch size must be at least 1, not {self.batch_size}"),
+            (self.max_length >= 2, f"max length must be at least 2 tokens, not {self.max_length}"),
+            (
+                self.scheduler in SCHEDULERS,
+                f"unknown scheduler {self.scheduler!r}: use {' or '.join(SCHEDULERS)}",
+            ),
+            (0 <= self.warmup_ratio < 1, f"the warm-up ratio must be in [0, 1), not {self.warmup_ratio}"),
+            (self.weight_decay >= 0, f"weight decay must be at least 0, not {self.weight_decay}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def training_arguments(settings: TrainSettings, checkpoint_dir: Path, main_metric: str):
+    """The Trainer's arguments; making them also joins the process group under torchrun."""
+    return transformers.TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.lr,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        lr_scheduler_type=settings.scheduler,
+        warmup_steps=settings.warmup_ratio,
+        weight_decay=settings.weight_decay,
+        adam_beta2=settings.adam_beta2,
+        adam_epsilon=settings.adam_epsilon,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model=main_metric,
+        greater_is_better=True,
+        logging_steps=10,
+        seed=settings.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_backend="gloo" if _distributed() and not torch.cuda.is_available() else None,
+    )
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer,
+    data: TaskData,
+    args: transformers.TrainingArguments,
+    settings: TrainSettings,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune ``model`` on ``data.train``; returns the best epoch's scores and the run's cost."""
+    if data.train is None:
+        raise UserError("fine-tuning needs a training split")
+    main_eval = data.evals[""]
+    timer = _Progress(progress)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=EncodedDataset(data.train, tokenizer, settings.max_length),
+        eval_dataset=EncodedDataset(main_eval, tokenizer, settings.max_length),
+        data_collator=transformers.DataCollatorWithPadding(tokenizer),
+        compute_metrics=lambda p: score(data.task.metrics, p.predictions, p.label_ids),
+        callbacks=[timer],
+    )
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    last = transformers.trainer_utils.get_last_checkpoint(args.output_dir) if resume else None
+    if resume and last is None:
+        print("no checkpoint yet: starting from the beginning", file=sys.stderr)
+    start = time.perf_counter()
+    with PeakMemory() as peak:
+        trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - start
+    model = trainer.model.eval()
+    return {
+        "metrics": evaluate(
+            model, tokenizer, data, batch_size=settings.batch_size, max_length=settings.max_length
+        ),
+        "epochs": [
+            {k.removeprefix("eval_"): v for k, v in entry.items() if k not in ("step",)}
+            for entry in trainer.state.log_history
+            if "eval_loss" in entry
+        ],
+        "train_seconds": seconds,
+        "train_steps": trainer.state.global_step,
+        "step_seconds": timer.step_seconds,
+        "train_steps_per_second": timer.steps / timer.step_seconds if timer.step_seconds else None,
+        "peak_memory_mb": peak.mb,
+    }
+
+
+def evaluate(
+    model: nn.Module, tokenizer, data: TaskData, *, batch_size: int = 64, max_length: int = 128
+) -> dict[str, float]:
+    """The task's metrics on every evaluation split (MNLI: matched, then ``mismatched_``-prefixed)."""
+    collate = transformers.DataCollatorWithPadding(tokenizer)
+    device = next(model.parameters()).device
+    metrics = {}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for prefix, examples in data.evals.items():
+            dataset = EncodedDataset(examples, tokenizer, max_length)
+            logits = []
+            for start in range(0, len(dataset), batch_size):
+                batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                batch.pop("labels")
+                inputs = {k: v.to(device) for k, v in batch.items()}
+                logits.append(model(**inputs).logits.float().cpu())
+            metrics.update(score(data.task.metrics, torch.cat(logits).numpy(), examples.labels, prefix))
+    model.train(was_training)
+    return metrics
+
+
+def distill_on_task(
+    original: nn.Module, fused: nn.Module, tokenizer, examples: Examples, settings: TrainSettings, epochs: int
+) -> dict:
+    """Layer-wise task-specific tuning on the training inputs (labels unused), at the fine-tuning rate."""
+    batches = []
+    for start in range(0, len(examples), settings.batch_size):
+        end = start + settings.batch_size
+        pairs = examples.pairs[start:end] if examples.pairs is not None else None
+        encoded = tokenizer(
+            examples.texts[start:end],
+            pairs,
+            padding=True,
+            truncation=True,
+            max_length=settings.max_length,
+            return_tensors="pt",
+        )
+        batches.append(model_inputs(fused, dict(encoded)))
+    torch.manual_seed(settings.seed)
+    start = time.perf_counter()
+    report = distill(original, fused, batches, epochs=epochs, lr=settings.lr, progress=_every(len(batches)))
+    return {
+        "epochs": epochs,
+        "seconds": time.perf_counter() - start,
+        "hidden_state_error_before": report["before"],
+        "hidden_state_error_after": report["after"],
+    }
+
+
+def _every(steps: int):
+    """Progress that prints every 20th step's line and each epoch's last."""
+    calls = iter(range(1, 2**62))
+
+    def show(message: str) -> None:
+        call = next(calls)
+        if call % 20 == 0 or call % steps == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    return show
+
+
+class _Progress(transformers.TrainerCallback):
+    """A progress bar on stderr (stdout stays for --json), and the time spent in optimisation steps."""
+
+    def __init__(self, show: bool):
+        self.show = show
+        self.bar = None
+        self.steps = 0
+        self.step_seconds = 0.0
+        self._started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.show and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="fine-tuning",
+                unit="step",
+                file=sys.stderr,
+            )
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_seconds += time.perf_counter() - self._started
+        self.steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.bar is not None and metrics:
+            shown = ", ".join(
+                f"{k.removeprefix('eval_')} {v:.4f}"
+                for k, v in metrics.items()
+                if k != "epoch" and "runtime" not in k and "per_second" not in k
+            )
+            self.bar.write(f"epoch {state.epoch:.0f}: {shown}", file=sys.stderr)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()

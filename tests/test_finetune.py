@@ -1,0 +1,317 @@
+"""Fine-tuning and evaluation through the command line, on tiny models and a synthetic learnable task."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import build, save_tokenizer, write_sentiment_task
+
+from mlp_fusion import from_pretrained
+from mlp_fusion.cli import main
+from mlp_fusion.fuse import fusion_records
+
+FAST = ["--lr", "1e-2", "--batch-size", "16", "--max-length", "32", "--warmup-ratio", "0"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny BERT (no head) with a word-level tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "tiny-bert"
+    build("bert").save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sentiment"
+    write_sentiment_task(path)
+    return path
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def finetune(capsys, model, data, out, *extra):
+    code, stdout, stderr = run(
+        capsys, "finetune", model, "--task", "sst2", "--data", data, "--out", out, "--json", *FAST, *extra
+    )
+    assert code == 0, stderr
+    return json.loads(stdout)
+
+
+def test_fused_model_learns_the_task_and_saves_what_evaluate_scores(capsys, base_dir, task_dir, tmp_path):
+    out = tmp_path / "run"
+    result = finetune(
+        capsys, base_dir, task_dir, out, "--method", "fusion", "--ratio", "0.5", "--epochs", "3"
+    )
+    assert set(result) >= {
+        "task", "method", "ratio", "metrics", "train_seconds", "train_steps_per_second", "peak_memory_mb",
+        "params", "trainable_params",
+    }  # fmt: skip
+    assert (result["task"], result["method"], result["ratio"]) == ("sst2", "fusion", 0.5)
+    assert result["metrics"]["accuracy"] > 0.85  # chance is about 0.5
+    assert result["train_steps"] == 3 * 16  # 256 examples in batches of 16, three epochs
+    assert result["params"] < result["params_before_fusion"]
+    assert result["trainable_params"] == result["params"]  # every stored tensor trains; scales are buffers
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == result["metrics"]
+    assert not (out / "checkpoints").exists()
+    code, stdout, _ = run(capsys, "evaluate", out, "--task", "sst2", "--data", task_dir, "--json")
+    assert code == 0
+    assert json.loads(stdout)["metrics"] == pytest.approx(result["metrics"])
+
+
+def test_scales_stay_fixed_and_records_follow_the_head(capsys, base_dir, task_dir, tmp_path):
+    fused = tmp_path / "fused"
+    assert run(capsys, "compress", base_dir, "--ratio", "0.5", "--layers", "1-2", "--out", fused)[0] == 0
+    before = from_pretrained(fused).state_dict()
+    out = tmp_path / "run"
+    result = finetune(capsys, fused, task_dir, out, "--epochs", "1")
+    assert result["method"] == "fusion"
+    tuned = from_pretrained(out)
+    assert type(tuned).__name__ == "BertForSequenceClassification"
+    assert [r.name for r in fusion_records(tuned)] == ["bert.encoder.layer.1", "bert.encoder.layer.2"]
+    after = tuned.state_dict()
+    scales = [k for k in before if k.endswith(".scale")]
+    assert len(scales) == 2
+    for key in scales:
+        assert torch.equal(before[key], after[f"bert.{key}"])
+    weight = "encoder.layer.1.intermediate.dense.weight"
+    assert not torch.equal(before[weight], after[f"bert.{weight}"])  # the fused MLP itself did train
+
+
+def test_full_baseline_keeps_every_parameter(capsys, base_dir, task_dir, tmp_path):
+    result = finetune(capsys, base_dir, task_dir, tmp_path / "run", "--method", "full", "--epochs", "1")
+    assert result["method"] == "full" and result["ratio"] is None
+    assert result["params"] == result["params_before_fusion"]
+    assert json.loads((tmp_path / "run" / "fusion.json").read_text())["sites"] == []
+
+
+def test_distillation_before_fine_tuning_lowers_the_hidden_state_error(capsys, base_dir, task_dir, tmp_path):
+    result = finetune(
+        capsys,
+        base_dir,
+        task_dir,
+        tmp_path / "run",
+        "--ratio",
+        "0.25",
+        "--distill-epochs",
+        "2",
+        "--epochs",
+        "1",
+    )
+    distilled = result["distill"]
+    assert distilled["epochs"] == 2
+    assert distilled["hidden_state_error_after"] < 0.8 * distilled["hidden_state_error_before"]
+
+
+def test_resume_continues_from_the_checkpoint(capsys, base_dir, task_dir, tmp_path, monkeypatch):
+    common = ("--ratio", "0.5", "--epochs", "2", "--seed", "3")
+    reference = finetune(capsys, base_dir, task_dir, tmp_path / "reference", *common)
+
+    from mlp_fusion.training import finetune as module
+
+    def stop_after_first_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(module._Progress, "on_save", stop_after_first_save, raising=False)
+    code, _, stderr = run(
+        capsys, "finetune", base_dir, "--task", "sst2", "--data", task_dir, "--out", out, *FAST, *common
+    )
+    assert code == 130 and "--resume" in stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-16"]
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    code, _, stderr = run(
+        capsys, "finetune", base_dir, "--task", "sst2", "--data", task_dir, "--out", out, *FAST, *common
+    )
+    assert code == 2 and "--resume" in stderr  # an unfinished run is not silently replaced
+    resumed = finetune(capsys, base_dir, task_dir, out, *common, "--resume")
+    assert resumed["train_steps"] == reference["train_steps"] == 32
+    assert resumed["metrics"] == pytest.approx(reference["metrics"])
+    final, expected = from_pretrained(out).state_dict(), from_pretrained(tmp_path / "reference").state_dict()
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=1e-4, atol=1e-5)
+    code, _, stderr = run(
+        capsys,
+        "finetune",
+        base_dir,
+        "--task",
+        "sst2",
+        "--data",
+        task_dir,
+        "--out",
+        out,
+        *FAST,
+        *common,
+        "--resume",
+    )
+    assert code == 2 and "complete" in stderr
+
+
+def test_resume_refuses_changed_settings(capsys, base_dir, task_dir, tmp_path, monkeypatch):
+    from mlp_fusion.training import finetune as module
+
+    def stop(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module._Progress, "on_save", stop, raising=False)
+    out = tmp_path / "run"
+    run(
+        capsys,
+        "finetune",
+        base_dir,
+        "--task",
+        "sst2",
+        "--data",
+        task_dir,
+        "--out",
+        out,
+        *FAST,
+        "--epochs",
+        "2",
+    )
+    monkeypatch.undo()
+    code, _, stderr = run(
+        capsys,
+        "finetune",
+        base_dir,
+        "--task",
+        "sst2",
+        "--data",
+        task_dir,
+        "--out",
+        out,
+        *FAST,
+        "--epochs",
+        "3",
+        "--resume",
+    )
+    assert code == 2 and "epochs 2 -> 3" in stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_decoders_fine_tune_fused_and_reload(capsys, task_dir, tmp_path, family):
+    path = tmp_path / family
+    build(family).save_pretrained(path)
+    save_tokenizer(path)
+    out = tmp_path / "run"
+    result = finetune(
+        capsys, path, task_dir, out, "--ratio", "0.5", "--epochs", "1", "--max-train-samples", "64"
+    )
+    assert result["train_steps"] == 4 and result["params"] < result["params_before_fusion"]
+    code, stdout, _ = run(capsys, "evaluate", out, "--task", "sst2", "--data", task_dir, "--json")
+    assert code == 0 and json.loads(stdout)["metrics"] == pytest.approx(result["metrics"])
+
+
+def test_csv_task_with_named_labels_from_jsonl(capsys, base_dir, tmp_path):
+    from tiny_models import sentiment_rows
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, count, seed in (("train", 256, 5), ("dev", 32, 6)):
+        rows = [
+            {"review": text, "mood": ("sour", "sweet")[label]} for text, label in sentiment_rows(count, seed)
+        ]
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--task", "csv", "--text-column", "review", "--label-column", "mood", "--data", data]
+    code, stdout, stderr = run(
+        capsys, "finetune", base_dir, *args, "--out", tmp_path / "run", "--json", *FAST, "--epochs", "3"
+    )
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["metrics"]["accuracy"] > 0.7
+    assert from_pretrained(tmp_path / "run").config.id2label == {0: "sour", 1: "sweet"}
+    code, stdout, _ = run(capsys, "evaluate", tmp_path / "run", *args, "--json")
+    assert code == 0 and json.loads(stdout)["metrics"] == pytest.approx(result["metrics"])
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+BAD_DATA = {
+    "missing dev file": ({"train.tsv": "sentence\tlabel\ngood\t1\n"}, [], "has no dev.tsv"),
+    "missing column": ({"train.tsv": "text\tlabel\ngood\t1\n", "dev.tsv": "sentence\tlabel\nbad\t0\n"}, [], "no column 'sentence'"),
+    "empty split": ({"train.tsv": "sentence\tlabel\ngood\t1\n", "dev.tsv": ""}, [], "has no examples"),
+    "label out of range": ({"train.tsv": "sentence\tlabel\ngood\t1\nbad\t7\n", "dev.tsv": "sentence\tlabel\nbad\t0\n"}, [], "line 3: label '7' is out of range"),
+    "not UTF-8": ({"train.tsv": b"sentence\tlabel\ngo\xff\xfeod\t1\n", "dev.tsv": "sentence\tlabel\nbad\t0\n"}, [], "not UTF-8"),
+    "csv label unseen in train": (
+        {"train.csv": "t,l\ngood,pos\nbad,neg\n", "dev.csv": "t,l\nfine,meh\n"},
+        ["--task", "csv", "--text-column", "t", "--label-column", "l"],
+        "label 'meh' is out of range",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(capsys, base_dir, tmp_path, case):
+    files, extra, message = BAD_DATA[case]
+    for name, content in files.items():
+        _write(tmp_path / "data" / name, content)
+    task = [] if extra else ["--task", "sst2"]
+    out = tmp_path / "run"
+    code, _, stderr = run(
+        capsys, "finetune", base_dir, *task, *extra, "--data", tmp_path / "data", "--out", out
+    )
+    assert code == 2
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1
+    assert message in stderr and str(tmp_path / "data") in stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "glue"], "unknown task 'glue'"),
+        (["--task", "csv"], "needs --text-column and --label-column"),
+        (["--task", "sst2", "--method", "magic"], "unknown method 'magic'"),
+        (["--task", "sst2", "--method", "full", "--ratio", "0.5"], "--method full"),
+        (["--task", "sst2", "--epochs", "0"], "epochs must be at least 1"),
+        (["--task", "sst2", "--lr", "-1"], "learning rate must be positive"),
+        (["--task", "sst2", "--resume"], "nothing to resume"),
+        (["--task", "sst2", "--distill-epochs", "-1"], "--distill-epochs"),
+        (["--task", "sst2", "--text-column", "x"], "are for --task csv"),
+    ],
+)
+def test_bad_options_exit_2_before_writing(capsys, base_dir, task_dir, tmp_path, args, message):
+    out = tmp_path / "run"
+    code, _, stderr = run(capsys, "finetune", base_dir, "--data", task_dir, "--out", out, *args)
+    assert code == 2 and message in stderr
+    assert not out.exists()
+
+
+def test_evaluate_refuses_a_model_without_a_trained_head(capsys, base_dir, task_dir):
+    code, _, stderr = run(capsys, "evaluate", base_dir, "--task", "sst2", "--data", task_dir)
+    assert code == 2 and "no trained classification head" in stderr
+
+
+def test_two_processes_train_with_distributed_data_parallel(base_dir, task_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each sees half the batches; one model and one metrics file."""
+    out = tmp_path / "ddp"
+    script = tmp_path / "launch.py"
+    script.write_text("import sys\nfrom mlp_fusion.cli import main\nsys.exit(main())\n")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        str(script), "finetune", str(base_dir), "--task", "sst2", "--data", str(task_dir), "--out", str(out),
+        "--ratio", "0.5", "--epochs", "3", "--json", *FAST,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1  # only the main process reports
+    assert results[0]["train_steps"] == 3 * 8  # 256 examples / (2 processes x 16) per epoch
+    assert results[0]["metrics"]["accuracy"] > 0.7
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 24
+    assert from_pretrained(out) is not None
