@@ -299,8 +299,7 @@ def test_evaluate_refuses_a_model_without_a_trained_head(capsys, base_dir, task_
 def test_two_processes_train_with_distributed_data_parallel(base_dir, task_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo): each sees half the batches; one model and one metrics file."""
     out = tmp_path / "ddp"
-    script = tmp_path / "launch.py"
-    script.write_text("import sys\nfrom mlp_fusion.cli import main\nsys.exit(main())\n")
+    script = Path(sys.executable).parent / "mlp-fusion"  # the installed command, as the README runs it
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
         str(script), "finetune", str(base_dir), "--task", "sst2", "--data", str(task_dir), "--out", str(out),

@@ -8,6 +8,7 @@ from .kmeans import KMeans, k_means
 from .methods import METHODS
 from .persistence import export, from_pretrained, save_pretrained
 from .training import distill
+from .upcycle import upcycle
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "fuse",
     "k_means",
     "save_pretrained",
+    "upcycle",
 ]

@@ -199,12 +199,25 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
         "fused model, but not its fine-tuning dynamics. Fine-tune the fused checkpoint instead.",
         "sites": [asdict(record) for record in fusion_records(model)],
     }
+    return save_plain(plain, directory, tokenizer, overwrite=overwrite, notes={EXPORT_NOTE_FILE: note})
+
+
+def save_plain(
+    model: nn.Module,
+    directory: str | Path,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    notes: dict | None = None,
+) -> Path:
+    """Save an unfused model as a vanilla transformers checkpoint (atomically), with JSON ``notes`` files."""
 
     def write(tmp: Path) -> None:
-        plain.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / EXPORT_NOTE_FILE).write_text(json.dumps(note, indent=2) + "\n")
+        for name, content in (notes or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
 
     return _atomic_directory(Path(directory), overwrite, write)
 
