@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 import transformers as tf
 
@@ -139,17 +141,25 @@ FILLERS = (
     "of",
 )
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+NAMES = ("ana", "bo", "cy", "di")
+FOODS = ("rice", "soup", "fish", "cake")
+DATA_WORDS = (":", "|", "text", "name", "food", "area", "serves", "north", "south", "in")
 
 
 def save_tokenizer(path) -> None:
-    """A word-level BERT tokenizer over the sentiment task's words (ids below the tiny vocabulary size)."""
+    """A word-level BERT tokenizer over the synthetic tasks' words (ids below the tiny vocabulary size).
+
+    Its [CLS] / [SEP] double as beginning / end of sequence, so decoders can use it too.
+    """
     from pathlib import Path
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    words = SPECIAL + POSITIVE + NEGATIVE + FILLERS
+    words = SPECIAL + POSITIVE + NEGATIVE + FILLERS + NAMES + FOODS + DATA_WORDS
     assert len(words) <= VOCAB
-    tokenizer = tf.BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+    tokenizer = tf.BertTokenizer(
+        vocab={word: i for i, word in enumerate(words)}, bos_token="[CLS]", eos_token="[SEP]"
+    )
     assert tokenizer("good film")["input_ids"] == [2, 5, 24, 3]
     tokenizer.save_pretrained(path)
 
@@ -183,3 +193,23 @@ def write_sentiment_task(directory, train: int = 256, dev: int = 64) -> None:
     for name, count, seed in (("train", train, 1), ("dev", dev, 2)):
         lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in sentiment_rows(count, seed)]
         (directory / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+
+
+def write_data_to_text_task(directory, train: int = 96, dev: int = 12) -> None:
+    """A learnable text2text task in JSONL: 'name : ana | food : rice' -> 'ana serves rice food'."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for name, count in (("train", train), ("dev", dev)):
+        lines = []
+        for _ in range(count):
+            who, what = (
+                NAMES[int(torch.randint(4, (1,), generator=generator))],
+                FOODS[int(torch.randint(4, (1,), generator=generator))],
+            )
+            lines.append(
+                json.dumps({"mr": f"name : {who} | food : {what}", "text": f"{who} serves {what} food"})
+            )
+        (directory / f"{name}.jsonl").write_text("\n".join(lines) + "\n")

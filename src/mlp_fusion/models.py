@@ -213,3 +213,16 @@ def _looks_like_path(spec: str) -> bool:
     if str(parent) not in ("", ".") and parent.is_dir():
         return True
     return spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1
+
+
+def with_pad_token(model: torch.nn.Module, tokenizer, source: str) -> torch.nn.Module:
+    """Decoders often have no padding token; batching needs one (their EOS, as usual)."""
+    if tokenizer is None:
+        raise UserError(f"{source} has no tokenizer files; save the tokenizer with the model")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"the tokenizer of {source} has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model

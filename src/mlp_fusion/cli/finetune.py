@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
@@ -20,10 +22,12 @@ from .common import log
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"  # generation tasks: input, output and references per evaluated input
 CHECKPOINTS = "checkpoints"
 # settings that must match when a run is resumed
 RUN_KEYS = (
     "model", "task", "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
+    "source_column", "target_column", "max_new_tokens", "num_beams",
     "method", "ratio", "width", "layers", "n_init", "distill_epochs", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
 )  # fmt: skip
@@ -33,6 +37,7 @@ def add_parser(commands) -> None:
     from ..methods import METHODS
     from ..models import BUNDLED, DEFAULT_MODEL
     from ..training.finetune import SCHEDULERS
+    from ..training.generation import GENERATION_TASKS
     from ..training.tasks import TASK_NAMES
 
     finetune = commands.add_parser(
@@ -45,7 +50,7 @@ def add_parser(commands) -> None:
         help=f"base model (hub id, directory, or {', '.join(BUNDLED)}; default {DEFAULT_MODEL}) "
         "or a directory saved by mlp-fusion",
     )
-    _task_arguments(finetune, TASK_NAMES)
+    _task_arguments(finetune, TASK_NAMES + GENERATION_TASKS)
     fusion = finetune.add_argument_group("fusion (for a base model)")
     fusion.add_argument(
         "--method",
@@ -85,7 +90,10 @@ def add_parser(commands) -> None:
     evaluate.add_argument(
         "model", help="a directory written by mlp-fusion finetune (or a fine-tuned checkpoint)"
     )
-    _task_arguments(evaluate, TASK_NAMES)
+    _task_arguments(evaluate, TASK_NAMES + GENERATION_TASKS)
+    evaluate.add_argument(
+        "--predictions", type=Path, help="generation tasks: write each output to this JSONL file"
+    )
     evaluate.set_defaults(run=run_evaluate)
 
 
@@ -100,12 +108,32 @@ def _task_arguments(parser: argparse.ArgumentParser, task_names: tuple[str, ...]
     group.add_argument("--text-column", help="csv task: the text column")
     group.add_argument("--text-pair-column", help="csv task: the second text column, for sentence pairs")
     group.add_argument("--label-column", help="csv task: the label column")
+    group.add_argument("--source-column", help="text2text task: the input column")
+    group.add_argument("--target-column", help="text2text task: the reference column")
+    group.add_argument("--max-new-tokens", type=int, default=64, help="generation tasks: longest output (64)")
+    group.add_argument("--num-beams", type=int, default=1, help="generation tasks: beam width (1: greedy)")
     group.add_argument("--max-eval-samples", type=int, help="evaluate on the first N examples only")
     group.add_argument("--max-length", type=int, default=128, help="longest input in tokens (default 128)")
     group.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 
 
-def _task(args: argparse.Namespace):
+@dataclass
+class Job:
+    """What differs between classification and data-to-text runs; the rest of a run is shared."""
+
+    task: str
+    loaded: object  # LoadedModel
+    trainer_inputs: dict
+    final_scores: Callable  # model -> metrics
+    main_metric: str
+    greater_is_better: bool
+    train_count: int
+    eval_count: int
+    distill_texts: tuple  # (texts, pairs or None)
+    outputs: list = field(default_factory=list)  # generation: one record per evaluated input
+
+
+def _classification_task(args: argparse.Namespace):
     from ..training.tasks import get_task
 
     return get_task(
@@ -116,16 +144,105 @@ def _task(args: argparse.Namespace):
     )
 
 
+def _check_decoding(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1 or args.num_beams < 1:
+        raise UserError("--max-new-tokens and --num-beams must be at least 1")
+
+
+def _classification_job(args: argparse.Namespace, task, settings) -> Job:
+    from ..training.classifier import load_classifier
+    from ..training.data import load_task_data
+    from ..training.finetune import classification_inputs, evaluate
+
+    data = load_task_data(
+        task,
+        data=args.data,
+        train_file=args.train_file,
+        eval_file=args.eval_file,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+    )
+    log(f"loading {args.model}")
+    loaded = load_classifier(args.model, data.task, seed=args.seed)
+    return Job(
+        task=data.task.name,
+        loaded=loaded,
+        trainer_inputs=classification_inputs(data, loaded.tokenizer, settings.max_length),
+        final_scores=lambda model: evaluate(
+            model, loaded.tokenizer, data, batch_size=settings.batch_size, max_length=settings.max_length
+        ),
+        main_metric=data.task.main_metric,
+        greater_is_better=True,
+        train_count=len(data.train),
+        eval_count=len(data.evals[""]),
+        distill_texts=(data.train.texts, data.train.pairs),
+    )
+
+
+def _generation_job(args: argparse.Namespace, settings) -> Job:
+    from ..training.data2text import PROMPT_END
+    from ..training.generation import (
+        generation_inputs,
+        load_causal_lm,
+        score_generation,
+    )
+
+    _check_decoding(args)
+    data = _generation_data(args, need_train=True)
+    log(f"loading {args.model}")
+    loaded = load_causal_lm(args.model)
+    pairs = data.train_pairs()
+
+    def final_scores(model) -> dict:
+        metrics, records = score_generation(
+            model, loaded.tokenizer, data.eval, max_new_tokens=args.max_new_tokens,
+            num_beams=args.num_beams, batch_size=settings.batch_size, max_length=settings.max_length,
+        )  # fmt: skip
+        job.outputs = records
+        return metrics
+
+    job = Job(
+        task=args.task,
+        loaded=loaded,
+        trainer_inputs=generation_inputs(data, loaded.tokenizer, settings.max_length),
+        final_scores=final_scores,
+        main_metric="loss",
+        greater_is_better=False,
+        train_count=len(pairs),
+        eval_count=len(data.eval),
+        distill_texts=([f"{source}{PROMPT_END} {target}" for source, target in pairs], None),
+    )
+    return job
+
+
+def _generation_data(args: argparse.Namespace, need_train: bool):
+    from ..training.generation import load_generation_data
+
+    if args.text_column or args.text_pair_column or args.label_column:
+        raise UserError("--text-column, --text-pair-column and --label-column are for --task csv")
+    return load_generation_data(
+        args.task,
+        data=args.data,
+        train_file=args.train_file,
+        eval_file=args.eval_file,
+        source_column=args.source_column,
+        target_column=args.target_column,
+        need_train=need_train,
+        max_train_samples=getattr(args, "max_train_samples", None),
+        max_eval_samples=args.max_eval_samples,
+    )
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     from ..config import FusionConfig
     from ..fuse import count_parameters, fuse, fusion_records
     from ..models import is_fused, resolve
-    from ..training.classifier import load_classifier
-    from ..training.data import load_task_data
     from ..training.finetune import TrainSettings, distill_on_task, finetune, training_arguments
+    from ..training.generation import GENERATION_TASKS
 
     # Everything is checked before anything is written.
-    task = _task(args)
+    generation = args.task in GENERATION_TASKS
+    task = None if generation else _classification_task(args)
     settings = TrainSettings(
         epochs=args.epochs,
         lr=args.lr,
@@ -138,9 +255,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     path = resolve(args.model)
     fused_input = path is not None and is_fused(path)
-    if fused_input and (
-        args.method or args.ratio or args.width or args.layers != "all" or args.distill_epochs
-    ):
+    fusion_options = args.ratio or args.width or args.layers != "all" or args.distill_epochs
+    if fused_input and (args.method or fusion_options):
         raise UserError(
             f"{args.model} is already fused; --method, --ratio, --width, --layers and --distill-epochs are for a base model"
         )
@@ -155,7 +271,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             seed=args.seed,
             n_init=args.n_init,
         )
-    elif method == "full" and (args.ratio or args.width or args.layers != "all" or args.distill_epochs):
+    elif method == "full" and fusion_options:
         raise UserError(
             "--method full fine-tunes the unfused model: drop --ratio, --width, --layers, --distill-epochs"
         )
@@ -168,34 +284,25 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     checkpoint_dir = out / CHECKPOINTS
     _check_out(out, run_record, args.resume, args.overwrite)
-    data = load_task_data(
-        task,
-        data=args.data,
-        train_file=args.train_file,
-        eval_file=args.eval_file,
-        max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
-    )
-    log(f"{data.task.name}: {len(data.train)} training examples, {len(data.evals[''])} for evaluation")
-    log(f"loading {args.model}")
-    loaded = load_classifier(args.model, data.task, seed=args.seed)
-    model = loaded.model
+    job = _generation_job(args, settings) if generation else _classification_job(args, task, settings)
+    log(f"{job.task}: {job.train_count} training examples, {job.eval_count} for evaluation")
+    model = job.loaded.model
     params_before = count_parameters(model)
     original = copy.deepcopy(model) if args.distill_epochs else None
     if config is not None:
         fuse(model, config, progress=log)
-    training_args = training_arguments(settings, checkpoint_dir, data.task.main_metric)
+    training_args = training_arguments(settings, checkpoint_dir, job.main_metric, job.greater_is_better)
     main = _is_main_process()
     _barrier()  # every process has checked its inputs before the first one writes
     if main:
         _start_out(out, run_record, args.resume, args.overwrite)
     _barrier()
     distilled = None
-    resuming = args.resume and _has_checkpoint(checkpoint_dir)
-    if original is not None and not resuming:
+    if original is not None and not (args.resume and _has_checkpoint(checkpoint_dir)):
         log(f"layer-wise task-specific tuning: {args.distill_epochs} epoch(s)")
+        texts, pairs = job.distill_texts
         distilled = distill_on_task(
-            original, model, loaded.tokenizer, data.train, settings, args.distill_epochs
+            original, model, job.loaded.tokenizer, texts, pairs, settings, args.distill_epochs
         )
         log(
             f"hidden-state error {distilled['hidden_state_error_before']:.4f} -> "
@@ -204,10 +311,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     del original
     outcome = finetune(
         model,
-        loaded.tokenizer,
-        data,
+        job.trainer_inputs,
         training_args,
-        settings,
+        job.final_scores if main else lambda _: {},
         resume=args.resume,
         progress=main and not args.json,
     )
@@ -215,7 +321,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         return 0
     records = fusion_records(model)
     result = {
-        "task": data.task.name,
+        "task": job.task,
         "method": method or ",".join(sorted({r.method for r in records})) or "full",
         "ratio": _mean_ratio(records),
         "metrics": outcome["metrics"],
@@ -227,23 +333,40 @@ def run_finetune(args: argparse.Namespace) -> int:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_steps": outcome["train_steps"],
         "step_seconds": outcome["step_seconds"],
-        "train_examples": len(data.train),
+        "train_examples": job.train_count,
         "epochs": outcome["epochs"],
         "distill": distilled,
         "model": run_record["model"],
         "out": str(out),
     }
-    _finish_out(out, model, loaded.tokenizer, result)
+    _finish_out(out, model, job.loaded.tokenizer, result, job.outputs)
     _report(result, args.json)
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from ..training.generation import GENERATION_TASKS
+
+    if args.task in GENERATION_TASKS:
+        result = _evaluate_generation(args)
+    else:
+        result = _evaluate_classification(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        metrics = result["metrics"]
+        print(
+            f"{result['model']} on {result['task']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        )
+    return 0
+
+
+def _evaluate_classification(args: argparse.Namespace) -> dict:
     from ..training.classifier import load_trained_classifier
     from ..training.data import load_task_data
     from ..training.finetune import evaluate
 
-    task = _task(args)
+    task = _classification_task(args)
     loaded = load_trained_classifier(args.model)
     config = loaded.model.config
     if task.name == "csv":  # the label names the model was trained with
@@ -263,17 +386,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
         max_eval_samples=args.max_eval_samples,
     )
     metrics = evaluate(loaded.model, loaded.tokenizer, data, max_length=args.max_length)
-    result = {
-        "task": task.name,
-        "model": loaded.source,
-        "metrics": metrics,
-        "examples": {prefix or "main": len(examples) for prefix, examples in data.evals.items()},
-    }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{loaded.source} on {task.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    return 0
+    examples = {prefix or "main": len(examples) for prefix, examples in data.evals.items()}
+    return {"task": task.name, "model": loaded.source, "metrics": metrics, "examples": examples}
+
+
+def _evaluate_generation(args: argparse.Namespace) -> dict:
+    from ..training.generation import load_causal_lm, score_generation
+
+    _check_decoding(args)
+    if args.predictions is not None and args.predictions.exists():
+        raise UserError(f"{args.predictions} already exists; choose another --predictions file")
+    data = _generation_data(args, need_train=False)
+    loaded = load_causal_lm(args.model)
+    metrics, records = score_generation(
+        loaded.model, loaded.tokenizer, data.eval, max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams, max_length=args.max_length,
+    )  # fmt: skip
+    if args.predictions is not None:
+        _write_jsonl(args.predictions, records)
+    return {"task": args.task, "model": loaded.source, "metrics": metrics, "examples": {"main": len(records)}}
 
 
 def _check_out(out: Path, run_record: dict, resume: bool, overwrite: bool) -> None:
@@ -305,8 +436,8 @@ def _start_out(out: Path, run_record: dict, resume: bool, overwrite: bool) -> No
         _write_json(out / RUN_FILE, run_record)
 
 
-def _finish_out(out: Path, model, tokenizer, result: dict) -> None:
-    """Save the model in the fused format next to run.json, then metrics.json, then drop the checkpoints."""
+def _finish_out(out: Path, model, tokenizer, result: dict, outputs: list[dict]) -> None:
+    """Save the model (fused format) next to run.json, the generated outputs, metrics.json; drop the checkpoints."""
     from ..persistence import save_pretrained
 
     staging = out / f".model-{uuid.uuid4().hex[:8]}"
@@ -314,6 +445,8 @@ def _finish_out(out: Path, model, tokenizer, result: dict) -> None:
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
+    if outputs:
+        _write_jsonl(out / PREDICTIONS_FILE, outputs)
     _write_json(out / METRICS_FILE, result)
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
@@ -341,6 +474,12 @@ def _report(result: dict, as_json: bool) -> None:
 def _write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     os.replace(tmp, path)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from ..adapters import find_sites
 from ..errors import UserError
 from ..fuse import RECORD_ATTR, fusion_records
-from ..models import LoadedModel, is_fused, load_tokenizer, resolve
+from ..models import LoadedModel, is_fused, load_tokenizer, resolve, with_pad_token
 from ..persistence import from_pretrained
 from .tasks import Task
 
@@ -37,7 +37,7 @@ def load_classifier(spec: str, task: Task, *, seed: int = 0) -> LoadedModel:
     else:
         model = _pretrained_classifier(source, task)
     tokenizer = load_tokenizer(path if path is not None else spec)
-    return LoadedModel(_with_pad_token(model, tokenizer, source), tokenizer, source)
+    return LoadedModel(with_pad_token(model, tokenizer, source), tokenizer, source)
 
 
 def load_trained_classifier(spec: str) -> LoadedModel:
@@ -60,7 +60,7 @@ def load_trained_classifier(spec: str) -> LoadedModel:
             f"{source} has no trained classification head; fine-tune it first (mlp-fusion finetune)"
         )
     tokenizer = load_tokenizer(path if path is not None else spec)
-    return LoadedModel(_with_pad_token(model.eval(), tokenizer, source), tokenizer, source)
+    return LoadedModel(with_pad_token(model.eval(), tokenizer, source), tokenizer, source)
 
 
 def with_new_head(model: nn.Module, task: Task) -> nn.Module:
@@ -115,19 +115,6 @@ def _set_labels(config, task: Task) -> None:
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
     config.problem_type = None  # chosen from the labels' dtype at the first batch
-
-
-def _with_pad_token(model: nn.Module, tokenizer, source: str) -> nn.Module:
-    """Decoders often have no padding token; batching needs one (their EOS, as usual)."""
-    if tokenizer is None:
-        raise UserError(f"{source} has no tokenizer files; save the tokenizer with the model")
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"the tokenizer of {source} has neither a padding nor an end-of-sequence token")
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 def _first_line(error: BaseException) -> str:

@@ -55,12 +55,7 @@ def load_task_data(
     max_eval_samples: int | None = None,
 ) -> TaskData:
     """Read the training and evaluation splits of ``task`` from files, or from the hub without any."""
-    for count, option in (
-        (max_train_samples, "--max-train-samples"),
-        (max_eval_samples, "--max-eval-samples"),
-    ):
-        if count is not None and count < 1:
-            raise UserError(f"{option} must be at least 1, not {count}")
+    check_counts(max_train_samples, max_eval_samples)
     if data is None and train_file is None and eval_file is None:
         if task.name == "csv":
             raise UserError("--task csv needs --data DIR or --train-file / --eval-file")
@@ -70,13 +65,15 @@ def load_task_data(
             raise UserError(f"--data {data} is not a directory; give the folder with train.tsv and dev.tsv")
         raw_train = None
         if need_train:
-            raw_train = _read_rows(train_file or _find(data, ("train",), "--train-file"), task.header)
+            raw_train = _read_rows(train_file or find_split(data, ("train",), "--train-file"), task.header)
         raw_evals = {}
         for split in task.eval_splits:
             if eval_file is not None and split.prefix:
                 continue  # one --eval-file replaces the main evaluation split only
             stems = (split.file, "validation") if split.file == "dev" else (split.file,)
-            raw_evals[split.prefix] = _read_rows(eval_file or _find(data, stems, "--eval-file"), task.header)
+            raw_evals[split.prefix] = _read_rows(
+                eval_file or find_split(data, stems, "--eval-file"), task.header
+            )
     if task.labels == ():  # csv: the label names come from the training data
         task = replace(task, labels=_label_names(task, raw_train))
     train = _examples(task, *raw_train).head(max_train_samples) if raw_train else None
@@ -105,15 +102,27 @@ class EncodedDataset(torch.utils.data.Dataset):
 Rows = list  # of (line number, row) pairs; a row is a dict, or a list when the file has no header
 
 
-def _find(directory: Path | None, stems: tuple[str, ...], option: str) -> Path:
+def check_counts(max_train_samples: int | None, max_eval_samples: int | None) -> None:
+    for count, option in (
+        (max_train_samples, "--max-train-samples"),
+        (max_eval_samples, "--max-eval-samples"),
+    ):
+        if count is not None and count < 1:
+            raise UserError(f"{option} must be at least 1, not {count}")
+
+
+def find_split(
+    directory: Path | None, stems: tuple[str, ...], option: str, extensions: tuple[str, ...] = EXTENSIONS
+) -> Path:
+    """The first ``stem.ext`` file in ``directory`` (stems and extensions in order of preference)."""
     if directory is None:
         raise UserError(f"no {stems[0]} split: pass --data DIR or {option}")
     for stem in stems:
-        for extension in EXTENSIONS:
+        for extension in extensions:
             if (directory / f"{stem}{extension}").is_file():
                 return directory / f"{stem}{extension}"
-    names = " or ".join(f"{stem}.tsv" for stem in stems)
-    raise UserError(f"{directory} has no {names} (nor .csv / .jsonl); pass {option} FILE")
+    names = " or ".join(f"{stem}{extensions[0]}" for stem in stems)
+    raise UserError(f"{directory} has no {names} (nor {' / '.join(extensions[1:])}); pass {option} FILE")
 
 
 def _read_rows(path: Path, header: bool) -> tuple[Rows, Path]:

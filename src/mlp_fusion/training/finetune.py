@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..probes import model_inputs
-from .data import EncodedDataset, Examples, TaskData
+from .data import EncodedDataset, TaskData
 from .distill import distill
 from .memory import PeakMemory
 from .metrics import score
@@ -65,7 +66,9 @@ class TrainSettings:
         return asdict(self)
 
 
-def training_arguments(settings: TrainSettings, checkpoint_dir: Path, main_metric: str):
+def training_arguments(
+    settings: TrainSettings, checkpoint_dir: Path, main_metric: str, greater_is_better: bool = True
+):
     """The Trainer's arguments; making them also joins the process group under torchrun."""
     return transformers.TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -83,7 +86,7 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path, main_metri
         save_total_limit=1,
         load_best_model_at_end=True,
         metric_for_best_model=main_metric,
-        greater_is_better=True,
+        greater_is_better=greater_is_better,
         logging_steps=10,
         seed=settings.seed,
         report_to="none",
@@ -97,30 +100,30 @@ def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def classification_inputs(data: TaskData, tokenizer, max_length: int) -> dict:
+    """The Trainer's datasets, collator and per-epoch metrics for a classification task."""
+    if data.train is None:
+        raise UserError("fine-tuning needs a training split")
+    return {
+        "train_dataset": EncodedDataset(data.train, tokenizer, max_length),
+        "eval_dataset": EncodedDataset(data.evals[""], tokenizer, max_length),
+        "data_collator": transformers.DataCollatorWithPadding(tokenizer),
+        "compute_metrics": lambda p: score(data.task.metrics, p.predictions, p.label_ids),
+    }
+
+
 def finetune(
     model: nn.Module,
-    tokenizer,
-    data: TaskData,
+    trainer_inputs: dict,
     args: transformers.TrainingArguments,
-    settings: TrainSettings,
+    final_scores: Callable[[nn.Module], dict],
     *,
     resume: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune ``model`` on ``data.train``; returns the best epoch's scores and the run's cost."""
-    if data.train is None:
-        raise UserError("fine-tuning needs a training split")
-    main_eval = data.evals[""]
+    """Fine-tune ``model``; returns ``final_scores`` of the best epoch's weights and the run's cost."""
     timer = _Progress(progress)
-    trainer = transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=EncodedDataset(data.train, tokenizer, settings.max_length),
-        eval_dataset=EncodedDataset(main_eval, tokenizer, settings.max_length),
-        data_collator=transformers.DataCollatorWithPadding(tokenizer),
-        compute_metrics=lambda p: score(data.task.metrics, p.predictions, p.label_ids),
-        callbacks=[timer],
-    )
+    trainer = transformers.Trainer(model=model, args=args, callbacks=[timer], **trainer_inputs)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     last = transformers.trainer_utils.get_last_checkpoint(args.output_dir) if resume else None
     if resume and last is None:
@@ -129,11 +132,8 @@ def finetune(
     with PeakMemory() as peak:
         trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
-    model = trainer.model.eval()
     return {
-        "metrics": evaluate(
-            model, tokenizer, data, batch_size=settings.batch_size, max_length=settings.max_length
-        ),
+        "metrics": final_scores(trainer.model.eval()),
         "epochs": [
             {k.removeprefix("eval_"): v for k, v in entry.items() if k not in ("step",)}
             for entry in trainer.state.log_history
@@ -171,16 +171,21 @@ def evaluate(
 
 
 def distill_on_task(
-    original: nn.Module, fused: nn.Module, tokenizer, examples: Examples, settings: TrainSettings, epochs: int
+    original: nn.Module,
+    fused: nn.Module,
+    tokenizer,
+    texts: list[str],
+    pairs: list[str] | None,
+    settings: TrainSettings,
+    epochs: int,
 ) -> dict:
     """Layer-wise task-specific tuning on the training inputs (labels unused), at the fine-tuning rate."""
     batches = []
-    for start in range(0, len(examples), settings.batch_size):
+    for start in range(0, len(texts), settings.batch_size):
         end = start + settings.batch_size
-        pairs = examples.pairs[start:end] if examples.pairs is not None else None
         encoded = tokenizer(
-            examples.texts[start:end],
-            pairs,
+            texts[start:end],
+            pairs[start:end] if pairs is not None else None,
             padding=True,
             truncation=True,
             max_length=settings.max_length,
