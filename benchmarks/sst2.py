@@ -43,31 +43,19 @@ ROWS = {
 FUSED = ["--layers", "2-5", "--ratio", "0.25"]
 
 
+def run_finetune(arguments: list[str], label: str) -> dict:
+    """``mlp-fusion finetune ARGUMENTS --json`` in a fresh process; its JSON result."""
+    command = [sys.executable, "-c", "import sys; from mlp_fusion.cli import main; sys.exit(main())"]
+    done = subprocess.run([*command, "finetune", *arguments, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_row(row: str, seed: int, settings: list[str], out: Path) -> dict:
     fusion = FUSED if row != "full" else []
-    command = [
-        sys.executable,
-        "-c",
-        "import sys; from mlp_fusion.cli import main; sys.exit(main())",
-        "finetune",
-        "minilm",
-        "--task",
-        "sst2",
-        "--data",
-        str(DATA),
-        *ROWS[row],
-        *fusion,
-        *settings,
-        "--seed",
-        str(seed),
-        "--out",
-        str(out),
-        "--json",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{row} seed {seed} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["minilm", "--task", "sst2", "--data", str(DATA), *ROWS[row], *fusion, *settings]
+    return run_finetune([*arguments, "--seed", str(seed), "--out", str(out)], f"{row} seed {seed}")
 
 
 def linear_weights() -> int:

@@ -1,0 +1,101 @@
+"""Fine-tuning SmolLM2-135M on WebNLG 2017: full model vs fused (and distilled) and pruned, one seed.
+
+Mirrors the paper's decoder setting at a size this CPU allows: layers 10-29 of 30 fused at ratio 0.25 (the
+first third intact), the first --train (input, reference) pairs of the WebNLG train set, one epoch, then
+greedy decoding of the first --eval dev inputs, scored against all their references (BLEU, chrF, TER,
+ROUGE-L). Every row runs ``mlp-fusion finetune`` in its own process.
+
+    python benchmarks/webnlg.py                         # about 30 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kmeans import machine, write_section  # noqa: E402
+from sst2 import run_finetune  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"
+RESULTS = ROOT / "benchmarks" / "results" / "webnlg-smollm2.json"
+ROWS = {
+    "full": ["--method", "full"],
+    "fusion": ["--method", "fusion"],
+    "fusion+distill": ["--method", "fusion", "--distill-epochs", "1"],
+    "prune": ["--method", "prune"],
+    "fold": ["--method", "fold"],
+}
+FUSED = ["--layers", "10-29", "--ratio", "0.25"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="full,fusion,fusion+distill,prune")
+    parser.add_argument("--train", type=int, default=400, help="training pairs (the first N)")
+    parser.add_argument("--eval", type=int, default=50, help="dev inputs decoded and scored (the first N)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    args = parser.parse_args()
+    settings = [
+        "--data", str(DATA), "--max-train-samples", str(args.train), "--max-eval-samples", str(args.eval),
+        "--epochs", "1", "--lr", str(args.lr), "--batch-size", str(args.batch_size),
+        "--max-length", str(args.max_length), "--max-new-tokens", str(args.max_new_tokens), "--seed", "0",
+    ]  # fmt: skip
+    saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = saved.get("runs", {}) if saved.get("settings") == settings else {}
+    results = {
+        "command": "python benchmarks/webnlg.py " + " ".join(sys.argv[1:]),
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "settings": settings,
+        "runs": runs,
+    }
+    rows = args.rows.split(",")
+    for row in rows:
+        if row in runs:
+            continue
+        fusion = FUSED if row != "full" else []
+        with tempfile.TemporaryDirectory() as tmp:
+            arguments = ["smollm2", "--task", "webnlg", *ROWS[row], *fusion, *settings, "--out", f"{tmp}/run"]
+            runs[row] = run_finetune(arguments, row)
+        print(f"{row}: {runs[row]['metrics']}", flush=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "| row | BLEU | chrF | TER | ROUGE-L | s / step | fine-tuning s | peak MB | parameters |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = runs[row]
+        m = r["metrics"]
+        total = r["train_seconds"] + ((r.get("distill") or {}).get("seconds") or 0.0)
+        lines.append(
+            f"| {row} | {m['bleu']:.2f} | {m['chrf']:.2f} | {m['ter']:.2f} | {m['rouge_l']:.2f} "
+            f"| {r['step_seconds'] / r['train_steps']:.2f} | {total:.0f} | {r['peak_memory_mb']:.0f} | {r['params']:,} |"
+        )
+    info = results["machine"]
+    body = (
+        f"SmolLM2-135M fine-tuned on WebNLG 2017: the first {args.train} (triples, text) pairs of the train set, "
+        f"one epoch, batch {args.batch_size}, lr {args.lr:g}, max length {args.max_length}; greedy decoding "
+        f"(at most {args.max_new_tokens} new tokens) of the first {args.eval} dev inputs, scored with all "
+        "their references (sacrebleu BLEU / chrF / TER, ROUGE-L). Compressed rows: layers 10-29 of 30 at "
+        "ratio 0.25 (1536 -> 384); fusion+distill adds one epoch of layer-wise task-specific tuning (its time "
+        "is in the fine-tuning seconds). One seed.\n\n"
+        + "\n".join(lines)
+        + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
+        f"{info['transformers']}. Date {results['date']}. Command: `{results['command']}`; raw runs in "
+        f"`{RESULTS.relative_to(ROOT)}`."
+    )
+    write_section(ROOT / "BENCHMARKS.md", "webnlg-smollm2", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
