@@ -10,14 +10,14 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import compress, export, finetune, ntk, upcycle
+from . import compress, evaluate, export, finetune, ntk, upcycle
 from .common import EXIT_USAGE, Parser, quiet_transformers
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mlp-fusion", description="Fuse the MLP blocks of a transformer (MLP Fusion).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (compress, export, ntk, finetune, upcycle):
+    for command in (compress, export, ntk, finetune, evaluate, upcycle):
         command.add_parser(commands)
     commands.add_parser("methods", help="list the compression methods").set_defaults(run=run_methods)
     return parser

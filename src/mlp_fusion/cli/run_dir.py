@@ -1,0 +1,81 @@
+"""The output directory of a fine-tuning run: settings first, checkpoints while training, results at the end.
+
+``run.json`` (the settings, written first), ``checkpoints/`` while training, then the model in the fused
+format, ``predictions.jsonl`` for generation tasks and ``metrics.json``; the checkpoints are removed once
+the run is complete, so a directory with ``run.json`` and no ``metrics.json`` is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from ..errors import UserError
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"  # generation tasks: input, output and references per evaluated input
+CHECKPOINTS = "checkpoints"
+
+
+def check_out(out: Path, run_record: dict, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    if resume:
+        if not (out / RUN_FILE).is_file():
+            raise UserError(f"nothing to resume: {out / RUN_FILE} does not exist")
+        if (out / METRICS_FILE).is_file():
+            raise UserError(f"the run in {out} is complete (it has {METRICS_FILE}); nothing to resume")
+        try:
+            saved = json.loads((out / RUN_FILE).read_text())
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{out / RUN_FILE} is damaged; start again with --overwrite") from None
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_record.items() if saved.get(k) != v]
+        if changed:
+            raise UserError(f"--resume needs the settings of the run in {out}; changed: {'; '.join(changed)}")
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        unfinished = (out / RUN_FILE).is_file() and not (out / METRICS_FILE).is_file()
+        hint = "pass --resume to continue it, or --overwrite" if unfinished else "pass --overwrite"
+        raise UserError(f"{out} already holds {'an unfinished run' if unfinished else 'files'}; {hint}")
+
+
+def start_out(out: Path, run_record: dict, resume: bool, overwrite: bool) -> None:
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json(out / RUN_FILE, run_record)
+
+
+def finish_out(out: Path, model, tokenizer, result: dict, outputs: list[dict]) -> None:
+    """Save the model (fused format) next to run.json, the generated outputs, metrics.json; drop the checkpoints."""
+    from ..persistence import save_pretrained
+
+    staging = out / f".model-{uuid.uuid4().hex[:8]}"
+    save_pretrained(model, staging, tokenizer)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
+    if outputs:
+        write_jsonl(out / PREDICTIONS_FILE, outputs)
+    write_json(out / METRICS_FILE, result)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+def write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    os.replace(tmp, path)
+
+
+def has_checkpoint(directory: Path) -> bool:
+    return directory.is_dir() and any(p.name.startswith("checkpoint-") for p in directory.iterdir())
