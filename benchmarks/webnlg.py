@@ -5,7 +5,7 @@ first third intact), the first --train (input, reference) pairs of the WebNLG tr
 greedy decoding of the first --eval dev inputs, scored against all their references (BLEU, chrF, TER,
 ROUGE-L). Every row runs ``mlp-fusion finetune`` in its own process.
 
-    python benchmarks/webnlg.py                         # about 30 minutes on 2 cores
+    python benchmarks/webnlg.py                         # about 20 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ FUSED = ["--layers", "10-29", "--ratio", "0.25"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="full,fusion,fusion+distill,prune")
-    parser.add_argument("--train", type=int, default=400, help="training pairs (the first N)")
-    parser.add_argument("--eval", type=int, default=50, help="dev inputs decoded and scored (the first N)")
+    parser.add_argument("--train", type=int, default=200, help="training pairs (the first N)")
+    parser.add_argument("--eval", type=int, default=30, help="dev inputs decoded and scored (the first N)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
     settings = [
         "--data", str(DATA), "--max-train-samples", str(args.train), "--max-eval-samples", str(args.eval),
