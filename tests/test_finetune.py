@@ -39,6 +39,21 @@ def run(capsys, *args):
     return code, captured.out, captured.err
 
 
+def interrupt_at_first_save(monkeypatch) -> None:
+    """Make the next run stop with Ctrl-C right after its first checkpoint is written."""
+    from mlp_fusion.training import finetune as module
+
+    def stop(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module._Progress, "on_save", stop, raising=False)
+
+
+def sst2(capsys, model, data, out, *extra):
+    """``finetune MODEL --task sst2`` with the fast settings: (exit code, stdout, stderr)."""
+    return run(capsys, "finetune", model, "--task", "sst2", "--data", data, "--out", out, *FAST, *extra)
+
+
 def finetune(capsys, model, data, out, *extra):
     code, stdout, stderr = run(
         capsys, "finetune", model, "--task", "sst2", "--data", data, "--out", out, "--json", *FAST, *extra
@@ -115,24 +130,14 @@ def test_distillation_before_fine_tuning_lowers_the_hidden_state_error(capsys, b
 def test_resume_continues_from_the_checkpoint(capsys, base_dir, task_dir, tmp_path, monkeypatch):
     common = ("--ratio", "0.5", "--epochs", "2", "--seed", "3")
     reference = finetune(capsys, base_dir, task_dir, tmp_path / "reference", *common)
-
-    from mlp_fusion.training import finetune as module
-
-    def stop_after_first_save(self, args, state, control, **kwargs):
-        raise KeyboardInterrupt
-
     out = tmp_path / "run"
-    monkeypatch.setattr(module._Progress, "on_save", stop_after_first_save, raising=False)
-    code, _, stderr = run(
-        capsys, "finetune", base_dir, "--task", "sst2", "--data", task_dir, "--out", out, *FAST, *common
-    )
+    interrupt_at_first_save(monkeypatch)
+    code, _, stderr = sst2(capsys, base_dir, task_dir, out, *common)
     assert code == 130 and "--resume" in stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-16"]
     assert not (out / "metrics.json").exists()
     monkeypatch.undo()
-    code, _, stderr = run(
-        capsys, "finetune", base_dir, "--task", "sst2", "--data", task_dir, "--out", out, *FAST, *common
-    )
+    code, _, stderr = sst2(capsys, base_dir, task_dir, out, *common)
     assert code == 2 and "--resume" in stderr  # an unfinished run is not silently replaced
     resumed = finetune(capsys, base_dir, task_dir, out, *common, "--resume")
     assert resumed["train_steps"] == reference["train_steps"] == 32
@@ -140,61 +145,16 @@ def test_resume_continues_from_the_checkpoint(capsys, base_dir, task_dir, tmp_pa
     final, expected = from_pretrained(out).state_dict(), from_pretrained(tmp_path / "reference").state_dict()
     for key in expected:
         torch.testing.assert_close(final[key], expected[key], rtol=1e-4, atol=1e-5)
-    code, _, stderr = run(
-        capsys,
-        "finetune",
-        base_dir,
-        "--task",
-        "sst2",
-        "--data",
-        task_dir,
-        "--out",
-        out,
-        *FAST,
-        *common,
-        "--resume",
-    )
+    code, _, stderr = sst2(capsys, base_dir, task_dir, out, *common, "--resume")
     assert code == 2 and "complete" in stderr
 
 
 def test_resume_refuses_changed_settings(capsys, base_dir, task_dir, tmp_path, monkeypatch):
-    from mlp_fusion.training import finetune as module
-
-    def stop(self, args, state, control, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(module._Progress, "on_save", stop, raising=False)
     out = tmp_path / "run"
-    run(
-        capsys,
-        "finetune",
-        base_dir,
-        "--task",
-        "sst2",
-        "--data",
-        task_dir,
-        "--out",
-        out,
-        *FAST,
-        "--epochs",
-        "2",
-    )
+    interrupt_at_first_save(monkeypatch)
+    sst2(capsys, base_dir, task_dir, out, "--epochs", "2")
     monkeypatch.undo()
-    code, _, stderr = run(
-        capsys,
-        "finetune",
-        base_dir,
-        "--task",
-        "sst2",
-        "--data",
-        task_dir,
-        "--out",
-        out,
-        *FAST,
-        "--epochs",
-        "3",
-        "--resume",
-    )
+    code, _, stderr = sst2(capsys, base_dir, task_dir, out, "--epochs", "3", "--resume")
     assert code == 2 and "epochs 2 -> 3" in stderr
 
 

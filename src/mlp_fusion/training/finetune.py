@@ -8,6 +8,7 @@ sees them.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -205,7 +206,7 @@ def distill_on_task(
 
 def _every(steps: int):
     """Progress that prints every 20th step's line and each epoch's last."""
-    calls = iter(range(1, 2**62))
+    calls = itertools.count(1)
 
     def show(message: str) -> None:
         call = next(calls)
