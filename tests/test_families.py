@@ -1,5 +1,7 @@
 """Every supported family, on tiny models built from configs."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -14,11 +16,12 @@ def max_diff(a, b):
     return float((a - b).abs().max())
 
 
+@pytest.mark.parametrize("canonical", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_width_reproduces_outputs(family):
+def test_full_width_reproduces_outputs(family, canonical):
     model, batch = build(family), inputs()
     before = outputs(model, batch)
-    report = fuse(model, FusionConfig(method="fusion", ratio=1.0))
+    report = fuse(model, FusionConfig(method="fusion", ratio=1.0, canonical=canonical))
     assert max_diff(outputs(model, batch), before) <= 1e-5
     assert report.params_after == report.params_before
     assert all(row.width_after == row.width_before for row in report.layers)
@@ -31,6 +34,38 @@ def test_duplicated_neurons_fuse_exactly(family):
     before = outputs(model, batch)
     report = fuse(model, FusionConfig(method="fusion", width=half))
     assert max(row.inertia for row in report.layers) <= 1e-6
+    assert max_diff(outputs(model, batch), before) <= 1e-5
+
+
+SYMMETRIC_FAMILIES = ["gemma2", "gemma3", "llama", "mixtral", "qwen2", "qwen2_moe", "qwen3_moe", "switch"]
+
+
+@pytest.mark.parametrize("family", SYMMETRIC_FAMILIES)
+def test_duplicates_up_to_a_symmetry_fuse_exactly(family):
+    model, batch = build(family), inputs()
+    half = duplicate_neurons(model, symmetric=True)
+    before = outputs(model, batch)
+    raw = copy.deepcopy(model)
+    report = fuse(model, FusionConfig(method="fusion", width=half))
+    assert max(row.inertia for row in report.layers) <= 1e-6
+    assert max_diff(outputs(model, batch), before) <= 1e-5
+    # The paper's raw clustering sees the copies as different vectors: it cannot merge them exactly.
+    raw_report = fuse(raw, FusionConfig(method="fusion", width=half, canonical=False))
+    assert max(row.inertia for row in raw_report.layers) > 1e-3
+
+
+def test_symmetry_of_each_family():
+    expected = {family: "gated" for family in SYMMETRIC_FAMILIES} | {"switch": "homogeneous"}
+    for family in FAMILIES:
+        assert {site.symmetry for site in find_sites(build(family))} == {expected.get(family, "none")}, family
+
+
+@pytest.mark.parametrize("family", SYMMETRIC_FAMILIES)
+def test_cluster_is_exact_on_duplicates_where_the_activation_allows(family):
+    model, batch = build(family), inputs()
+    half = duplicate_neurons(model)
+    before = outputs(model, batch)
+    fuse(model, FusionConfig(method="cluster", width=half))
     assert max_diff(outputs(model, batch), before) <= 1e-5
 
 

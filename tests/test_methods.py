@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from mlp_fusion import FusionConfig
 from mlp_fusion.methods import METHODS, SubMlps
 from mlp_fusion.methods.svd import matched_rank
+from mlp_fusion.methods.symmetry import canonicalise
 
 
 def plain(width=12, dim=5, batch=1, seed=0):
@@ -77,3 +80,74 @@ def test_svd_rank_matches_the_papers_budget():
     assert matched_rank(sub, 768) == 153
     result = run("svd", plain(width=12), 3)
     assert result.rank >= 1 and result.sub.width == 12
+
+
+def neuron_outputs(sub, x, act):
+    """Each sub-MLP's contribution ``[D, N, d_out]`` to the MLP's output on inputs ``x`` ``[N, d]``."""
+    pieces = [
+        t[0, :, : x.shape[1]] @ x.T + (t[0, :, -1:] if bias else 0)
+        for t, bias in zip(sub.inputs, sub.has_bias)
+    ]
+    hidden = act(pieces[0]) * pieces[1] if len(pieces) == 2 else act(pieces[0])
+    return hidden.unsqueeze(-1) * sub.output[0].unsqueeze(1)
+
+
+@pytest.mark.parametrize(
+    "symmetry, act",
+    [("gated", torch.nn.functional.silu), ("homogeneous", torch.relu), ("none", torch.nn.functional.gelu)],
+)
+def test_canonical_form_keeps_every_sub_mlp_function(symmetry, act):
+    sub = gated(batch=1) if symmetry == "gated" else plain()
+    sub = sub.with_tensors(sub.inputs, sub.output)
+    sub.symmetry = symmetry
+    canonical, _ = canonicalise(sub)
+    x = torch.randn(9, 5)
+    torch.testing.assert_close(neuron_outputs(canonical, x, act), neuron_outputs(sub, x, act))
+    last_in, out = canonical.inputs[-1].norm(dim=-1), canonical.output.norm(dim=-1)
+    if symmetry == "none":
+        assert torch.equal(canonical.rows(), sub.rows())
+    else:
+        torch.testing.assert_close(last_in, out)
+
+
+@pytest.mark.parametrize("symmetry", ["gated", "homogeneous"])
+def test_canonical_form_is_the_same_for_every_member_of_an_orbit(symmetry):
+    sub = gated(batch=1) if symmetry == "gated" else plain()
+    sub.symmetry = symmetry
+    factor = torch.rand(1, sub.width, 1) * 3 + 0.2
+    if symmetry == "gated":
+        factor = factor * (torch.randint(0, 2, factor.shape) * 2.0 - 1)
+    moved = sub.with_tensors([*sub.inputs[:-1], sub.inputs[-1] * factor], sub.output / factor)
+    assert not torch.allclose(moved.rows(), sub.rows())
+    torch.testing.assert_close(canonicalise(moved)[0].rows(), canonicalise(sub)[0].rows())
+
+
+@pytest.mark.parametrize("make", [gated, plain])
+def test_full_width_fusion_gives_back_the_original_tensors(make):
+    sub = make()
+    sub.symmetry = "gated" if len(sub.inputs) == 2 else "homogeneous"
+    result = run("fusion", sub, sub.width)
+    order = result.sub.output[..., 0].argsort(dim=-1)  # k-means may list the clusters in any order
+    expected = sub.output[..., 0].argsort(dim=-1)
+    got = result.sub.rows().gather(1, order.unsqueeze(-1).expand_as(result.sub.rows()))
+    want = sub.rows().gather(1, expected.unsqueeze(-1).expand_as(sub.rows()))
+    torch.testing.assert_close(got, want)
+
+
+def test_cluster_on_gated_mlps_leaves_the_gate_alone():
+    sub = gated(width=20)
+    sub.symmetry = "gated"
+    fused, clustered = run("fusion", sub, 6), run("cluster", sub, 6)
+    root = fused.scale.unsqueeze(-1).sqrt()
+    torch.testing.assert_close(clustered.sub.inputs[0], fused.sub.inputs[0])
+    torch.testing.assert_close(clustered.sub.inputs[1], fused.sub.inputs[1] * root)
+    torch.testing.assert_close(clustered.sub.output, fused.sub.output * root)
+
+
+def test_sketch_draws_a_new_matrix_for_every_site():
+    sub = plain(width=16)
+    first = run("sketch", sub, 4)
+    again = run("sketch", sub, 4)
+    other_site = run("sketch", replace(sub, stream=1), 4)
+    torch.testing.assert_close(first.sub.rows(), again.sub.rows())
+    assert not torch.allclose(first.sub.rows(), other_site.sub.rows())

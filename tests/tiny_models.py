@@ -94,16 +94,30 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def duplicate_neurons(model: torch.nn.Module) -> int:
-    """Make the second half of every MLP's neurons copies of the first half; returns the half width."""
+def duplicate_neurons(model: torch.nn.Module, symmetric: bool = False) -> int:
+    """Make the second half of every MLP's neurons copies of the first half; returns the half width.
+
+    With ``symmetric``, each copy is moved by a random exact symmetry of its MLP (gated: ``(u, d) ->
+    (a u, d / a)`` with a random sign; ReLU: a positive ``a``), so it computes the same function.
+    """
     from mlp_fusion import find_sites
 
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for site in find_sites(model):
             sub = site.read()
             half = sub.width // 2
             index = torch.arange(sub.width) % half
-            site.write(sub.map_rows(lambda t, index=index: t[:, index]))
+            copies = sub.map_rows(lambda t, index=index: t[:, index])
+            if symmetric and site.symmetry != "none":
+                factor = torch.ones(sub.batch, sub.width, 1)
+                factor[:, half:] = torch.rand(sub.batch, sub.width - half, 1, generator=generator) * 1.5 + 0.5
+                if site.symmetry == "gated":
+                    signs = torch.randint(0, 2, factor.shape, generator=generator) * 2.0 - 1
+                    factor[:, half:] *= signs[:, half:]
+                inputs = [*copies.inputs[:-1], copies.inputs[-1] * factor]
+                copies = copies.with_tensors(inputs, copies.output / factor)
+            site.write(copies)
     return half
 
 

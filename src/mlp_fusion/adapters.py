@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -37,6 +38,8 @@ SUPPORTED_FAMILIES = (
 EXPERT_WIDTH_KEYS = ["moe_intermediate_size", "intermediate_size", "d_ff", "ffn_dim"]
 SHARED_WIDTH_KEYS = ["shared_expert_intermediate_size"]
 DENSE_WIDTH_KEYS = ["intermediate_size", "d_ff", "n_inner", "ffn_dim", "encoder_ffn_dim", "hidden_dim"]
+# Where plain MLPs keep their activation: on the MLP module, or beside its input projection.
+ACTIVATION_ATTRS = ("act", "act_fn", "activation_fn", "activation", "intermediate_act_fn")
 
 
 def find_sites(model: nn.Module) -> list[MlpSite]:
@@ -111,11 +114,39 @@ def _dense_mlp(name: str, module: nn.Module, active_experts: int, expert: int = 
         if any(p is None for p in projections):
             continue
         *inputs, output = projections
-        site = LinearMlp(name, layer_index(name), inputs, output, expert=expert)
+        homogeneous = len(inputs) == 1 and _homogeneous_activation(module, layout[0])
+        site = LinearMlp(name, layer_index(name), inputs, output, expert=expert, homogeneous=homogeneous)
         shapes = [_neuron_major_shape(slot) for slot in site.slots()]
         if len(set(shapes)) == 1:  # every projection: D neurons x d features
             return site
     return None
+
+
+def _homogeneous_activation(module: nn.Module, input_path: str) -> bool:
+    """Whether the MLP's activation satisfies ``act(a x) = a act(x)`` for ``a > 0`` (ReLU, leaky ReLU).
+
+    Tested on numbers rather than by class name, so any activation module or function is judged
+    correctly; an activation that cannot be found counts as not homogeneous (no symmetry is assumed).
+    """
+    parent = module
+    for part in input_path.split(".")[:-1]:
+        parent = getattr(parent, part)
+    for owner in (module, parent):
+        for attr in ACTIVATION_ATTRS:
+            act = getattr(owner, attr, None)
+            if callable(act):
+                return _is_homogeneous(act)
+    return False
+
+
+def _is_homogeneous(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    x = torch.linspace(-4.0, 4.0, 33)
+    try:
+        with torch.no_grad():
+            once, twice = act(x), act(2.5 * x)
+    except Exception:  # an activation that takes other inputs: assume nothing
+        return False
+    return bool(once.abs().max() > 0) and torch.allclose(twice, 2.5 * once, rtol=1e-6, atol=1e-7)
 
 
 def _neuron_major_shape(slot: WeightSlot) -> tuple[int, int]:

@@ -17,15 +17,28 @@ class FusionConfig:
     MLP). ``layers`` is a list of layer indices, ``"all"``, or a spec such as ``"2-5"`` or ``"0,2,4-6"``.
     """
 
-    method: str = field(default="fusion", metadata={"help": "one of the registered methods"})
-    ratio: float | None = field(default=None, metadata={"help": "kept fraction of the width, in (0, 1]"})
+    method: str = field(
+        default="fusion", metadata={"help": "one of the methods ('mlp-fusion methods' lists them)"}
+    )
+    ratio: float | None = field(
+        default=None, metadata={"help": "kept fraction of each MLP's width, in (0, 1] (default 0.25)"}
+    )
     width: int | None = field(default=None, metadata={"help": "new width of every fused MLP"})
-    layers: list[int] | str = field(default="all", metadata={"help": "layers to fuse"})
+    layers: list[int] | str = field(
+        default="all", metadata={"help": "layers to fuse: 'all', a list '2,3,5' or a range '2-5'"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of k-means and of the sketch"})
     n_init: int = field(default=1, metadata={"help": "k-means restarts (the lowest inertia is kept)"})
     max_iter: int = field(default=100, metadata={"help": "Lloyd iterations per restart"})
     hartigan_rounds: int = field(default=50, metadata={"help": "rounds of Hartigan refinement (0: off)"})
     keep_fraction: float = field(default=0.0, metadata={"help": "sketch: share of the width kept exactly"})
+    canonical: bool = field(
+        default=True,
+        metadata={
+            "help": "k-means methods: cluster sub-MLPs in a canonical form of their exact symmetries",
+            "off_help": "k-means methods: cluster the raw sub-MLP vectors, as the paper did",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

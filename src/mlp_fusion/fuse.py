@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ class SiteRecord:
     scaled: bool
     rank: int | None
     seed: int | None = None
+    settings: dict | None = None  # every field of the FusionConfig that made it
 
 
 @dataclass
@@ -93,12 +94,13 @@ def fuse(
     report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
     records = fusion_records(model)
     method = METHODS[config.method]
+    stream = {site.name: position for position, site in enumerate(sites)}
     for number, (site, width) in enumerate(plans, 1):
         if progress is not None:
             progress(f"[{number}/{len(plans)}] {config.method} {site.describe()} -> {width}")
         site_start = time.perf_counter()
         with torch.no_grad():
-            sub = site.read()
+            sub = replace(site.read(), stream=stream[site.name])
             result = method(sub, width, config)
             apply_result(site, result)
         seconds = time.perf_counter() - site_start
@@ -113,6 +115,7 @@ def fuse(
                 result.scale is not None,
                 result.rank,
                 config.seed,
+                asdict(config),
             )
         )
         for expert in range(sub.batch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import torch
@@ -35,13 +36,16 @@ TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "premise")
 
 
 def read_probe_texts(path: str | Path, count: int | None = None) -> list[str]:
-    """Inputs from a text file (one per line) or a TSV/CSV with a header and a text column."""
+    """Inputs from a text file (one per line), a TSV/CSV with a header, or JSONL; the text column is the
+    first of :data:`TEXT_COLUMNS` present (else the first column)."""
     path = Path(path)
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read probe file {path}: {type(error).__name__}") from None
-    if path.suffix.lower() in (".tsv", ".csv"):
+    if path.suffix.lower() == ".jsonl":
+        texts = _jsonl_texts(raw, path)
+    elif path.suffix.lower() in (".tsv", ".csv"):
         tab = path.suffix.lower() == ".tsv"
         rows = list(
             csv.reader(
@@ -59,6 +63,24 @@ def read_probe_texts(path: str | Path, count: int | None = None) -> list[str]:
     if not texts:
         raise UserError(f"probe file {path} holds no inputs")
     return texts[:count] if count else texts
+
+
+def _jsonl_texts(raw: str, path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}, line {number}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}, line {number}: expected a JSON object with a text field")
+        column = next((c for c in TEXT_COLUMNS if c in row), next(iter(row), None))
+        value = row.get(column)
+        if isinstance(value, str):
+            texts.append(value.strip())
+    return texts
 
 
 def probe_batch(

@@ -52,6 +52,7 @@ class MlpSite:
     config_key: str | None = None  # the config field that sets this MLP's width
 
     kind: str = "plain"  # "plain" or "gated"
+    symmetry: str = "none"  # see SubMlps.symmetry
 
     @property
     def width(self) -> int:
@@ -118,16 +119,26 @@ def _write_projection(module: nn.Module, role: str, rows: torch.Tensor) -> None:
 class LinearMlp(MlpSite):
     """One MLP whose projections are Linear or Conv1D modules: ``inputs`` (one, or gate and up) and ``output``."""
 
-    def __init__(self, name: str, layer: int, inputs: list[nn.Module], output: nn.Module, expert: int = 0):
+    def __init__(
+        self,
+        name: str,
+        layer: int,
+        inputs: list[nn.Module],
+        output: nn.Module,
+        expert: int = 0,
+        homogeneous: bool = False,
+    ):
         self.name, self.layer = name, layer
         self.inputs, self.output, self.expert = inputs, output, expert
         self.kind = "gated" if len(inputs) == 2 else "plain"
+        self.symmetry = "gated" if self.kind == "gated" else ("homogeneous" if homogeneous else "none")
 
     def read(self) -> SubMlps:
         return SubMlps(
             [_read_projection(m, "input").unsqueeze(0) for m in self.inputs],
             _read_projection(self.output, "output").unsqueeze(0),
             tuple(m.bias is not None for m in self.inputs),
+            self.symmetry,
         )
 
     def write(self, sub: SubMlps) -> None:
@@ -150,14 +161,13 @@ class ExpertModules(MlpSite):
     def __init__(self, name: str, layer: int, experts: list[LinearMlp], active_experts: int):
         self.name, self.layer, self.members = name, layer, experts
         self.experts, self.active_experts = len(experts), active_experts
-        self.kind = experts[0].kind
+        self.kind, self.symmetry = experts[0].kind, experts[0].symmetry
 
     def read(self) -> SubMlps:
         parts = [m.read() for m in self.members]
-        return SubMlps(
+        return parts[0].with_tensors(
             [torch.cat(group) for group in zip(*(p.inputs for p in parts))],
             torch.cat([p.output for p in parts]),
-            parts[0].has_bias,
         )
 
     def write(self, sub: SubMlps) -> None:
@@ -172,6 +182,7 @@ class StackedExperts(MlpSite):
     """Experts stored as ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` (transformers 5.x MoE)."""
 
     kind = "gated"
+    symmetry = "gated"
 
     def __init__(self, name: str, layer: int, module: nn.Module, active_experts: int):
         self.name, self.layer, self.module = name, layer, module
@@ -179,7 +190,8 @@ class StackedExperts(MlpSite):
 
     def read(self) -> SubMlps:
         gate, up = self.module.gate_up_proj.detach().chunk(2, dim=1)
-        return SubMlps([gate, up], self.module.down_proj.detach().transpose(1, 2), (False, False))
+        output = self.module.down_proj.detach().transpose(1, 2)
+        return SubMlps([gate, up], output, (False, False), self.symmetry)
 
     def write(self, sub: SubMlps) -> None:
         _replace(self.module, "gate_up_proj", torch.cat(sub.inputs, dim=1))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 
 EXIT_USAGE = 2
 
@@ -22,3 +24,39 @@ def quiet_transformers() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def add_config_options(target, config_class: type, names: tuple[str, ...]) -> None:
+    """Add ``--name`` options for the named fields of a config dataclass, typed and described by the fields.
+
+    A boolean field that defaults to True becomes ``--no-name``; one that defaults to False, ``--name``.
+    """
+    hints = typing.get_type_hints(config_class)
+    by_name = {f.name: f for f in dataclasses.fields(config_class)}
+    for name in names:
+        field = by_name[name]
+        flag, help_text = "--" + name.replace("_", "-"), field.metadata.get("help", "")
+        kind = _option_type(hints[name])
+        if kind is bool:
+            negated = bool(field.default)
+            target.add_argument(
+                "--no-" + flag[2:] if negated else flag,
+                dest=name,
+                action="store_false" if negated else "store_true",
+                help=field.metadata.get("off_help", help_text) if negated else help_text,
+            )
+            continue
+        shown = "" if field.default is None else f" (default {field.default})"
+        target.add_argument(flag, type=kind, default=field.default, help=help_text + shown)
+
+
+def config_values(args: argparse.Namespace, config_class: type) -> dict:
+    """The config fields that ``args`` carries (options added by :func:`add_config_options`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+
+
+def _option_type(hint: object) -> type:
+    """``float | None`` -> float; ``list[int] | str`` (a spec) -> str; plain types as they are."""
+    choices = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
+    simple = [arg for arg in choices if arg in (bool, int, float, str)]
+    return simple[0] if simple else str

@@ -6,11 +6,23 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import log
+from ..config import FusionConfig
+from .common import add_config_options, config_values, log
+
+# FusionConfig fields that compress takes as options, besides --ratio / --width.
+FUSION_OPTIONS = (
+    "method",
+    "layers",
+    "seed",
+    "n_init",
+    "max_iter",
+    "hartigan_rounds",
+    "keep_fraction",
+    "canonical",
+)
 
 
 def add_parser(commands) -> None:
-    from ..methods import METHODS
     from ..models import BUNDLED, DEFAULT_MODEL
 
     compress = commands.add_parser("compress", help="fuse a model's MLPs and save the result")
@@ -20,20 +32,9 @@ def add_parser(commands) -> None:
         default=DEFAULT_MODEL,
         help=f"hub id, local directory, or bundled alias ({', '.join(BUNDLED)}; default {DEFAULT_MODEL})",
     )
-    compress.add_argument("--method", default="fusion", help=f"one of: {', '.join(METHODS)} (default fusion)")
     size = compress.add_mutually_exclusive_group()
-    size.add_argument(
-        "--ratio", type=float, help="kept fraction of each MLP's width, in (0, 1] (default 0.25)"
-    )
-    size.add_argument("--width", type=int, help="new width of every fused MLP")
-    compress.add_argument(
-        "--layers", default="all", help="'all', a list '2,3' or a range '2-5' (default all)"
-    )
-    compress.add_argument("--seed", type=int, default=0, help="seed of k-means and of the sketch (default 0)")
-    compress.add_argument("--n-init", type=int, default=1, help="k-means restarts (default 1)")
-    compress.add_argument(
-        "--keep-fraction", type=float, default=0.0, help="sketch: share of the width kept exactly"
-    )
+    add_config_options(size, FusionConfig, ("ratio", "width"))
+    add_config_options(compress, FusionConfig, FUSION_OPTIONS)
     compress.add_argument("--out", type=Path, help="save the fused model to this directory")
     compress.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     compress.add_argument(
@@ -46,21 +47,12 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import FusionConfig
     from ..fuse import fuse
     from ..models import load_model
     from ..persistence import check_writable, from_pretrained, save_pretrained
     from ..probes import compare, main_output, probe_batch
 
-    config = FusionConfig(
-        method=args.method,
-        ratio=args.ratio,
-        width=args.width,
-        layers=args.layers,
-        seed=args.seed,
-        n_init=args.n_init,
-        keep_fraction=args.keep_fraction,
-    )
+    config = FusionConfig(**config_values(args, FusionConfig))
     if args.out is not None:
         check_writable(args.out, args.overwrite)
     log(f"loading {args.model}")

@@ -12,15 +12,16 @@ import json
 import os
 from pathlib import Path
 
+from ..config import FusionConfig
 from ..errors import UserError
-from .common import log
+from .common import add_config_options, config_values, log
 from .jobs import classification_job, classification_task, generation_job, task_arguments
 from .run_dir import CHECKPOINTS, check_out, finish_out, has_checkpoint, start_out
 
 RUN_KEYS = (
     "model", "task", "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
     "source_column", "target_column", "max_new_tokens", "num_beams",
-    "method", "ratio", "width", "layers", "n_init", "distill_epochs", "epochs", "lr", "batch_size", "max_length",
+    "method", "ratio", "width", "layers", "n_init", "canonical", "distill_epochs", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
 )  # fmt: skip
 
@@ -49,10 +50,8 @@ def add_parser(commands) -> None:
         help=f"'full' (no fusion: the baseline) or one of {', '.join(METHODS)} (default fusion)",
     )
     size = fusion.add_mutually_exclusive_group()
-    size.add_argument("--ratio", type=float, help="kept fraction of each fused MLP's width (default 0.25)")
-    size.add_argument("--width", type=int, help="new width of every fused MLP")
-    fusion.add_argument("--layers", default="all", help="layers to fuse: 'all', '2,3' or '2-5' (default all)")
-    fusion.add_argument("--n-init", type=int, default=1, help="k-means restarts (default 1)")
+    add_config_options(size, FusionConfig, ("ratio", "width"))
+    add_config_options(fusion, FusionConfig, ("layers", "n_init", "canonical"))
     fusion.add_argument(
         "--distill-epochs",
         type=int,
@@ -80,7 +79,6 @@ def add_parser(commands) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..config import FusionConfig
     from ..fuse import count_parameters, fuse, fusion_records
     from ..models import is_fused, resolve
     from ..training.finetune import TrainSettings, distill_on_task, finetune, training_arguments
@@ -101,25 +99,22 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     path = resolve(args.model)
     fused_input = path is not None and is_fused(path)
-    fusion_options = args.ratio or args.width or args.layers != "all" or args.distill_epochs
+    fusion_options = (
+        args.ratio or args.width or args.layers != "all" or args.distill_epochs or not args.canonical
+    )
     if fused_input and (args.method or fusion_options):
         raise UserError(
-            f"{args.model} is already fused; --method, --ratio, --width, --layers and --distill-epochs are for a base model"
+            f"{args.model} is already fused; --method, --ratio, --width, --layers, --no-canonical and "
+            "--distill-epochs are for a base model"
         )
     method = None if fused_input else (args.method or "fusion")
     config = None
     if method not in (None, "full"):
-        config = FusionConfig(
-            method=method,
-            ratio=args.ratio,
-            width=args.width,
-            layers=args.layers,
-            seed=args.seed,
-            n_init=args.n_init,
-        )
+        config = FusionConfig(**{**config_values(args, FusionConfig), "method": method})
     elif method == "full" and fusion_options:
         raise UserError(
-            "--method full fine-tunes the unfused model: drop --ratio, --width, --layers, --distill-epochs"
+            "--method full fine-tunes the unfused model: drop --ratio, --width, --layers, --no-canonical, "
+            "--distill-epochs"
         )
     if args.distill_epochs < 0:
         raise UserError(f"--distill-epochs must be at least 0, not {args.distill_epochs}")

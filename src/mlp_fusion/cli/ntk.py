@@ -6,8 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
+from ..config import FusionConfig
 from ..errors import UserError
-from .common import log
+from .common import add_config_options, log
+
+# FusionConfig fields that ntk passes through to every method (--methods, --ratios, --layers name the rest).
+FUSION_OPTIONS = ("n_init", "keep_fraction", "canonical")
 
 
 def add_parser(commands) -> None:
@@ -50,13 +54,14 @@ def add_parser(commands) -> None:
     ntk.add_argument(
         "--batch-size", type=int, default=16, help="probes per forward/backward pass (default 16)"
     )
+    add_config_options(ntk, FusionConfig, FUSION_OPTIONS)
     ntk.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     ntk.add_argument("--plot", type=Path, help="write a PNG: error against ratio, one line per method")
     ntk.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import FusionConfig, parse_layers
+    from ..config import parse_layers
     from ..diagnostics import compare_methods
     from ..diagnostics.kernels import KERNELS
     from ..models import load_model
@@ -64,8 +69,9 @@ def run(args: argparse.Namespace) -> int:
 
     methods = _names(args.methods, "method")
     ratios = [_ratio(text) for text in _names(args.ratios, "ratio")]
+    options = {name: getattr(args, name) for name in FUSION_OPTIONS}
     for method in methods:
-        FusionConfig(method=method)  # validates the name
+        FusionConfig(method=method, **options)  # validates the name and the options
     kernels = tuple(_names(args.kernels, "kernel"))
     unknown = set(kernels) - set(KERNELS)
     if unknown:
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_memory_mb=args.max_memory,
         progress=log,
+        fusion_options=options,
     )
     result = {"model": loaded.source, "layers": layers, "params_set": args.params, **result}
     if args.plot is not None:

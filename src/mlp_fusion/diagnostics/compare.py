@@ -28,10 +28,12 @@ def compare_methods(
     batch_size: int = 16,
     max_memory_mb: float = 1024,
     progress: Callable[[str], None] | None = None,
+    fusion_options: dict | None = None,
 ) -> dict:
     """Fuse a copy of ``original`` per method and ratio and measure it; the original's kernels are computed once.
 
     ``batch`` holds every probe, right-padded; the kernels run on it in micro-batches of ``batch_size``.
+    ``fusion_options`` holds further :class:`FusionConfig` fields (``canonical``, ``n_init``, ...).
     """
     say = progress or (lambda message: None)
     options = {"batch_size": batch_size, "max_memory_mb": max_memory_mb, "seed": seed}
@@ -45,7 +47,10 @@ def compare_methods(
             say(f"{method} at ratio {ratio}")
             start = time.perf_counter()
             model = copy.deepcopy(original)
-            fuse(model, FusionConfig(method=method, ratio=ratio, layers=layers, seed=seed))
+            config = FusionConfig(
+                method=method, ratio=ratio, layers=layers, seed=seed, **(fusion_options or {})
+            )
+            fuse(model, config)
             errors = output_errors(original, model, batch, layers)
             measured = empirical_kernels(
                 model, batch, kernel_modules(model, params, layers), kernels, **options

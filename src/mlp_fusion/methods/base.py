@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,11 +20,17 @@ class SubMlps:
     projection (one for a plain MLP, gate and up for a gated one), with that projection's bias appended as
     the last column when it has one (``has_bias``). ``output`` is the output projection transposed,
     ``[B, D, d_out]``; the output bias belongs to no sub-MLP and is not here.
+
+    ``symmetry`` names the exact symmetries of one sub-MLP (METHOD.md, section 9): ``"gated"`` (sign and
+    scale of up and down), ``"homogeneous"`` (a positive scale of the input row against the output, for
+    ReLU-like activations) or ``"none"``. ``stream`` tells sites apart for methods that draw random numbers.
     """
 
     inputs: list[torch.Tensor]
     output: torch.Tensor
     has_bias: tuple[bool, ...]
+    symmetry: str = "none"
+    stream: int = 0
 
     @property
     def width(self) -> int:
@@ -42,10 +48,14 @@ class SubMlps:
         """Split ``[B, c, p]`` rows laid out as :meth:`rows` back into pieces."""
         sizes = [t.shape[-1] for t in self.inputs] + [self.output.shape[-1]]
         *inputs, output = torch.split(rows, sizes, dim=-1)
-        return SubMlps(list(inputs), output, self.has_bias)
+        return self.with_tensors(list(inputs), output)
+
+    def with_tensors(self, inputs: list[torch.Tensor], output: torch.Tensor) -> SubMlps:
+        """New tensors, the same layout, symmetry and stream."""
+        return replace(self, inputs=inputs, output=output)
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SubMlps:
-        return SubMlps([fn(t) for t in self.inputs], fn(self.output), self.has_bias)
+        return self.with_tensors([fn(t) for t in self.inputs], fn(self.output))
 
     def zeros(self, width: int) -> SubMlps:
         """Zero tensors laid out like these, with ``width`` neurons."""

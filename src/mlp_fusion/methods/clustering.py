@@ -6,13 +6,17 @@ from typing import TYPE_CHECKING
 
 from ..kmeans import KMeansResult, k_means
 from .base import MethodResult, SubMlps, register
+from .symmetry import canonicalise, restore
 
 if TYPE_CHECKING:
     from ..config import FusionConfig
 
 
 def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[SubMlps, KMeansResult]:
-    """k-means on the sub-MLP vectors; the centroids split back into pieces."""
+    """k-means on the sub-MLP vectors (canonical ones unless ``config.canonical`` is off); centroids split back."""
+    factors = None
+    if config.canonical:
+        sub, factors = canonicalise(sub)
     rows = sub.rows()
     result = k_means(
         rows,
@@ -22,7 +26,10 @@ def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[Su
         hartigan_rounds=config.hartigan_rounds,
         seed=config.seed,
     )
-    return sub.from_rows(result.centers.to(rows.dtype)), result
+    centroids = sub.from_rows(result.centers.to(rows.dtype))
+    if factors is not None:
+        centroids = restore(centroids, factors, result.labels)
+    return centroids, result
 
 
 @register("fusion", "k-means centroids with the cluster sizes as a fixed, separate scale (the paper)")
@@ -36,13 +43,17 @@ def fold(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     centroids, result = cluster_sub_mlps(sub, width, config)
     sizes = result.counts.to(centroids.output.dtype).unsqueeze(-1)
     return MethodResult(
-        SubMlps(centroids.inputs, centroids.output * sizes, sub.has_bias), inertia=result.inertia
+        centroids.with_tensors(centroids.inputs, centroids.output * sizes), inertia=result.inertia
     )
 
 
-@register("cluster", "k-means centroids, cluster sizes spread evenly over every projection (exact for ReLU)")
+@register(
+    "cluster", "k-means centroids, sqrt(cluster size) folded into the last input and the output projection"
+)
 def cluster(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     centroids, result = cluster_sub_mlps(sub, width, config)
-    # A plain MLP has two factors (in, out): sqrt(n) on each; a gated one three: n^(1/3) on each.
-    factor = result.counts.to(centroids.output.dtype) ** (1.0 / (len(centroids.inputs) + 1))
-    return MethodResult(centroids.map_rows(lambda t: t * factor.unsqueeze(-1)), inertia=result.inertia)
+    # sqrt(n) on (w_in, b_in) and w_out, or on up and down of a gated MLP (never inside the gate's
+    # activation): exact on n duplicated neurons when the activation is ReLU, and always when gated.
+    root = result.counts.to(centroids.output.dtype).sqrt().unsqueeze(-1)
+    inputs = [*centroids.inputs[:-1], centroids.inputs[-1] * root]
+    return MethodResult(centroids.with_tensors(inputs, centroids.output * root), inertia=result.inertia)

@@ -20,7 +20,8 @@ def sketch(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     kept = gather_neurons(sub, order[:, :keep].sort(dim=-1).values)
     rest = gather_neurons(sub, order[:, keep:].sort(dim=-1).values)
     columns = width - keep
-    generator = torch.Generator().manual_seed(config.seed)
+    # A different matrix for every site: the same one everywhere would correlate the layers' errors.
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + sub.stream)
     projection = torch.randn(sub.batch, rest.width, columns, generator=generator) / columns**0.5
     projection = projection.to(device=sub.output.device, dtype=sub.output.dtype)
     sketched = rest.map_rows(lambda t: projection.transpose(1, 2) @ t)
@@ -28,8 +29,7 @@ def sketch(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
 
 
 def _concat(first: SubMlps, second: SubMlps) -> SubMlps:
-    return SubMlps(
+    return first.with_tensors(
         [torch.cat(pair, dim=1) for pair in zip(first.inputs, second.inputs)],
         torch.cat([first.output, second.output], dim=1),
-        first.has_bias,
     )

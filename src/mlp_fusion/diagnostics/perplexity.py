@@ -1,0 +1,55 @@
+"""Perplexity of a causal language model on texts, each scored on its own."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+def has_lm_head(model: nn.Module) -> bool:
+    """Whether ``model`` predicts next tokens (a causal LM with an output embedding)."""
+    config = getattr(model, "config", None)
+    decoder_only = not getattr(config, "is_encoder_decoder", False)
+    return (
+        decoder_only and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    )
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, tokenizer, texts: list[str], max_length: int = 512, batch_size: int = 8
+) -> dict:
+    """``exp(total negative log-likelihood / predicted tokens)`` over ``texts``.
+
+    Each text is tokenised on its own with the tokenizer's default special tokens and cut to ``max_length``
+    tokens; every token after the first is predicted from those before it. Returns ``perplexity``,
+    ``tokens`` (predicted tokens), ``nll`` (their total, in nats) and ``texts``.
+    """
+    if not has_lm_head(model):
+        raise UserError(f"{type(model).__name__} is not a causal language model: perplexity needs one")
+    encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    encoded = sorted((ids for ids in encoded if len(ids) > 1), key=len)
+    if not encoded:
+        raise UserError("no text has two or more tokens: nothing to predict")
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        ids, mask = _right_padded(chunk, device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+        targets, keep = ids[:, 1:], mask[:, 1:].bool()
+        log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        total -= float(log_probs[keep].sum())
+        tokens += int(keep.sum())
+    return {"perplexity": math.exp(total / tokens), "tokens": tokens, "nll": total, "texts": len(encoded)}
+
+
+def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(row) for row in rows)
+    ids = torch.tensor([row + [0] * (longest - len(row)) for row in rows], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows], device=device)
+    return ids, mask

@@ -1,0 +1,94 @@
+"""Perplexity against a hand-computed value, and the perplexity command."""
+
+import json
+import math
+
+import pytest
+import torch
+import transformers as tf
+from tiny_models import build, save_tokenizer
+
+from mlp_fusion import FusionConfig, fuse, save_pretrained
+from mlp_fusion.cli import main
+from mlp_fusion.diagnostics.perplexity import perplexity
+
+TEXTS = [
+    "the movie was good",
+    "a bad plot and dull acting",
+    "fine",
+    "the story is very nice and the film is great",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm") / "llama"
+    build("llama").save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+def hand_computed(model, tokenizer, texts):
+    """One text at a time, no padding: the sum of -log p(token | the tokens before it)."""
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        for position in range(1, len(ids)):
+            total -= float(logits[position - 1].log_softmax(-1)[ids[position]])
+            count += 1
+    return math.exp(total / count), count
+
+
+def test_perplexity_matches_a_hand_computed_value(lm_dir):
+    model = tf.LlamaForCausalLM.from_pretrained(lm_dir).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(lm_dir)
+    expected, count = hand_computed(model, tokenizer, TEXTS)
+    result = perplexity(model, tokenizer, TEXTS, batch_size=3)  # padded batches of unequal lengths
+    assert result["tokens"] == count == sum(len(tokenizer(t)["input_ids"]) - 1 for t in TEXTS)
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-6)
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_perplexity_command_on_plain_and_fused_models(capsys, lm_dir, tmp_path):
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    code, stdout, _ = run(capsys, "perplexity", lm_dir, "--data", data, "--json")
+    assert code == 0
+    plain = json.loads(stdout)
+    model = tf.LlamaForCausalLM.from_pretrained(lm_dir).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(lm_dir)
+    assert plain["perplexity"] == pytest.approx(hand_computed(model, tokenizer, TEXTS)[0], rel=1e-6)
+
+    fuse(model, FusionConfig(ratio=0.25))
+    save_pretrained(model, tmp_path / "fused", tokenizer)
+    code, stdout, _ = run(
+        capsys, "perplexity", tmp_path / "fused", "--data", data, "--json", "--max-samples", "2"
+    )
+    fused = json.loads(stdout)
+    assert code == 0 and fused["texts"] == 2
+    assert fused["perplexity"] == pytest.approx(hand_computed(model, tokenizer, TEXTS[:2])[0], rel=1e-6)
+
+
+def test_perplexity_refuses_bad_input(capsys, lm_dir, model_dir, tmp_path):
+    text = tmp_path / "texts.txt"
+    text.write_text("\n".join(TEXTS))
+    for args, message in [
+        (("perplexity", lm_dir, "--data", tmp_path / "missing.txt"), "cannot read"),
+        (("perplexity", lm_dir, "--data", text, "--max-length", "0"), "--max-length"),
+        (("perplexity", model_dir, "--data", text), "tokenizer"),
+    ]:
+        code, stdout, stderr = run(capsys, *args)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 2 and stdout == "" and len(errors) == 1, args
+        assert message in errors[0]
+    save_tokenizer(tmp_path / "bert")
+    build("bert").save_pretrained(tmp_path / "bert")
+    code, _, stderr = run(capsys, "perplexity", tmp_path / "bert", "--data", text)
+    assert code == 2 and "not a causal language model" in stderr
