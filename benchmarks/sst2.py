@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kmeans import machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "sst2"
+DATA = Path("..") / "shared" / "data" / "sst2"  # relative to ROOT, where every run starts
 RESULTS = ROOT / "benchmarks" / "results" / "sst2-minilm.json"
 ROWS = {
     "full": ["--method", "full"],
@@ -44,12 +44,17 @@ FUSED = ["--layers", "2-5", "--ratio", "0.25"]
 
 
 def run_finetune(arguments: list[str], label: str) -> dict:
-    """``mlp-fusion finetune ARGUMENTS --json`` in a fresh process; its JSON result."""
+    """``mlp-fusion finetune ARGUMENTS --json`` in a fresh process, run from the repository root (so that data
+    paths relative to it work); its JSON result without this machine's paths (the model as named)."""
     command = [sys.executable, "-c", "import sys; from mlp_fusion.cli import main; sys.exit(main())"]
-    done = subprocess.run([*command, "finetune", *arguments, "--json"], capture_output=True, text=True)
+    done = subprocess.run(
+        [*command, "finetune", *arguments, "--json"], capture_output=True, text=True, cwd=ROOT
+    )
     if done.returncode != 0:
         raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.pop("out", None)
+    return {**result, "model": arguments[0]}
 
 
 def run_row(row: str, seed: int, settings: list[str], out: Path) -> dict:

@@ -23,20 +23,29 @@ from kmeans import machine, write_section  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"
+DATA = Path("..") / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"  # relative to ROOT
 RESULTS = ROOT / "benchmarks" / "results" / "webnlg-smollm2.json"
 ROWS = {
     "full": ["--method", "full"],
     "fusion": ["--method", "fusion"],
-    "fusion+distill": ["--method", "fusion", "--distill-epochs", "1"],
+    "fusion (raw)": ["--method", "fusion", "--no-canonical"],
+    "fusion (raw)+distill": ["--method", "fusion", "--no-canonical", "--distill-epochs", "1"],
+    "fusion+calibration": ["--method", "fusion", "--calibrate"],
+    "fusion+calibration+distill": ["--method", "fusion", "--calibrate", "--distill-epochs", "1"],
     "prune": ["--method", "prune"],
+    "prune+calibration": ["--method", "prune", "--calibrate"],
     "fold": ["--method", "fold"],
+    "svd": ["--method", "svd"],
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="full,fusion,fusion+distill,prune")
+    parser.add_argument(
+        "--rows",
+        default="full,fusion,fusion+calibration,fusion+calibration+distill,fold,prune,svd",
+        help=f"comma-separated, from: {', '.join(ROWS)}",
+    )
     parser.add_argument("--train", type=int, default=200, help="training pairs (the first N)")
     parser.add_argument("--eval", type=int, default=30, help="dev inputs decoded and scored (the first N)")
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -90,7 +99,9 @@ def main() -> None:
         f"one epoch, batch {args.batch_size}, lr {args.lr:g}, max length {args.max_length}; greedy decoding "
         f"(at most {args.max_new_tokens} new tokens) of the first {args.eval} dev inputs, scored with all "
         "their references (sacrebleu BLEU / chrF / TER, ROUGE-L). Compressed rows name their fused layers (of "
-        "0-29) and kept fraction; fusion+distill adds one epoch of layer-wise task-specific tuning (its time "
+        "0-29) and kept fraction; fusion is symmetry-aware (canonical) clustering, (raw) the paper's clustering "
+        "of raw weights; +calibration fuses with 128 training inputs as calibration (input weighting and "
+        "least-squares output refit); +distill adds one epoch of layer-wise task-specific tuning (its time "
         "is in the fine-tuning seconds). One seed; every run of these settings kept in the results file.\n\n"
         + "\n".join(lines)
         + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "

@@ -127,6 +127,16 @@ def test_distillation_before_fine_tuning_lowers_the_hidden_state_error(capsys, b
     assert distilled["hidden_state_error_after"] < 0.8 * distilled["hidden_state_error_before"]
 
 
+def test_calibrated_fusion_on_the_training_inputs(capsys, base_dir, task_dir, tmp_path):
+    result = finetune(
+        capsys, base_dir, task_dir, tmp_path / "run", "--ratio", "0.5", "--calibrate",
+        "--calibration-samples", "32", "--epochs", "2",
+    )  # fmt: skip
+    assert result["metrics"]["accuracy"] > 0.85
+    fusion = json.loads((tmp_path / "run" / "fusion.json").read_text())
+    assert all(site["settings"]["refit"] and site["settings"]["weighting"] for site in fusion["sites"])
+
+
 def test_resume_continues_from_the_checkpoint(capsys, base_dir, task_dir, tmp_path, monkeypatch):
     common = ("--ratio", "0.5", "--epochs", "2", "--seed", "3")
     reference = finetune(capsys, base_dir, task_dir, tmp_path / "reference", *common)
@@ -242,6 +252,9 @@ def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(capsys, base_di
         (["--task", "sst2", "--resume"], "nothing to resume"),
         (["--task", "sst2", "--distill-epochs", "-1"], "--distill-epochs"),
         (["--task", "sst2", "--text-column", "x"], "are for --task csv"),
+        (["--task", "sst2", "--calibrate", "--calibration-samples", "0"], "--calibration-samples"),
+        (["--task", "sst2", "--method", "full", "--calibrate"], "--method full"),
+        (["--task", "sst2", "--ridge", "-1"], "ridge"),
     ],
 )
 def test_bad_options_exit_2_before_writing(capsys, base_dir, task_dir, tmp_path, args, message):

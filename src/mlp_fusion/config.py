@@ -39,6 +39,26 @@ class FusionConfig:
             "off_help": "k-means methods: cluster the raw sub-MLP vectors, as the paper did",
         },
     )
+    weighting: bool = field(
+        default=True,
+        metadata={
+            "help": "with calibration inputs: weight input coordinates by their RMS activation before the method",
+            "off_help": "with calibration inputs: do not weight the input coordinates",
+        },
+    )
+    refit: bool = field(
+        default=True,
+        metadata={
+            "help": "with calibration inputs: refit the output projection by ridge least squares (scale kept)",
+            "off_help": "with calibration inputs: keep the method's output projection (no least-squares refit)",
+        },
+    )
+    ridge: float = field(
+        default=0.1,
+        metadata={
+            "help": "ridge weight of the refit toward the method's weights, relative to the activation energy"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -61,6 +81,8 @@ class FusionConfig:
         for name in ("n_init", "max_iter"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
+            raise UserError(f"ridge must be a number >= 0, got {self.ridge!r}")
         if self.hartigan_rounds < 0:
             raise UserError(f"hartigan_rounds must be at least 0, got {self.hartigan_rounds}")
         self.layers = parse_layers(self.layers)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from .adapters import find_sites
+from .calibration import calibrate_site, refit_output
 from .config import FusionConfig
 from .errors import UserError
-from .methods import METHODS
+from .methods import METHODS, MethodResult, SubMlps
 from .narrowing import apply_result, use_compatible_experts_kernel
 from .sites import MlpSite
 
@@ -44,6 +45,7 @@ class LayerReport:
     width_after: int
     inertia: float | None
     seconds: float
+    calibration_error: float | None = None  # relative output error on calibration tokens after the refit
 
 
 @dataclass
@@ -60,13 +62,17 @@ class FusionReport:
         return asdict(self)
 
     def format_table(self) -> str:
-        lines = [f"{'layer':>5} {'expert':>6} {'width':>13} {'inertia':>12} {'seconds':>8}  module"]
+        refit = any(row.calibration_error is not None for row in self.layers)
+        extra = f" {'refit err':>9}" if refit else ""
+        lines = [f"{'layer':>5} {'expert':>6} {'width':>13} {'inertia':>12}{extra} {'seconds':>8}  module"]
         for row in self.layers:
             expert = "-" if row.expert is None else str(row.expert)
             inertia = "-" if row.inertia is None else f"{row.inertia:.2f}"
             widths = f"{row.width_before} -> {row.width_after}"
+            error = "-" if row.calibration_error is None else f"{row.calibration_error:.4f}"
+            extra = f" {error:>9}" if refit else ""
             lines.append(
-                f"{row.layer:>5} {expert:>6} {widths:>13} {inertia:>12} {row.seconds:>8.2f}  {row.name}"
+                f"{row.layer:>5} {expert:>6} {widths:>13} {inertia:>12}{extra} {row.seconds:>8.2f}  {row.name}"
             )
         lines.append(
             f"parameters: {self.params_before:,} -> {self.params_after:,} "
@@ -78,31 +84,33 @@ class FusionReport:
 
 
 def fuse(
-    model: nn.Module, config: FusionConfig, progress: Callable[[str], None] | None = None
+    model: nn.Module,
+    config: FusionConfig,
+    progress: Callable[[str], None] | None = None,
+    calibration: dict | None = None,
 ) -> FusionReport:
     """Fuse the MLPs of ``model`` chosen by ``config``, in place, and report what changed.
 
     Every check (layers, widths, finite weights) runs before the first site is touched. ``progress``, when
-    given, receives one line per site.
+    given, receives one line per site. ``calibration``, a tokenised batch (``input_ids`` and
+    ``attention_mask``, right-padded), turns on calibration-aware fusion (see :mod:`mlp_fusion.calibration`).
     """
     if not isinstance(config, FusionConfig):
         raise UserError(f"config must be a FusionConfig, got {type(config).__name__}")
+    check_calibration_batch(calibration)
     start = time.perf_counter()
     sites = find_sites(model)
     plans = _plan(model, sites, config)
     report = FusionReport(method=config.method, params_before=count_parameters(model))
     report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
     records = fusion_records(model)
-    method = METHODS[config.method]
     stream = {site.name: position for position, site in enumerate(sites)}
     for number, (site, width) in enumerate(plans, 1):
         if progress is not None:
             progress(f"[{number}/{len(plans)}] {config.method} {site.describe()} -> {width}")
         site_start = time.perf_counter()
-        with torch.no_grad():
-            sub = replace(site.read(), stream=stream[site.name])
-            result = method(sub, width, config)
-            apply_result(site, result)
+        sub = replace(site.read(), stream=stream[site.name])
+        result, refit_error = _fuse_site(model, site, sub, width, config, calibration)
         seconds = time.perf_counter() - site_start
         records.append(
             SiteRecord(
@@ -129,15 +137,45 @@ def fuse(
                     result.sub.width,
                     inertia,
                     seconds / sub.batch,
+                    refit_error,
                 )
             )
         # Kept current, so that an interrupted call still says what it changed.
         setattr(model, RECORD_ATTR, records)
-    use_compatible_experts_kernel(model, sites)
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _fuse_site(
+    model: nn.Module, site: MlpSite, sub: SubMlps, width: int, config: FusionConfig, calibration: dict | None
+) -> tuple[MethodResult, float | None]:
+    """Run the method on one site and write the result; with calibration inputs, weight and refit."""
+    method = METHODS[config.method]
+    statistics = calibrate_site(model, site, calibration) if calibration is not None else None
+    weights = statistics.input_weights(sub) if statistics is not None and config.weighting else None
+    with torch.no_grad():
+        if weights is None:
+            result = method(sub, width, config)
+        else:
+            result = method(sub.scale_inputs(weights), width, config)
+            result.sub = result.sub.scale_inputs(1.0 / weights)
+        apply_result(site, result)
+    use_compatible_experts_kernel(model, [site])  # before the next forward pass, not only at the end
+    if statistics is None or not config.refit or result.rank is not None:
+        return result, None
+    return result, refit_output(model, site, statistics, calibration, config.ridge)
+
+
+def check_calibration_batch(batch: dict | None) -> None:
+    if batch is None:
+        return
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not len(ids):
+        raise UserError("calibration must be a tokenised batch: a dict with a 2-D input_ids tensor")
+    if "attention_mask" not in batch or batch["attention_mask"].shape != ids.shape:
+        raise UserError("calibration needs an attention_mask of the same shape as input_ids")
 
 
 def fusion_records(model: nn.Module) -> list[SiteRecord]:

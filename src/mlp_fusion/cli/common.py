@@ -6,6 +6,9 @@ import argparse
 import dataclasses
 import sys
 import typing
+from pathlib import Path
+
+from ..errors import UserError
 
 EXIT_USAGE = 2
 
@@ -60,3 +63,45 @@ def _option_type(hint: object) -> type:
     choices = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]
     simple = [arg for arg in choices if arg in (bool, int, float, str)]
     return simple[0] if simple else str
+
+
+def add_calibration_options(target, from_file: bool = True) -> None:
+    """``--calibration FILE`` (or, for finetune, ``--calibrate`` on the training inputs) and its sample count."""
+    if from_file:
+        target.add_argument(
+            "--calibration",
+            type=Path,
+            help="calibration-aware fusion on these inputs: a text file (one per line) or a TSV/CSV/JSONL "
+            "file with a text column",
+        )
+    else:
+        target.add_argument(
+            "--calibrate", action="store_true", help="calibration-aware fusion on the task's training inputs"
+        )
+    target.add_argument(
+        "--calibration-samples", type=int, default=128, help="calibration inputs to use (default 128)"
+    )
+
+
+def calibration_texts(args: argparse.Namespace) -> list[str] | None:
+    """The texts of ``--calibration FILE`` (read before any model is loaded), or None without the option."""
+    from ..probes import read_probe_texts
+
+    if args.calibration_samples < 1 or args.max_length < 1:
+        raise UserError("--calibration-samples and --max-length must be at least 1")
+    path = getattr(args, "calibration", None)
+    return None if path is None else read_probe_texts(path, args.calibration_samples)
+
+
+def calibration_inputs(
+    args: argparse.Namespace, tokenizer, texts: list[str] | None, pairs: list[str] | None = None
+) -> dict | None:
+    """``texts`` (and ``pairs``), the first ``--calibration-samples`` of them, tokenised; None without texts."""
+    from ..calibration import calibration_batch
+
+    if texts is None:
+        return None
+    if tokenizer is None:
+        raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
+    count = args.calibration_samples
+    return calibration_batch(tokenizer, texts[:count], pairs[:count] if pairs else None, args.max_length)

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 from ..config import FusionConfig
-from .common import add_config_options, config_values, log
+from .common import (
+    add_calibration_options,
+    add_config_options,
+    calibration_inputs,
+    calibration_texts,
+    config_values,
+    log,
+)
 
 # FusionConfig fields that compress takes as options, besides --ratio / --width.
 FUSION_OPTIONS = (
@@ -20,6 +27,7 @@ FUSION_OPTIONS = (
     "keep_fraction",
     "canonical",
 )
+CALIBRATION_OPTIONS = ("weighting", "refit", "ridge")
 
 
 def add_parser(commands) -> None:
@@ -35,6 +43,12 @@ def add_parser(commands) -> None:
     size = compress.add_mutually_exclusive_group()
     add_config_options(size, FusionConfig, ("ratio", "width"))
     add_config_options(compress, FusionConfig, FUSION_OPTIONS)
+    calibration = compress.add_argument_group("calibration-aware fusion")
+    add_calibration_options(calibration)
+    calibration.add_argument(
+        "--max-length", type=int, default=128, help="longest calibration input in tokens (default 128)"
+    )
+    add_config_options(calibration, FusionConfig, CALIBRATION_OPTIONS)
     compress.add_argument("--out", type=Path, help="save the fused model to this directory")
     compress.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     compress.add_argument(
@@ -53,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from ..probes import compare, main_output, probe_batch
 
     config = FusionConfig(**config_values(args, FusionConfig))
+    texts = calibration_texts(args)
     if args.out is not None:
         check_writable(args.out, args.overwrite)
     log(f"loading {args.model}")
@@ -61,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         batch = probe_batch(model, loaded.tokenizer)
         original = main_output(model, batch)
-    report = fuse(model, config, progress=log)
+    calibration = calibration_inputs(args, loaded.tokenizer, texts)
+    report = fuse(model, config, progress=log, calibration=calibration)
     result = {"model": loaded.source, **report.to_dict(), "out": str(args.out) if args.out else None}
     if args.verify:
         fused = main_output(model, batch)

@@ -14,14 +14,22 @@ from pathlib import Path
 
 from ..config import FusionConfig
 from ..errors import UserError
-from .common import add_config_options, config_values, log
+from .common import (
+    add_calibration_options,
+    add_config_options,
+    calibration_inputs,
+    calibration_texts,
+    config_values,
+    log,
+)
 from .jobs import classification_job, classification_task, generation_job, task_arguments
 from .run_dir import CHECKPOINTS, check_out, finish_out, has_checkpoint, start_out
 
 RUN_KEYS = (
     "model", "task", "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
     "source_column", "target_column", "max_new_tokens", "num_beams",
-    "method", "ratio", "width", "layers", "n_init", "canonical", "distill_epochs", "epochs", "lr", "batch_size", "max_length",
+    "method", "ratio", "width", "layers", "n_init", "canonical", "calibrate", "calibration_samples", "weighting",
+    "refit", "ridge", "distill_epochs", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
 )  # fmt: skip
 
@@ -52,6 +60,8 @@ def add_parser(commands) -> None:
     size = fusion.add_mutually_exclusive_group()
     add_config_options(size, FusionConfig, ("ratio", "width"))
     add_config_options(fusion, FusionConfig, ("layers", "n_init", "canonical"))
+    add_calibration_options(fusion, from_file=False)
+    add_config_options(fusion, FusionConfig, ("weighting", "refit", "ridge"))
     fusion.add_argument(
         "--distill-epochs",
         type=int,
@@ -99,13 +109,19 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     path = resolve(args.model)
     fused_input = path is not None and is_fused(path)
+    calibration_texts(args)  # checks the calibration options
     fusion_options = (
-        args.ratio or args.width or args.layers != "all" or args.distill_epochs or not args.canonical
+        args.ratio
+        or args.width
+        or args.layers != "all"
+        or args.distill_epochs
+        or not args.canonical
+        or args.calibrate
     )
     if fused_input and (args.method or fusion_options):
         raise UserError(
-            f"{args.model} is already fused; --method, --ratio, --width, --layers, --no-canonical and "
-            "--distill-epochs are for a base model"
+            f"{args.model} is already fused; --method, --ratio, --width, --layers, --no-canonical, "
+            "--calibrate and --distill-epochs are for a base model"
         )
     method = None if fused_input else (args.method or "fusion")
     config = None
@@ -114,7 +130,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     elif method == "full" and fusion_options:
         raise UserError(
             "--method full fine-tunes the unfused model: drop --ratio, --width, --layers, --no-canonical, "
-            "--distill-epochs"
+            "--calibrate, --distill-epochs"
         )
     if args.distill_epochs < 0:
         raise UserError(f"--distill-epochs must be at least 0, not {args.distill_epochs}")
@@ -131,7 +147,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     params_before = count_parameters(model)
     original = copy.deepcopy(model) if args.distill_epochs else None
     if config is not None:
-        fuse(model, config, progress=log)
+        texts, pairs = job.distill_texts if args.calibrate else (None, None)
+        calibration = calibration_inputs(args, job.loaded.tokenizer, texts, pairs)
+        fuse(model, config, progress=log, calibration=calibration)
     training_args = training_arguments(settings, checkpoint_dir, job.main_metric, job.greater_is_better)
     main = _is_main_process()
     _barrier()  # every process has checked its inputs before the first one writes

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from ..config import FusionConfig
 from ..errors import UserError
-from .common import add_config_options, log
+from .common import add_calibration_options, add_config_options, calibration_inputs, calibration_texts, log
 
 # FusionConfig fields that ntk passes through to every method (--methods, --ratios, --layers name the rest).
-FUSION_OPTIONS = ("n_init", "keep_fraction", "canonical")
+FUSION_OPTIONS = ("n_init", "keep_fraction", "canonical", "weighting", "refit", "ridge")
 
 
 def add_parser(commands) -> None:
@@ -54,6 +54,10 @@ def add_parser(commands) -> None:
     ntk.add_argument(
         "--batch-size", type=int, default=16, help="probes per forward/backward pass (default 16)"
     )
+    ntk.add_argument(
+        "--max-length", type=int, default=64, help="longest probe or calibration input in tokens (default 64)"
+    )
+    add_calibration_options(ntk)
     add_config_options(ntk, FusionConfig, FUSION_OPTIONS)
     ntk.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     ntk.add_argument("--plot", type=Path, help="write a PNG: error against ratio, one line per method")
@@ -94,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, not {args.plot.name}")
+    calibration = calibration_texts(args)
     log(f"loading {args.model}")
     loaded = load_model(args.model)
-    batch = probe_batch(loaded.model, loaded.tokenizer, count=count, texts=texts)
+    batch = probe_batch(loaded.model, loaded.tokenizer, count=count, max_length=args.max_length, texts=texts)
     result = compare_methods(
         loaded.model,
         batch,
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         max_memory_mb=args.max_memory,
         progress=log,
         fusion_options=options,
+        calibration=calibration_inputs(args, loaded.tokenizer, calibration),
     )
     result = {"model": loaded.source, "layers": layers, "params_set": args.params, **result}
     if args.plot is not None:

@@ -29,11 +29,13 @@ def compare_methods(
     max_memory_mb: float = 1024,
     progress: Callable[[str], None] | None = None,
     fusion_options: dict | None = None,
+    calibration: dict | None = None,
 ) -> dict:
     """Fuse a copy of ``original`` per method and ratio and measure it; the original's kernels are computed once.
 
     ``batch`` holds every probe, right-padded; the kernels run on it in micro-batches of ``batch_size``.
-    ``fusion_options`` holds further :class:`FusionConfig` fields (``canonical``, ``n_init``, ...).
+    ``fusion_options`` holds further :class:`FusionConfig` fields (``canonical``, ``n_init``, ...);
+    ``calibration``, a tokenised batch, makes every fusion calibration-aware.
     """
     say = progress or (lambda message: None)
     options = {"batch_size": batch_size, "max_memory_mb": max_memory_mb, "seed": seed}
@@ -50,7 +52,7 @@ def compare_methods(
             config = FusionConfig(
                 method=method, ratio=ratio, layers=layers, seed=seed, **(fusion_options or {})
             )
-            fuse(model, config)
+            fuse(model, config, calibration=calibration)
             errors = output_errors(original, model, batch, layers)
             measured = empirical_kernels(
                 model, batch, kernel_modules(model, params, layers), kernels, **options
@@ -58,6 +60,7 @@ def compare_methods(
             row = {
                 "method": method,
                 "ratio": ratio,
+                "calibrated": calibration is not None,
                 "output_error": errors["final"],
                 "layer_output_error": errors["mean_layer"],
             }

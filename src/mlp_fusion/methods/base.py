@@ -57,6 +57,12 @@ class SubMlps:
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SubMlps:
         return self.with_tensors([fn(t) for t in self.inputs], fn(self.output))
 
+    def scale_inputs(self, weights: torch.Tensor) -> SubMlps:
+        """Every input row multiplied coordinate by coordinate by ``weights`` ``[B, p_in]``: the sub-MLPs
+        seen through a rescaled input basis (undone by the reciprocal weights)."""
+        factor = weights.unsqueeze(1).to(self.output.device)
+        return self.with_tensors([(t.double() * factor).to(t.dtype) for t in self.inputs], self.output)
+
     def zeros(self, width: int) -> SubMlps:
         """Zero tensors laid out like these, with ``width`` neurons."""
         return self.map_rows(lambda t: t.new_zeros(t.shape[0], width, t.shape[-1]))

@@ -1,0 +1,162 @@
+"""Calibration-aware fusion: input weighting, the least-squares refit, routed expert tokens."""
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import FAMILIES, FOODS, NAMES, build, inputs, outputs, save_tokenizer
+
+from mlp_fusion import FusionConfig, UserError, find_sites, fuse
+from mlp_fusion.calibration import _output_of, _run_to_site, calibrate_site, refit_output
+from mlp_fusion.cli import main
+from mlp_fusion.diagnostics import output_errors
+from mlp_fusion.parametrizations import NeuronScale
+
+
+def calibration_batch():
+    return inputs(seed=1, batch=16, length=12)
+
+
+def scales(model):
+    return [m.scale.clone() for m in model.modules() if isinstance(m, NeuronScale)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_width_with_calibration_keeps_outputs(family):
+    model, batch = build(family), inputs()
+    before = outputs(model, batch)
+    fuse(model, FusionConfig(ratio=1.0), calibration=calibration_batch())
+    assert float((outputs(model, batch) - before).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "mixtral", "switch"])
+def test_refit_lowers_the_layer_errors_on_calibration_inputs(family):
+    original, batch = build(family), calibration_batch()
+    plain, refitted = copy.deepcopy(original), copy.deepcopy(original)
+    fuse(plain, FusionConfig(ratio=0.5, refit=False), calibration=batch)
+    report = fuse(refitted, FusionConfig(ratio=0.5), calibration=batch)
+    assert all(row.calibration_error is not None for row in report.layers)
+    before = output_errors(original, plain, batch, "all")["mean_layer"]
+    after = output_errors(original, refitted, batch, "all")["mean_layer"]
+    assert after < before
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "mixtral"])
+def test_refit_keeps_the_scale_and_lowers_the_site_error(family):
+    original, batch = build(family), calibration_batch()
+    model, last = copy.deepcopy(original), find_sites(original)[-1]
+    statistics = calibrate_site(original, last, batch)
+    fuse(model, FusionConfig(ratio=0.5, layers=[last.layer], refit=False), calibration=batch)
+    site = find_sites(model)[-1]
+    scale_before = scales(model)
+    error_before = site_error(model, site, batch, statistics.targets)
+    error = refit_output(model, site, statistics, batch, ridge=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(scale_before, scales(model)))
+    assert error < error_before
+    assert error == pytest.approx(site_error(model, site, batch, statistics.targets), rel=1e-4)
+
+
+def site_error(model, site, batch, targets):
+    _, hidden = _run_to_site(model, site, batch)
+    fitted = [_output_of(site, index, h) for index, h in enumerate(hidden)]
+    squared = sum(float((f - t).double().pow(2).sum()) for f, t in zip(fitted, targets))
+    return (squared / sum(float(t.double().pow(2).sum()) for t in targets)) ** 0.5
+
+
+def test_refit_without_ridge_is_the_least_squares_solution():
+    original, batch = build("bert"), calibration_batch()
+    model = copy.deepcopy(original)
+    last = find_sites(original)[-1]
+    targets = calibrate_site(original, last, batch).targets[0].double()
+    fuse(model, FusionConfig(ratio=0.5, layers=[last.layer], ridge=0.0), calibration=batch)
+    site = find_sites(model)[-1]
+    _, hidden = _run_to_site(model, site, batch)
+    scale = site.output.parametrizations.weight[0].scale.reshape(-1).double()
+    design = torch.cat([hidden[0].double() * scale, torch.ones(len(targets), 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(design, targets).solution
+    stored = site.output.parametrizations.weight.original.detach().double()
+    torch.testing.assert_close(stored.T, solution[:-1].to(stored.dtype), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(site.output.bias.detach().double(), solution[-1], rtol=1e-4, atol=1e-5)
+
+
+def test_experts_see_the_tokens_routed_to_them():
+    model, batch = build("mixtral"), calibration_batch()
+    site = find_sites(model)[0]
+    statistics = calibrate_site(model, site, batch)
+    tokens = int(batch["attention_mask"].sum())
+    assert sum(len(x) for x in statistics.inputs) == tokens * model.config.num_experts_per_tok
+    assert all(len(x) == len(y) for x, y in zip(statistics.inputs, statistics.targets))
+
+
+def test_weighting_changes_the_clusters_and_is_undone():
+    original, batch = build("llama"), calibration_batch()
+    weighted, unweighted = copy.deepcopy(original), copy.deepcopy(original)
+    fuse(weighted, FusionConfig(ratio=0.5, refit=False), calibration=batch)
+    fuse(unweighted, FusionConfig(ratio=0.5, refit=False, weighting=False), calibration=batch)
+    plain = copy.deepcopy(original)
+    fuse(plain, FusionConfig(ratio=0.5))
+    a, b, c = (find_sites(m)[0].read().rows() for m in (weighted, unweighted, plain))
+    assert torch.equal(b, c)  # without weighting or refit, calibration changes nothing
+    assert not torch.allclose(a, c)
+
+
+def test_bad_calibration_batch_is_refused():
+    model = build("bert")
+    with pytest.raises(UserError, match="calibration"):
+        fuse(model, FusionConfig(), calibration={"input_ids": torch.ones(3)})
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm") / "llama"
+    build("llama").save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_compress_and_ntk_with_a_calibration_file(capsys, lm_dir, tmp_path):
+    texts = tmp_path / "calibration.txt"
+    texts.write_text("\n".join(f"{name} likes {food} in the north" for name in NAMES for food in FOODS))
+    code, stdout, _ = run(
+        capsys,
+        "compress",
+        lm_dir,
+        "--ratio",
+        "0.5",
+        "--calibration",
+        texts,
+        "--out",
+        tmp_path / "fused",
+        "--json",
+    )
+    assert code == 0
+    report = json.loads(stdout)
+    assert all(row["calibration_error"] is not None for row in report["layers"])
+    code, stdout, _ = run(
+        capsys, "ntk", lm_dir, "--methods", "fusion,prune", "--ratios", "0.5", "--probes", "4",
+        "--calibration", texts, "--calibration-samples", "8", "--json",
+    )  # fmt: skip
+    assert code == 0
+    assert all(row["calibrated"] for row in json.loads(stdout)["rows"])
+
+
+def test_compress_refuses_bad_calibration_before_writing(capsys, lm_dir, model_dir, tmp_path):
+    texts = tmp_path / "calibration.txt"
+    texts.write_text("the film is good\n")
+    out = tmp_path / "fused"
+    for args, message in [
+        ((lm_dir, "--calibration", tmp_path / "missing.txt"), "cannot read"),
+        ((lm_dir, "--calibration", texts, "--calibration-samples", "0"), "--calibration-samples"),
+        ((model_dir, "--calibration", texts), "tokenizer"),
+        ((lm_dir, "--calibration", texts, "--ridge", "-2"), "ridge"),
+    ]:
+        code, stdout, stderr = run(capsys, "compress", *args, "--out", out)
+        assert code == 2 and stdout == "" and message in stderr, args
+        assert not out.exists()
