@@ -73,6 +73,7 @@ def test_methods_lists_every_method(capsys):
         "cluster",
         "prune",
         "sketch",
+        "mmd",
         "svd",
     }
 
@@ -157,3 +158,21 @@ def test_console_script_on_the_bundled_model(tmp_path):
     assert {(r["width_before"], r["width_after"]) for r in report["layers"]} == {(1536, 384)}
     assert report["verify"]["reloaded_vs_fused"]["max_abs_diff"] == 0
     assert report["params_after"] < report["params_before"]
+
+
+def test_info_shows_what_a_fused_checkpoint_holds(capsys, model_dir, tmp_path):
+    out = tmp_path / "fused"
+    assert run(capsys, "compress", model_dir, "--ratio", "0.5", "--layers", "1", "--out", out)[0] == 0
+    code, stdout, _ = run(capsys, "info", out, "--json")
+    assert code == 0
+    info = json.loads(stdout)
+    from safetensors.torch import load_file
+
+    assert info["parameters"] == sum(t.numel() for t in load_file(out / "model.safetensors").values())
+    (site,) = info["sites"]
+    assert (site["layer"], site["width_before"], site["width"], site["method"]) == (1, 24, 12, "fusion")
+    assert site["settings"]["ratio"] == 0.5 and site["settings"]["canonical"] is True
+    code, stdout, _ = run(capsys, "info", out)
+    assert code == 0 and "24 -> 12" in stdout and "canonical=True" in stdout
+    code, _, stderr = run(capsys, "info", model_dir)
+    assert code == 2 and "not a fused checkpoint" in stderr

@@ -136,3 +136,17 @@ def test_export_refuses_mixed_widths(tmp_path):
 def test_model_without_mlp_is_refused():
     with pytest.raises(mlp_fusion.UserError, match="supported families"):
         fuse(torch.nn.Sequential(torch.nn.Linear(3, 3)), FusionConfig())
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "mixtral", "gpt2"])
+def test_export_leaves_the_callers_model_and_its_copies_working(family, tmp_path):
+    model, batch = build(family), inputs()
+    fuse(model, FusionConfig(method="fusion", ratio=0.5))
+    expected = outputs(model, batch)
+    twin = copy.deepcopy(model)
+    mlp_fusion.export(model, tmp_path / "plain")
+    assert torch.equal(outputs(model, batch), expected)
+    assert torch.equal(outputs(twin, batch), expected)
+    mlp_fusion.export(twin, tmp_path / "plain-twin")
+    assert torch.equal(outputs(model, batch), expected) and torch.equal(outputs(twin, batch), expected)
+    assert any(isinstance(m, NeuronScale) for m in model.modules())

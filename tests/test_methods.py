@@ -1,3 +1,4 @@
+import math
 from dataclasses import replace
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 
 from mlp_fusion import FusionConfig
 from mlp_fusion.methods import METHODS, SubMlps
+from mlp_fusion.methods.mmd import median_bandwidth, squared_mmd
 from mlp_fusion.methods.svd import matched_rank
 from mlp_fusion.methods.symmetry import canonicalise
 
@@ -151,3 +153,37 @@ def test_sketch_draws_a_new_matrix_for_every_site():
     other_site = run("sketch", replace(sub, stream=1), 4)
     torch.testing.assert_close(first.sub.rows(), again.sub.rows())
     assert not torch.allclose(first.sub.rows(), other_site.sub.rows())
+
+
+def direct_squared_mmd(x, y, bandwidth):
+    """MMD^2 of two point sets, term by term (an independent formula)."""
+
+    def mean_kernel(a, b):
+        return sum(math.exp(-float(((p - q) ** 2).sum()) / bandwidth) for p in a for q in b) / (
+            len(a) * len(b)
+        )
+
+    return mean_kernel(x, x) + mean_kernel(y, y) - 2 * mean_kernel(x, y)
+
+
+def test_mmd_learns_vectors_closer_in_distribution_than_a_subset():
+    sub = plain(width=30, dim=3)
+    result = run("mmd", sub, 6)
+    assert torch.equal(result.scale, torch.full((1, 6), 5.0))
+    rows, learned = sub.rows()[0], result.sub.rows()[0]
+    bandwidth = float(median_bandwidth(sub.rows(), torch.Generator().manual_seed(0)))
+    subset = rows[torch.randperm(30, generator=torch.Generator().manual_seed(3))[:6]]
+    assert direct_squared_mmd(rows, learned, bandwidth) < 0.5 * direct_squared_mmd(rows, subset, bandwidth)
+    torch.testing.assert_close(
+        float(squared_mmd(sub.rows(), result.sub.rows(), torch.tensor(bandwidth).view(1, 1, 1))),
+        direct_squared_mmd(rows, learned, bandwidth),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def test_mmd_at_full_width_keeps_every_sub_mlp():
+    sub = gated(width=10)
+    result = run("mmd", sub, 10)
+    assert torch.equal(result.scale, torch.ones(2, 10))
+    torch.testing.assert_close(result.sub.rows(), sub.rows())

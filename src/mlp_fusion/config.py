@@ -24,6 +24,13 @@ class FusionConfig:
         default=None, metadata={"help": "kept fraction of each MLP's width, in (0, 1] (default 0.25)"}
     )
     width: int | None = field(default=None, metadata={"help": "new width of every fused MLP"})
+    budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "fraction of the chosen MLPs' parameters to keep, widths spread across layers by "
+            "their sensitivity (instead of one ratio)"
+        },
+    )
     layers: list[int] | str = field(
         default="all", metadata={"help": "layers to fuse: 'all', a list '2,3,5' or a range '2-5'"}
     )
@@ -63,9 +70,14 @@ class FusionConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(sorted(METHODS))}")
-        if self.ratio is not None and self.width is not None:
-            raise UserError("give either a ratio or a width, not both")
-        if self.ratio is None and self.width is None:
+        if sum(value is not None for value in (self.ratio, self.width, self.budget)) > 1:
+            raise UserError("give one of a ratio, a width or a budget, not several")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+                raise UserError(f"budget must be a number in (0, 1], got {self.budget!r}")
+            if not (math.isfinite(self.budget) and 0 < self.budget <= 1):
+                raise UserError(f"budget must be in (0, 1], got {self.budget}")
+        elif self.ratio is None and self.width is None:
             self.ratio = 0.25
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
@@ -88,7 +100,9 @@ class FusionConfig:
         self.layers = parse_layers(self.layers)
 
     def target_width(self, width: int) -> int:
-        """The new width of an MLP that is ``width`` neurons wide now."""
+        """The new width of an MLP that is ``width`` neurons wide now (with a budget: planned by fuse)."""
+        if self.budget is not None:
+            return width
         if self.width is not None:
             return self.width
         return max(1, round(self.ratio * width))

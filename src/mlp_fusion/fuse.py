@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters import find_sites
+from .budget import allocate_widths, width_curve
 from .calibration import calibrate_site, refit_output
 from .config import FusionConfig
 from .errors import UserError
@@ -215,7 +216,20 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
         if not all(bool(torch.isfinite(t).all()) for t in (*sub.inputs, sub.output)):
             raise UserError(f"{site.describe()} has NaN or infinite weights; fusion needs finite weights")
         plans.append((site, width))
+    if config.budget is not None:
+        plans = _plan_budget(plans, config)
     return plans
+
+
+def _plan_budget(plans: list[tuple[MlpSite, int]], config: FusionConfig) -> list[tuple[MlpSite, int]]:
+    """Widths that keep ``config.budget`` of the chosen sites' parameters, spread by sensitivity."""
+    curves = [width_curve(site.read(), config.canonical, config.seed) for site, _ in plans]
+    total = sum(curve.neuron_cost * site.width for curve, (site, _) in zip(curves, plans))
+    budget = int(config.budget * total)
+    if budget < sum(curve.neuron_cost for curve in curves):
+        raise UserError(f"a budget of {config.budget} cannot keep one neuron in every chosen MLP; raise it")
+    widths = allocate_widths(curves, budget)
+    return [(site, width) for (site, _), width in zip(plans, widths)]
 
 
 def _ranges(values: list[int]) -> str:

@@ -187,6 +187,7 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
     plain = copy.deepcopy(model)
     for module in plain.modules():
         if parametrize.is_parametrized(module):
+            _own_class(module)
             for name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     config = plain.config.get_text_config() if hasattr(plain.config, "get_text_config") else plain.config
@@ -200,6 +201,17 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
         "sites": [asdict(record) for record in fusion_records(model)],
     }
     return save_plain(plain, directory, tokenizer, overwrite=overwrite, notes={EXPORT_NOTE_FILE: note})
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own.
+
+    torch gives every parametrized module a generated subclass, and a deep copy shares it with the original;
+    removing a parametrization deletes its property from that class, which would break the caller's model.
+    """
+    cls = module.__class__
+    members = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, members)
 
 
 def save_plain(

@@ -1,5 +1,5 @@
-"""The ``mlp-fusion`` command line: ``compress``, ``export``, ``ntk``, ``perplexity``, ``finetune`` / ``evaluate``,
-``upcycle``, ``methods``.
+"""The ``mlp-fusion`` command line: ``compress``, ``export``, ``info``, ``ntk``, ``perplexity``,
+``finetune`` / ``evaluate``, ``upcycle``, ``methods``.
 
 Every bad input ends in one line on stderr and exit status 2, before any file is touched.
 """
@@ -10,14 +10,14 @@ import argparse
 import sys
 
 from ..errors import UserError
-from . import compress, evaluate, export, finetune, ntk, perplexity, upcycle
+from . import compress, evaluate, export, finetune, info, ntk, perplexity, upcycle
 from .common import EXIT_USAGE, Parser, quiet_transformers
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mlp-fusion", description="Fuse the MLP blocks of a transformer (MLP Fusion).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (compress, export, ntk, perplexity, finetune, evaluate, upcycle):
+    for command in (compress, export, info, ntk, perplexity, finetune, evaluate, upcycle):
         command.add_parser(commands)
     commands.add_parser("methods", help="list the compression methods").set_defaults(run=run_methods)
     return parser

@@ -41,7 +41,7 @@ def add_parser(commands) -> None:
         help=f"hub id, local directory, or bundled alias ({', '.join(BUNDLED)}; default {DEFAULT_MODEL})",
     )
     size = compress.add_mutually_exclusive_group()
-    add_config_options(size, FusionConfig, ("ratio", "width"))
+    add_config_options(size, FusionConfig, ("ratio", "width", "budget"))
     add_config_options(compress, FusionConfig, FUSION_OPTIONS)
     calibration = compress.add_argument_group("calibration-aware fusion")
     add_calibration_options(calibration)

@@ -28,7 +28,7 @@ from .run_dir import CHECKPOINTS, check_out, finish_out, has_checkpoint, start_o
 RUN_KEYS = (
     "model", "task", "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
     "source_column", "target_column", "max_new_tokens", "num_beams",
-    "method", "ratio", "width", "layers", "n_init", "canonical", "calibrate", "calibration_samples", "weighting",
+    "method", "ratio", "width", "budget", "layers", "n_init", "canonical", "calibrate", "calibration_samples", "weighting",
     "refit", "ridge", "distill_epochs", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
 )  # fmt: skip
@@ -58,7 +58,7 @@ def add_parser(commands) -> None:
         help=f"'full' (no fusion: the baseline) or one of {', '.join(METHODS)} (default fusion)",
     )
     size = fusion.add_mutually_exclusive_group()
-    add_config_options(size, FusionConfig, ("ratio", "width"))
+    add_config_options(size, FusionConfig, ("ratio", "width", "budget"))
     add_config_options(fusion, FusionConfig, ("layers", "n_init", "canonical"))
     add_calibration_options(fusion, from_file=False)
     add_config_options(fusion, FusionConfig, ("weighting", "refit", "ridge"))
@@ -113,6 +113,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     fusion_options = (
         args.ratio
         or args.width
+        or args.budget
         or args.layers != "all"
         or args.distill_epochs
         or not args.canonical
@@ -120,7 +121,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     if fused_input and (args.method or fusion_options):
         raise UserError(
-            f"{args.model} is already fused; --method, --ratio, --width, --layers, --no-canonical, "
+            f"{args.model} is already fused; --method, --ratio, --width, --budget, --layers, --no-canonical, "
             "--calibrate and --distill-epochs are for a base model"
         )
     method = None if fused_input else (args.method or "fusion")
@@ -129,7 +130,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         config = FusionConfig(**{**config_values(args, FusionConfig), "method": method})
     elif method == "full" and fusion_options:
         raise UserError(
-            "--method full fine-tunes the unfused model: drop --ratio, --width, --layers, --no-canonical, "
+            "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, --no-canonical, "
             "--calibrate, --distill-epochs"
         )
     if args.distill_epochs < 0:

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         fusion_options=options,
         calibration=calibration_inputs(args, loaded.tokenizer, calibration),
     )
+    result.pop("reference")  # tensors, for callers that compare more methods later
     result = {"model": loaded.source, "layers": layers, "params_set": args.params, **result}
     if args.plot is not None:
         from ..diagnostics.plot import plot_rows

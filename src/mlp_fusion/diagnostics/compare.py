@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..config import FusionConfig
+from ..config import FusionConfig, parse_layers
 from ..fuse import count_parameters, fuse
 from .kernels import KERNELS, empirical_kernels, kernel_error
 from .outputs import output_errors
@@ -30,19 +30,22 @@ def compare_methods(
     progress: Callable[[str], None] | None = None,
     fusion_options: dict | None = None,
     calibration: dict | None = None,
+    reference: dict | None = None,
 ) -> dict:
     """Fuse a copy of ``original`` per method and ratio and measure it; the original's kernels are computed once.
 
     ``batch`` holds every probe, right-padded; the kernels run on it in micro-batches of ``batch_size``.
     ``fusion_options`` holds further :class:`FusionConfig` fields (``canonical``, ``n_init``, ...);
-    ``calibration``, a tokenised batch, makes every fusion calibration-aware.
+    ``calibration``, a tokenised batch, makes every fusion calibration-aware. ``reference``: the original's
+    kernels from an earlier call with the same probes, layers and parameter set (returned as ``reference``).
     """
     say = progress or (lambda message: None)
+    layers = parse_layers(layers)
     options = {"batch_size": batch_size, "max_memory_mb": max_memory_mb, "seed": seed}
-    say("kernels of the original model")
-    reference = empirical_kernels(
-        original, batch, kernel_modules(original, params, layers), kernels, **options
-    )
+    if reference is None:
+        say("kernels of the original model")
+        modules = kernel_modules(original, params, layers)
+        reference = empirical_kernels(original, batch, modules, kernels, **options)
     rows = []
     for method in methods:
         for ratio in ratios:
@@ -69,4 +72,9 @@ def compare_methods(
             row["params"] = count_parameters(model)
             row["seconds"] = time.perf_counter() - start
             rows.append(row)
-    return {"params": count_parameters(original), "probes": len(batch["input_ids"]), "rows": rows}
+    return {
+        "params": count_parameters(original),
+        "probes": len(batch["input_ids"]),
+        "rows": rows,
+        "reference": reference,
+    }

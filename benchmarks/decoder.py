@@ -1,0 +1,204 @@
+"""What each compression keeps of a gated decoder (SmolLM2-135M), before any fine-tuning.
+
+1. ``ntk``: layers 25-29 and 10-29, ratios 0.5 and 0.25, 32 WebNLG dev texts as probes, seeds 0, 1, 2
+   (deterministic methods: one run): final output error, mean fused-layer output error, Adam-kernel error
+   over the fused MLPs' tensors, for every variant below.
+2. ``perplexity``: perplexity of held-out WebNLG dev texts (200, none of them probes) for the original model
+   and every variant at layers 20-29 and 10-29, ratios 0.5 and 0.25, plus budget allocation at the same
+   parameter count.
+Calibration rows use the first 128 WebNLG train texts; timings are in the results file. mmd (200 Adam steps
+per site) runs only on the smaller layer set of each part, to keep the run within an hour.
+
+    python benchmarks/decoder.py ntk          # about 60 minutes on 2 cores
+    python benchmarks/decoder.py perplexity   # about 25 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kmeans import machine, write_section  # noqa: E402
+
+from mlp_fusion import FusionConfig, fuse  # noqa: E402
+from mlp_fusion.calibration import calibration_batch  # noqa: E402
+from mlp_fusion.diagnostics import compare_methods  # noqa: E402
+from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
+from mlp_fusion.fuse import count_parameters  # noqa: E402
+from mlp_fusion.models import load_model  # noqa: E402
+from mlp_fusion.probes import probe_batch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"
+SEEDS = (0, 1, 2)
+SLOW = {"mmd"}  # variants run on the first (smaller) layer set only
+# label -> (method, extra FusionConfig fields, calibrated, depends on the seed)
+VARIANTS = {
+    "fusion": ("fusion", {}, False, True),
+    "fusion (raw)": ("fusion", {"canonical": False}, False, True),
+    "fusion+calibration": ("fusion", {}, True, True),
+    "fold": ("fold", {}, False, True),
+    "cluster": ("cluster", {}, False, True),
+    "mmd": ("mmd", {}, False, True),
+    "prune": ("prune", {}, False, False),
+    "prune+calibration": ("prune", {}, True, False),
+    "sketch": ("sketch", {}, False, True),
+    "svd": ("svd", {}, False, False),
+}
+BUDGET_VARIANTS = {
+    "fusion, budget": ("fusion", {}, False, True),
+    "fusion+calibration, budget": ("fusion", {}, True, True),
+}
+
+
+def webnlg_texts(split: str, start: int, count: int) -> list[str]:
+    rows = [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines()]
+    return [row["lex"][0]["text"] for row in rows[start : start + count]]
+
+
+def ntk(loaded, calibration: dict) -> dict:
+    batch = probe_batch(loaded.model, loaded.tokenizer, count=32, texts=webnlg_texts("dev", 0, 32))
+    results = {}
+    for layers in ("25-29", "10-29"):
+        reference = None
+        for ratio in (0.5, 0.25):
+            for label, (method, options, calibrated, seeded) in VARIANTS.items():
+                if label in SLOW and layers != "25-29":
+                    continue
+                runs = []
+                for seed in SEEDS if seeded else SEEDS[:1]:
+                    result = compare_methods(
+                        loaded.model, batch, methods=[method], ratios=[ratio], layers=layers,
+                        kernels=("adam",), params="fused", seed=seed, fusion_options=options,
+                        calibration=calibration if calibrated else None, reference=reference,
+                    )  # fmt: skip
+                    reference = result["reference"]
+                    runs.append(result["rows"][0])
+                key = f"{label} | {layers} | {ratio}"
+                results[key] = runs
+                print(key, summary(runs), file=sys.stderr, flush=True)
+    return results
+
+
+def summary(runs: list[dict]) -> dict:
+    keys = ("output_error", "layer_output_error", "adam_error", "seconds")
+    out = {key: statistics.mean(run[key] for run in runs) for key in keys}
+    out.update(
+        {f"{key}_std": statistics.stdev(run[key] for run in runs) if len(runs) > 1 else 0.0 for key in keys}
+    )
+    return {**out, "runs": len(runs), "params": runs[0]["params"]}
+
+
+def perplexities(loaded, calibration: dict) -> dict:
+    texts = webnlg_texts("dev", 100, 200)
+    scores = {"original": {**perplexity(loaded.model, loaded.tokenizer, texts), "seconds": 0.0}}
+    print("original", scores["original"]["perplexity"], file=sys.stderr, flush=True)
+    for layers in ("20-29", "10-29"):
+        for ratio in (0.5, 0.25):
+            rows = [(label, spec, {"ratio": ratio}) for label, spec in VARIANTS.items()]
+            rows += [(label, spec, {"budget": ratio}) for label, spec in BUDGET_VARIANTS.items()]
+            for label, (method, options, calibrated, _), size in rows:
+                if label in SLOW and layers != "20-29":
+                    continue
+                model = copy.deepcopy(loaded.model)
+                start = time.perf_counter()
+                config = FusionConfig(method=method, layers=layers, **size, **options)
+                report = fuse(model, config, calibration=calibration if calibrated else None)
+                seconds = time.perf_counter() - start
+                score = perplexity(model, loaded.tokenizer, texts)
+                key = f"{label} | {layers} | {ratio}"
+                widths = sorted({row.width_after for row in report.layers})
+                scores[key] = {
+                    **score,
+                    "seconds": seconds,
+                    "params": count_parameters(model),
+                    "widths": widths,
+                }
+                print(key, round(score["perplexity"], 2), round(seconds, 1), file=sys.stderr, flush=True)
+                del model
+    return scores
+
+
+def ntk_table(results: dict) -> str:
+    lines = [
+        "| method | layers | ratio | output error | mean layer error | Adam-kernel error | runs | s per run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, runs in results.items():
+        label, layers, ratio = key.split(" | ")
+        s = summary(runs)
+        cells = [
+            f"{s[k]:.3f} ± {s[k + '_std']:.3f}" for k in ("output_error", "layer_output_error", "adam_error")
+        ]
+        lines.append(
+            f"| {label} | {layers} | {ratio} | "
+            + " | ".join(cells)
+            + f" | {s['runs']} | {s['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def perplexity_table(scores: dict) -> str:
+    lines = [
+        "| method | layers | ratio or budget | perplexity | parameters | widths | fusion s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    original = scores["original"]
+    lines.append(f"| original | - | - | {original['perplexity']:.2f} | - | - | - |")
+    for key, s in scores.items():
+        if key == "original":
+            continue
+        label, layers, ratio = key.split(" | ")
+        widths = (
+            ", ".join(map(str, s["widths"]))
+            if len(s["widths"]) <= 4
+            else f"{min(s['widths'])}-{max(s['widths'])}"
+        )
+        lines.append(
+            f"| {label} | {layers} | {ratio} | {s['perplexity']:.2f} | {s['params']:,} | {widths} | {s['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("part", choices=("ntk", "perplexity"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    transformers.utils.logging.set_verbosity_error()
+    loaded = load_model("smollm2")
+    calibration = calibration_batch(loaded.tokenizer, webnlg_texts("train", 0, 128), max_length=64)
+    results = ntk(loaded, calibration) if args.part == "ntk" else perplexities(loaded, calibration)
+    info = machine()
+    record = {
+        "command": f"python benchmarks/decoder.py {args.part}",
+        "date": date.today().isoformat(),
+        "machine": info,
+        "results": results,
+    }
+    out = ROOT / "benchmarks" / "results" / f"decoder-{args.part}-smollm2.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    table = ntk_table(results) if args.part == "ntk" else perplexity_table(results)
+    footer = (
+        f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
+        f"{info['transformers']}. Date {record['date']}. Command: `{record['command']}`; raw results in "
+        f"`{out.relative_to(ROOT)}`."
+    )
+    write_section(ROOT / "BENCHMARKS.md", f"decoder-{args.part}-smollm2", table + footer)
+    print(table + footer)
+
+
+if __name__ == "__main__":
+    main()

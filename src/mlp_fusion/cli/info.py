@@ -1,0 +1,69 @@
+"""``mlp-fusion info``: what a fused checkpoint holds, read from its files without building the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+SETTINGS_SHOWN = ("canonical", "weighting", "refit", "ridge", "budget", "n_init")
+
+
+def add_parser(commands) -> None:
+    info = commands.add_parser(
+        "info", help="show what a fused checkpoint holds: sites, widths, methods, settings"
+    )
+    info.add_argument(
+        "fused", type=Path, help="directory written by 'compress --out', 'finetune' or save_pretrained"
+    )
+    info.add_argument("--json", action="store_true", help="print fusion.json and the parameter count as JSON")
+    info.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..persistence import WEIGHTS_FILE, read_fusion_file
+
+    fusion = read_fusion_file(args.fused)
+    fusion["parameters"] = _stored_numbers(args.fused / WEIGHTS_FILE)
+    if args.json:
+        print(json.dumps(fusion))
+        return 0
+    print(f"{args.fused}: {fusion['architecture']} from {fusion.get('source_model') or 'an unnamed model'}")
+    print(
+        f"format {fusion['format_version']}, written by mlp-fusion {fusion.get('library_version', '?')}, "
+        f"dtype {fusion.get('dtype', '?')}, {fusion['parameters']:,} stored numbers (weights and scales)"
+    )
+    print(
+        f"{'layer':>5} {'experts':>7} {'width':>13} {'method':>7} {'scale':>5} {'rank':>5}  settings / module"
+    )
+    for site in fusion["sites"]:
+        settings = site.get("settings") or {}
+        shown = ", ".join(f"{k}={settings[k]}" for k in SETTINGS_SHOWN if settings.get(k) is not None)
+        print(
+            f"{site['layer']:>5} {site.get('experts') or '-':>7} {site['width_before']:>6} -> {site['width']:<4} "
+            f"{site['method']:>7} {'yes' if site.get('scaled') else 'no':>5} {site.get('rank') or '-':>5}  "
+            f"{site['name']}" + (f" ({shown})" if shown else "")
+        )
+    if not fusion["sites"]:
+        print("no fused MLP (a full model saved in the fused format)")
+    return 0
+
+
+def _stored_numbers(path: Path) -> int:
+    """Elements of every tensor in a safetensors file, from its header alone."""
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {path}: {type(error).__name__}; save the model again") from None
+    total = 0
+    for name, entry in header.items():
+        if name != "__metadata__":
+            count = 1
+            for dimension in entry["shape"]:
+                count *= dimension
+            total += count
+    return total

@@ -1,0 +1,57 @@
+"""Per-site widths from a parameter budget."""
+
+import pytest
+from tiny_models import build
+
+from mlp_fusion import FusionConfig, UserError, find_sites, fuse
+from mlp_fusion.budget import WidthCurve, allocate_widths
+
+
+def curve(full, steepness, cost):
+    """Error falling linearly from ``steepness * full`` at width 0 to 0 at ``full``."""
+    return WidthCurve([1, full], [steepness * (full - 1), 0.0], cost)
+
+
+def test_allocation_meets_the_budget_and_follows_sensitivity():
+    curves = [curve(40, 1.0, 3), curve(40, 5.0, 3), curve(20, 2.0, 7)]
+    budget = 150
+    widths = allocate_widths(curves, budget)
+    spent = sum(w * c.neuron_cost for w, c in zip(widths, curves))
+    assert spent <= budget
+    # no site that is not full could take one more neuron within the budget
+    assert all(w == c.widths[-1] or spent + c.neuron_cost > budget for w, c in zip(widths, curves))
+    # per parameter: site 1 gains 5/3, site 2 gains 2/7, site 0 gains 1/3 -> site 1 fills first, then site 0
+    assert widths[1] == 40 and widths[0] == (150 - 40 * 3 - 7) // 3 and widths[2] == 1
+
+
+def test_interpolated_curve():
+    c = WidthCurve([1, 5, 9], [8.0, 4.0, 0.0], 1)
+    assert c.error(3) == pytest.approx(6.0) and c.error(9) == 0.0 and c.error(7) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "mixtral"])
+def test_fuse_with_a_budget_keeps_that_share_of_the_parameters(family):
+    model = build(family)
+    before = {site.name: site for site in find_sites(model)}
+    chosen = [s for s in before.values() if s.layer in (1, 2)]
+    costs = {s.name: s.read() for s in chosen}
+    cost = {
+        n: sub.batch * (sum(t.shape[-1] for t in sub.inputs) + sub.output.shape[-1])
+        for n, sub in costs.items()
+    }
+    total = sum(cost[s.name] * s.width for s in chosen)
+    report = fuse(model, FusionConfig(budget=0.4, layers="1-2"))
+    widths = {row.name: row.width_after for row in report.layers}
+    kept = sum(cost[name] * width for name, width in widths.items())
+    assert kept <= int(0.4 * total)
+    assert kept > int(0.4 * total) - max(cost.values())
+    for site in find_sites(model):
+        if site.name in widths:
+            assert site.width == widths[site.name]
+
+
+def test_budget_is_exclusive_with_ratio_and_width():
+    with pytest.raises(UserError, match="one of a ratio"):
+        FusionConfig(budget=0.5, ratio=0.5)
+    with pytest.raises(UserError, match="budget must be in"):
+        FusionConfig(budget=1.5)
