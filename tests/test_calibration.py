@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
-from tiny_models import FAMILIES, FOODS, NAMES, build, inputs, outputs, save_tokenizer
+from tiny_models import FAMILIES, FOODS, NAMES, build, inputs, outputs
 
 from mlp_fusion import FusionConfig, UserError, find_sites, fuse
 from mlp_fusion.calibration import _output_of, _run_to_site, calibrate_site, refit_output
-from mlp_fusion.cli import main
 from mlp_fusion.diagnostics import output_errors
 from mlp_fusion.parametrizations import NeuronScale
 
@@ -107,25 +106,10 @@ def test_bad_calibration_batch_is_refused():
         fuse(model, FusionConfig(), calibration={"input_ids": torch.ones(3)})
 
 
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lm") / "llama"
-    build("llama").save_pretrained(path)
-    save_tokenizer(path)
-    return path
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_compress_and_ntk_with_a_calibration_file(capsys, lm_dir, tmp_path):
+def test_compress_and_ntk_with_a_calibration_file(cli, lm_dir, tmp_path):
     texts = tmp_path / "calibration.txt"
     texts.write_text("\n".join(f"{name} likes {food} in the north" for name in NAMES for food in FOODS))
-    code, stdout, _ = run(
-        capsys,
+    code, stdout, _ = cli(
         "compress",
         lm_dir,
         "--ratio",
@@ -139,15 +123,15 @@ def test_compress_and_ntk_with_a_calibration_file(capsys, lm_dir, tmp_path):
     assert code == 0
     report = json.loads(stdout)
     assert all(row["calibration_error"] is not None for row in report["layers"])
-    code, stdout, _ = run(
-        capsys, "ntk", lm_dir, "--methods", "fusion,prune", "--ratios", "0.5", "--probes", "4",
+    code, stdout, _ = cli(
+        "ntk", lm_dir, "--methods", "fusion,prune", "--ratios", "0.5", "--probes", "4",
         "--calibration", texts, "--calibration-samples", "8", "--json",
     )  # fmt: skip
     assert code == 0
     assert all(row["calibrated"] for row in json.loads(stdout)["rows"])
 
 
-def test_compress_refuses_bad_calibration_before_writing(capsys, lm_dir, model_dir, tmp_path):
+def test_compress_refuses_bad_calibration_before_writing(cli, lm_dir, model_dir, tmp_path):
     texts = tmp_path / "calibration.txt"
     texts.write_text("the film is good\n")
     out = tmp_path / "fused"
@@ -157,6 +141,6 @@ def test_compress_refuses_bad_calibration_before_writing(capsys, lm_dir, model_d
         ((model_dir, "--calibration", texts), "tokenizer"),
         ((lm_dir, "--calibration", texts, "--ridge", "-2"), "ridge"),
     ]:
-        code, stdout, stderr = run(capsys, "compress", *args, "--out", out)
+        code, stdout, stderr = cli("compress", *args, "--out", out)
         assert code == 2 and stdout == "" and message in stderr, args
         assert not out.exists()

@@ -9,7 +9,6 @@ import transformers as tf
 from tiny_models import build, save_tokenizer
 
 from mlp_fusion import FusionConfig, fuse, save_pretrained
-from mlp_fusion.cli import main
 from mlp_fusion.diagnostics.perplexity import perplexity
 
 TEXTS = [
@@ -18,14 +17,6 @@ TEXTS = [
     "fine",
     "the story is very nice and the film is great",
 ]
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lm") / "llama"
-    build("llama").save_pretrained(path)
-    save_tokenizer(path)
-    return path
 
 
 def hand_computed(model, tokenizer, texts):
@@ -50,16 +41,10 @@ def test_perplexity_matches_a_hand_computed_value(lm_dir):
     assert result["perplexity"] == pytest.approx(expected, rel=1e-6)
 
 
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_perplexity_command_on_plain_and_fused_models(capsys, lm_dir, tmp_path):
+def test_perplexity_command_on_plain_and_fused_models(cli, lm_dir, tmp_path):
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
-    code, stdout, _ = run(capsys, "perplexity", lm_dir, "--data", data, "--json")
+    code, stdout, _ = cli("perplexity", lm_dir, "--data", data, "--json")
     assert code == 0
     plain = json.loads(stdout)
     model = tf.LlamaForCausalLM.from_pretrained(lm_dir).eval()
@@ -68,15 +53,13 @@ def test_perplexity_command_on_plain_and_fused_models(capsys, lm_dir, tmp_path):
 
     fuse(model, FusionConfig(ratio=0.25))
     save_pretrained(model, tmp_path / "fused", tokenizer)
-    code, stdout, _ = run(
-        capsys, "perplexity", tmp_path / "fused", "--data", data, "--json", "--max-samples", "2"
-    )
+    code, stdout, _ = cli("perplexity", tmp_path / "fused", "--data", data, "--json", "--max-samples", "2")
     fused = json.loads(stdout)
     assert code == 0 and fused["texts"] == 2
     assert fused["perplexity"] == pytest.approx(hand_computed(model, tokenizer, TEXTS[:2])[0], rel=1e-6)
 
 
-def test_perplexity_refuses_bad_input(capsys, lm_dir, model_dir, tmp_path):
+def test_perplexity_refuses_bad_input(cli, lm_dir, model_dir, tmp_path):
     text = tmp_path / "texts.txt"
     text.write_text("\n".join(TEXTS))
     for args, message in [
@@ -84,11 +67,11 @@ def test_perplexity_refuses_bad_input(capsys, lm_dir, model_dir, tmp_path):
         (("perplexity", lm_dir, "--data", text, "--max-length", "0"), "--max-length"),
         (("perplexity", model_dir, "--data", text), "tokenizer"),
     ]:
-        code, stdout, stderr = run(capsys, *args)
+        code, stdout, stderr = cli(*args)
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
         assert code == 2 and stdout == "" and len(errors) == 1, args
         assert message in errors[0]
     save_tokenizer(tmp_path / "bert")
     build("bert").save_pretrained(tmp_path / "bert")
-    code, _, stderr = run(capsys, "perplexity", tmp_path / "bert", "--data", text)
+    code, _, stderr = cli("perplexity", tmp_path / "bert", "--data", text)
     assert code == 2 and "not a causal language model" in stderr

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import UserError
+from .textfiles import jsonl_objects
 
 # Sentences written for this project: varied length, topic and tone.
 PROBE_SENTENCES = [
@@ -67,15 +67,7 @@ def read_probe_texts(path: str | Path, count: int | None = None) -> list[str]:
 
 def _jsonl_texts(raw: str, path: Path) -> list[str]:
     texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}, line {number}: not valid JSON") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}, line {number}: expected a JSON object with a text field")
+    for _, row in jsonl_objects(raw, path):
         column = next((c for c in TEXT_COLUMNS if c in row), next(iter(row), None))
         value = row.get(column)
         if isinstance(value, str):

@@ -7,7 +7,6 @@ is not UTF-8) is a :class:`UserError` naming the file and the problem, raised be
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..textfiles import jsonl_objects
 from .tasks import Task
 
 EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
@@ -133,19 +133,7 @@ def _read_rows(path: Path, header: bool) -> tuple[Rows, Path]:
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {error.start})") from None
     if path.suffix in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(
-                    f"{path} line {number} is not a JSON object (JSONL: one object per line)"
-                ) from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path} line {number} is not a JSON object (JSONL: one object per line)")
-            rows.append((number, row))
+        rows = jsonl_objects(text, path)
     else:
         csv.field_size_limit(sys.maxsize)
         tsv = path.suffix == ".tsv"

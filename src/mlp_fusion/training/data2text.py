@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..textfiles import jsonl_objects
 
 # The ten WebNLG 2017 categories with training data; the test set adds five unseen ones.
 WEBNLG_SEEN = frozenset(
@@ -46,9 +47,7 @@ def read_webnlg(path: Path) -> list[Item]:
     """WebNLG 2017: the flat JSONL (``modifiedtripleset`` strings, ``lex``) or the official challenge JSON."""
     text = _read(path)
     if path.suffix == ".jsonl":
-        entries = [
-            _json_line(path, number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()
-        ]
+        entries = [entry for _, entry in jsonl_objects(text, path)]
         items = []
         for number, entry in enumerate(entries, 1):
             try:
@@ -105,14 +104,11 @@ def read_dart(path: Path) -> list[Item]:
 def read_text2text(path: Path, source_column: str, target_column: str) -> list[Item]:
     """Any JSONL / CSV / TSV with a source and a target column; repeated sources are grouped."""
     if path.suffix in (".jsonl", ".json"):
-        text = _read(path)
         rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                row = _json_line(path, number, line)
-                if source_column not in row or target_column not in row:
-                    raise UserError(f"{path} line {number} lacks {source_column!r} or {target_column!r}")
-                rows.append((str(row[source_column]), str(row[target_column])))
+        for number, row in jsonl_objects(_read(path), path):
+            if source_column not in row or target_column not in row:
+                raise UserError(f"{path} line {number} lacks {source_column!r} or {target_column!r}")
+            rows.append((str(row[source_column]), str(row[target_column])))
     else:
         rows = _csv_rows(path, (source_column, target_column))
     grouped: dict[str, list[str]] = {}
@@ -163,16 +159,6 @@ def _csv_rows(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
             f"{path} has no column {missing[0]!r} (its columns: {', '.join(reader.fieldnames or [])})"
         )
     return [(row[fields[columns[0].lower()]], row[fields[columns[1].lower()]]) for row in reader]
-
-
-def _json_line(path: Path, number: int, line: str) -> dict:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} line {number} is not a JSON object (JSONL: one object per line)")
-    return value
 
 
 def _read(path: Path) -> str:
