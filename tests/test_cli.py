@@ -176,3 +176,13 @@ def test_info_shows_what_a_fused_checkpoint_holds(capsys, model_dir, tmp_path):
     assert code == 0 and "24 -> 12" in stdout and "canonical=True" in stdout
     code, _, stderr = run(capsys, "info", model_dir)
     assert code == 2 and "not a fused checkpoint" in stderr
+
+
+def test_importing_the_core_leaves_training_and_diagnostics_out():
+    code = (
+        "import sys, mlp_fusion; "
+        "print(sorted(m for m in sys.modules if m.startswith(('mlp_fusion.training', 'mlp_fusion.diagnostics'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    assert callable(__import__("mlp_fusion").distill)

@@ -150,3 +150,36 @@ def test_export_leaves_the_callers_model_and_its_copies_working(family, tmp_path
     mlp_fusion.export(twin, tmp_path / "plain-twin")
     assert torch.equal(outputs(model, batch), expected) and torch.equal(outputs(twin, batch), expected)
     assert any(isinstance(m, NeuronScale) for m in model.modules())
+
+
+def test_layers_can_name_one_stack_of_an_encoder_decoder():
+    model = build("switch")
+    report = fuse(model, FusionConfig(ratio=0.5, layers="decoder:1,encoder:3"))
+    chosen = {(row.name.split(".")[0], row.layer) for row in report.layers}
+    assert chosen == {("decoder", 1), ("encoder", 3)}
+    assert FusionConfig(layers="1,decoder:2-3").layers == [1, "decoder:2", "decoder:3"]
+    with pytest.raises(mlp_fusion.UserError, match="unknown stack"):
+        FusionConfig(layers="middle:1")
+    with pytest.raises(mlp_fusion.UserError, match="decoder stack's MLP layers are 0-3"):
+        fuse(build("switch"), FusionConfig(layers="decoder:7"))
+    with pytest.raises(mlp_fusion.UserError, match="no MLP in a encoder stack"):
+        fuse(build("llama"), FusionConfig(layers="encoder:1"))
+
+
+def test_each_stack_width_goes_to_its_own_config_field(tmp_path):
+    config = transformers.BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=20, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BartModel(config).eval()
+    keys = {site.name: site.config_key for site in find_sites(model)}
+    assert {k for n, k in keys.items() if ".decoder." in f".{n}"} == {"decoder_ffn_dim"}
+    assert {k for n, k in keys.items() if ".encoder." in f".{n}"} == {"encoder_ffn_dim"}
+    batch = inputs()
+    fuse(model, FusionConfig(ratio=0.5))
+    expected = outputs(model, batch)
+    mlp_fusion.export(model, tmp_path / "plain")
+    plain = transformers.BartModel.from_pretrained(tmp_path / "plain").eval()
+    assert (plain.config.encoder_ffn_dim, plain.config.decoder_ffn_dim) == (12, 10)
+    assert max_diff(outputs(plain, batch), expected) <= 1e-5

@@ -87,3 +87,13 @@ def test_matches_scikit_learn_on_random_data():
     ours = float(k_means(x, 20, seed=0).inertia)
     theirs = sklearn.KMeans(20, n_init=3, algorithm="lloyd", random_state=0).fit(x.numpy()).inertia_
     assert ours <= 1.01 * theirs
+
+
+def test_a_large_common_offset_does_not_change_the_clustering():
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(20, 4, generator=generator) * 0.001 + c for c in (0.0, 0.1, 0.2)])
+    near = k_means(points, 3, seed=0)
+    far = k_means(points + 1e3, 3, seed=0)  # float32 still holds the points to about 1e-4
+    assert torch.equal(near.labels, far.labels)
+    torch.testing.assert_close(far.centers - 1e3, near.centers, atol=1e-4, rtol=0)
+    torch.testing.assert_close(far.inertia, near.inertia, rtol=0.1, atol=0)

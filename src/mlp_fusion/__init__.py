@@ -7,8 +7,17 @@ from .fuse import FusionReport, fuse
 from .kmeans import KMeans, k_means
 from .methods import METHODS
 from .persistence import export, from_pretrained, save_pretrained
-from .training import distill
 from .upcycle import upcycle
+
+
+def __getattr__(name: str):
+    # distill lives in the training stack, which importing the core must not pull in
+    if name == "distill":
+        from .training import distill
+
+        return distill
+    raise AttributeError(f"module 'mlp_fusion' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = [

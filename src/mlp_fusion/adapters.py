@@ -169,7 +169,9 @@ def _width_key(config: object, site: MlpSite) -> str | None:
     elif "shared" in site.name.rsplit(".", 1)[-1]:
         keys = SHARED_WIDTH_KEYS
     else:
-        keys = DENSE_WIDTH_KEYS
+        # a stack's own field first (BART: encoder_ffn_dim / decoder_ffn_dim); never the other stack's
+        own = [f"{site.stack}_ffn_dim"] if site.stack else []
+        keys = own + [k for k in DENSE_WIDTH_KEYS if not k.endswith("_ffn_dim") or not site.stack]
     return next((key for key in keys if hasattr(config, key)), None)
 
 

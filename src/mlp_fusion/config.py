@@ -14,7 +14,8 @@ class FusionConfig:
     """Settings of one :func:`mlp_fusion.fuse` call.
 
     Give either ``ratio`` (kept fraction of each MLP's width) or ``width`` (the same width for every fused
-    MLP). ``layers`` is a list of layer indices, ``"all"``, or a spec such as ``"2-5"`` or ``"0,2,4-6"``.
+    MLP). ``layers`` is ``"all"``, a list of layer indices, or a spec such as ``"2-5"``, ``"0,2,4-6"`` or
+    ``"encoder:1,decoder:9-11"`` (see :func:`parse_layers`).
     """
 
     method: str = field(
@@ -31,8 +32,11 @@ class FusionConfig:
             "their sensitivity (instead of one ratio)"
         },
     )
-    layers: list[int] | str = field(
-        default="all", metadata={"help": "layers to fuse: 'all', a list '2,3,5' or a range '2-5'"}
+    layers: list[int | str] | str = field(
+        default="all",
+        metadata={
+            "help": "layers to fuse: 'all', a list '2,3,5', a range '2-5', or per stack 'encoder:1,decoder:9-11'"
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of k-means and of the sketch"})
     n_init: int = field(default=1, metadata={"help": "k-means restarts (the lowest inertia is kept)"})
@@ -108,35 +112,58 @@ class FusionConfig:
         return max(1, round(self.ratio * width))
 
 
-def parse_layers(spec: list[int] | tuple[int, ...] | range | str) -> list[int] | str:
-    """``"all"`` stays ``"all"``; ``"2-5"``, ``"1,3"``, ``[2, 3]`` become a sorted list of distinct indices."""
+def parse_layers(spec: list[int | str] | tuple | range | str) -> list[int | str] | str:
+    """``"all"`` stays ``"all"``; a spec becomes a sorted list of distinct layer references.
+
+    A reference is an index (that layer in every stack) or ``"stack:index"`` (that layer of one stack of an
+    encoder-decoder: ``encoder`` or ``decoder``). In a spec, ``stack:`` applies to the numbers after it
+    until the next prefix: ``"2-5"``, ``"1,3"``, ``"encoder:5,7"``, ``"encoder:1,decoder:9-11"``.
+    """
     if isinstance(spec, str):
         text = spec.strip().lower()
         if text == "all":
             return "all"
-        indices: set[int] = set()
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            low, dash, high = part.partition("-")
-            try:
-                start, end = int(low), int(high if dash else low)
-            except ValueError:
-                raise UserError(
-                    f"bad layer spec {spec!r}: use 'all', a list like '2,3,5' or a range like '2-5'"
-                ) from None
-            if start < 0 or end < start:
-                raise UserError(f"bad layer range {part!r}: use 'low-high' with 0 <= low <= high")
-            indices.update(range(start, end + 1))
-        if not indices:
-            raise UserError(f"bad layer spec {spec!r}: it names no layer")
-        return sorted(indices)
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+    else:
+        try:
+            parts = [str(i).strip().lower() for i in spec]
+        except TypeError:
+            raise UserError(f"layers must be 'all', a spec like '2-5' or a list, got {spec!r}") from None
+    references: set[int | str] = set()
+    stack = None
+    for part in parts:
+        if ":" in part:
+            stack, _, part = (piece.strip() for piece in part.partition(":"))
+            if stack not in STACKS:
+                raise UserError(f"unknown stack {stack!r} in layers {spec!r}: use {' or '.join(STACKS)}")
+        for index in _layer_range(part, spec):
+            references.add(index if stack is None else f"{stack}:{index}")
+    if not references:
+        raise UserError(f"bad layer spec {spec!r}: it names no layer")
+    return sorted(references, key=lambda r: (isinstance(r, str), str(r).partition(":")[0], _index(r)))
+
+
+STACKS = ("encoder", "decoder")
+
+
+def _layer_range(part: str, spec: object) -> range:
+    low, dash, high = part.partition("-")
     try:
-        indices = {int(i) for i in spec}
-    except (TypeError, ValueError):
+        start, end = int(low), int(high if dash else low)
+    except ValueError:
         raise UserError(
-            f"layers must be 'all', a spec like '2-5' or a list of integers, got {spec!r}"
+            f"bad layer spec {spec!r}: use 'all', a list like '2,3,5', a range like '2-5', "
+            "or a stack prefix like 'decoder:9-11'"
         ) from None
-    if not indices:
-        raise UserError("layers is empty: name at least one layer, or 'all'")
-    if min(indices) < 0:
-        raise UserError(f"layer indices must be >= 0, got {sorted(indices)}")
-    return sorted(indices)
+    if start < 0 or end < start:
+        raise UserError(f"bad layer range {part!r}: use 'low-high' with 0 <= low <= high")
+    return range(start, end + 1)
+
+
+def _index(reference: int | str) -> int:
+    return reference if isinstance(reference, int) else int(reference.partition(":")[2])
+
+
+def names_site(layers: list[int | str] | str, stack: str | None, layer: int) -> bool:
+    """Whether the parsed ``layers`` choose the MLP of ``layer`` in ``stack`` (None for a single stack)."""
+    return layers == "all" or layer in layers or (stack is not None and f"{stack}:{layer}" in layers)

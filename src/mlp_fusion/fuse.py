@@ -12,7 +12,7 @@ from torch import nn
 from .adapters import find_sites
 from .budget import allocate_widths, width_curve
 from .calibration import calibrate_site, refit_output
-from .config import FusionConfig
+from .config import FusionConfig, names_site
 from .errors import UserError
 from .methods import METHODS, MethodResult, SubMlps
 from .narrowing import apply_result, use_compatible_experts_kernel
@@ -188,17 +188,21 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def select_sites(sites: list[MlpSite], layers: list[int] | str) -> list[MlpSite]:
-    """The sites in ``layers``; an index past the last layer, or a layer with no MLP, is an error."""
+def select_sites(sites: list[MlpSite], layers: list[int | str] | str) -> list[MlpSite]:
+    """The sites ``layers`` names; a layer past the last, or a layer with no MLP, is an error."""
     if layers == "all":
         return sites
-    present = sorted({site.layer for site in sites})
-    for layer in layers:
-        if layer > present[-1]:
-            raise UserError(f"layer {layer} is out of range: this model's MLP layers are {_ranges(present)}")
-        if layer not in present:
-            raise UserError(f"layer {layer} has no MLP; this model's MLP layers are {_ranges(present)}")
-    return [site for site in sites if site.layer in layers]
+    for reference in layers:
+        stack, _, index = str(reference).rpartition(":")
+        present = sorted({s.layer for s in sites if not stack or s.stack == stack})
+        where = f"the {stack} stack's" if stack else "this model's"
+        if not present:
+            stacks = sorted({s.stack for s in sites if s.stack}) or ["none: the model has one stack"]
+            raise UserError(f"no MLP in a {stack} stack; this model's stacks: {', '.join(stacks)}")
+        if int(index) not in present:
+            problem = "is out of range" if int(index) > present[-1] else "has no MLP"
+            raise UserError(f"layer {reference} {problem}: {where} MLP layers are {_ranges(present)}")
+    return [site for site in sites if names_site(layers, site.stack, site.layer)]
 
 
 def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[tuple[MlpSite, int]]:

@@ -56,6 +56,10 @@ def k_means(
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
 
+    # Distances do not change under a common shift, but the expansion ||a||^2 - 2ab + ||b||^2 loses
+    # precision when every row shares a large offset: cluster the centred rows, shift the centres back.
+    offset = x.mean(dim=1, keepdim=True)
+    x = x - offset
     generator = torch.Generator(device=x.device).manual_seed(seed)
     x_sq = (x * x).sum(-1)
     tol_abs = tol * x.var(dim=1, unbiased=False).mean(-1)
@@ -68,6 +72,7 @@ def k_means(
             result = _hartigan(x, x_sq, result, hartigan_rounds)
         best = result if best is None else _keep_better(best, result)
     assert best is not None
+    best.centers = best.centers + offset
     if squeeze:
         best = KMeansResult(best.centers[0], best.labels[0], best.counts[0], best.inertia[0], best.n_iter)
     return best

@@ -55,6 +55,12 @@ class MlpSite:
     symmetry: str = "none"  # see SubMlps.symmetry
 
     @property
+    def stack(self) -> str | None:
+        """``"encoder"`` or ``"decoder"`` for a site in one stack of an encoder-decoder, else None."""
+        parts = self.name.split(".")
+        return next((p for p in ("encoder", "decoder") if p in parts), None)
+
+    @property
     def width(self) -> int:
         slot = self.slots()[-1]
         return weight_shape(slot.module, slot.attr)[slot.neuron_axis]

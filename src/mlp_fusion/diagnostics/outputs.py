@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..adapters import find_sites
+from ..config import names_site
 from ..probes import compare, main_output
 
 
@@ -15,7 +16,7 @@ def output_errors(original: nn.Module, fused: nn.Module, batch: dict, layers: li
     The layer errors compare each model's own MLP output on its own inputs, so they include what earlier
     fused layers changed.
     """
-    names = [s.name for s in find_sites(original) if layers == "all" or s.layer in layers]
+    names = [s.name for s in find_sites(original) if names_site(layers, s.stack, s.layer)]
     reference, outputs = _mlp_outputs(original, names, batch), _mlp_outputs(fused, names, batch)
     mask = batch["attention_mask"]
     per_layer = {name: compare(reference[name], outputs[name], mask)["relative_error"] for name in names}

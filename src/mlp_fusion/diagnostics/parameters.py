@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..adapters import find_sites
+from ..config import names_site
 from ..errors import UserError
 from ..sites import ExpertModules, LinearMlp, MlpSite, StackedExperts
 
@@ -40,7 +41,7 @@ def kernel_modules(model: nn.Module, spec: str, fused_layers: list[int] | str) -
     if spec == "mlp":
         chosen = sites
     elif spec == "fused":
-        chosen = sites if fused_layers == "all" else [s for s in sites if s.layer in fused_layers]
+        chosen = [s for s in sites if names_site(fused_layers, s.stack, s.layer)]
     elif spec.isdigit():
         chosen = [s for s in sites if s.layer == int(spec)]
         if not chosen:
