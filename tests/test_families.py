@@ -183,3 +183,18 @@ def test_each_stack_width_goes_to_its_own_config_field(tmp_path):
     plain = transformers.BartModel.from_pretrained(tmp_path / "plain").eval()
     assert (plain.config.encoder_ffn_dim, plain.config.decoder_ffn_dim) == (12, 10)
     assert max_diff(outputs(plain, batch), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "mixtral", "switch"])
+def test_the_models_own_save_pretrained_writes_the_fused_format(family, tmp_path):
+    model, batch = build(family), inputs()
+    fuse(model, FusionConfig(ratio=0.5, layers="1-2"))
+    expected = outputs(model, batch)
+    model.save_pretrained(tmp_path / "native")
+    loaded = mlp_fusion.from_pretrained(tmp_path / "native")
+    assert torch.equal(outputs(loaded, batch), expected)
+    loaded.save_pretrained(tmp_path / "again")
+    assert torch.equal(outputs(mlp_fusion.from_pretrained(tmp_path / "again"), batch), expected)
+    twin = copy.deepcopy(model)
+    twin.save_pretrained(tmp_path / "twin")
+    assert torch.equal(outputs(mlp_fusion.from_pretrained(tmp_path / "twin"), batch), expected)

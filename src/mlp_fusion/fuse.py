@@ -143,6 +143,9 @@ def fuse(
             )
         # Kept current, so that an interrupted call still says what it changed.
         setattr(model, RECORD_ATTR, records)
+    from .persistence import follow_native_save  # persistence builds on fuse: imported when used
+
+    follow_native_save(model)
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
     report.seconds = time.perf_counter() - start

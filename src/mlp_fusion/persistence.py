@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import types
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, fields
@@ -37,6 +38,23 @@ def save_pretrained(
     model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False
 ) -> Path:
     """Save a fused model (and its tokenizer) to ``directory`` in the fused format."""
+    return _atomic_directory(Path(directory), overwrite, lambda tmp: _write_fused(model, tmp, tokenizer))
+
+
+def follow_native_save(model: nn.Module) -> None:
+    """Make the model's own ``save_pretrained`` (transformers', which the Trainer calls too) write the fused
+    format into the directory, as that method writes its files, instead of a checkpoint that loads wrong."""
+
+    def native_save(self: nn.Module, save_directory: str | Path, *args, **kwargs) -> None:
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_fused(self, directory, None)
+
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = types.MethodType(native_save, model)
+
+
+def _write_fused(model: nn.Module, directory: Path, tokenizer) -> None:
     from . import __version__
 
     records = fusion_records(model)
@@ -49,17 +67,13 @@ def save_pretrained(
         "methods": sorted({record.method for record in records}),
         "sites": [asdict(record) for record in records],
     }
-
-    def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / FUSION_FILE).write_text(json.dumps(fusion, indent=2) + "\n")
-
-    return _atomic_directory(Path(directory), overwrite, write)
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / FUSION_FILE).write_text(json.dumps(fusion, indent=2) + "\n")
 
 
 def from_pretrained(directory: str | Path, *, device: str | torch.device | None = None) -> nn.Module:
@@ -115,6 +129,7 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device | None 
             f"{sorted(unexpected)[:3]}); the checkpoint is damaged, save it again"
         )
     setattr(model, RECORD_ATTR, records)
+    follow_native_save(model)
     use_compatible_experts_kernel(model, list(sites.values()))
     model.eval()
     return model.to(device) if device is not None else model
@@ -195,6 +210,7 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
         setattr(config, key, values.pop())
     if hasattr(plain, RECORD_ATTR):
         delattr(plain, RECORD_ATTR)
+    plain.__dict__.pop("save_pretrained", None)  # the plain copy saves as any transformers model
     note = {
         "note": "Exported by mlp-fusion with the fixed scales folded into the weights: the same function as the "
         "fused model, but not its fine-tuning dynamics. Fine-tune the fused checkpoint instead.",
