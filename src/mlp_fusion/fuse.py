@@ -19,6 +19,9 @@ from .narrowing import apply_result, use_compatible_experts_kernel
 from .sites import MlpSite
 
 RECORD_ATTR = "mlp_fusion_record"
+# Called with the model after every fuse. Persistence, which builds on this module, registers the native
+# save here, so that fuse never imports it.
+AFTER_FUSE: list[Callable[[nn.Module], None]] = []
 
 
 @dataclass
@@ -143,9 +146,8 @@ def fuse(
             )
         # Kept current, so that an interrupted call still says what it changed.
         setattr(model, RECORD_ATTR, records)
-    from .persistence import follow_native_save  # persistence builds on fuse: imported when used
-
-    follow_native_save(model)
+    for hook in AFTER_FUSE:
+        hook(model)
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
     report.seconds = time.perf_counter() - start

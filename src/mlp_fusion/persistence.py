@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from .adapters import find_sites
 from .errors import UserError
-from .fuse import RECORD_ATTR, SiteRecord, fusion_records
+from .fuse import AFTER_FUSE, RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
 
 FORMAT_VERSION = 1
@@ -52,6 +52,9 @@ def follow_native_save(model: nn.Module) -> None:
 
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = types.MethodType(native_save, model)
+
+
+AFTER_FUSE.append(follow_native_save)
 
 
 def _write_fused(model: nn.Module, directory: Path, tokenizer) -> None:
