@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .methods import SubMlps
-from .probes import model_inputs
+from .probes import model_inputs, padded_batch
 from .sites import ExpertModules, MlpSite, StackedExperts, WeightSlot
 
 MICRO_BATCH = 8
@@ -246,17 +246,5 @@ def _output_of(site: MlpSite, index: int, hidden: torch.Tensor) -> torch.Tensor:
 def calibration_batch(
     tokenizer, texts: list[str], pairs: list[str] | None = None, max_length: int = 128
 ) -> dict:
-    """Texts (and second segments) tokenised with the tokenizer's special tokens, right-padded by hand
-    (the tokenizer may have no padding token and stays untouched)."""
-    rows = [
-        tokenizer(text, pairs[i] if pairs is not None else None, truncation=True, max_length=max_length)[
-            "input_ids"
-        ]
-        for i, text in enumerate(texts)
-    ]
-    longest = max(len(row) for row in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return {
-        "input_ids": torch.tensor([row + [pad] * (longest - len(row)) for row in rows]),
-        "attention_mask": torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows]),
-    }
+    """Calibration inputs as :func:`fuse` takes them: tokenised with special tokens, right-padded."""
+    return padded_batch(tokenizer, texts, pairs, max_length)

@@ -80,19 +80,31 @@ def probe_batch(
 ) -> dict:
     """Tokenised probe sentences (the built-in ones unless ``texts``), right-padded; random ids without a tokenizer."""
     texts = (PROBE_SENTENCES if texts is None else texts)[:count]
-    if (
-        tokenizer is not None
-    ):  # padded by hand: the user's tokenizer may have no pad token, and stays untouched
-        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
-        longest = max(len(ids) for ids in encoded)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        ids = torch.tensor([row + [pad] * (longest - len(row)) for row in encoded])
-        mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in encoded])
-        return {"input_ids": ids, "attention_mask": mask}
+    if tokenizer is not None:
+        return padded_batch(tokenizer, texts, max_length=max_length)
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (count, 16), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def padded_batch(tokenizer, texts: list[str], pairs: list[str] | None = None, max_length: int = 64) -> dict:
+    """``texts`` (and second segments) tokenised with the tokenizer's special tokens and right-padded by hand:
+    the user's tokenizer may have no padding token, and stays untouched."""
+    rows = [
+        tokenizer(text, pairs[i] if pairs else None, truncation=True, max_length=max_length)["input_ids"]
+        for i, text in enumerate(texts)
+    ]
+    return pad_right(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def pad_right(rows: list[list[int]], pad: int = 0) -> dict:
+    """Token id lists as ``input_ids`` and ``attention_mask`` tensors, right-padded to the longest."""
+    longest = max(len(row) for row in rows)
+    return {
+        "input_ids": torch.tensor([row + [pad] * (longest - len(row)) for row in rows]),
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows]),
+    }
 
 
 def micro_batches(batch: dict, size: int) -> list[dict]:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..probes import pad_right
 
 
 def has_lm_head(model: nn.Module) -> bool:
@@ -39,17 +40,11 @@ def perplexity(
     total, tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        ids, mask = _right_padded(chunk, device)
+        batch = pad_right(chunk)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
         targets, keep = ids[:, 1:], mask[:, 1:].bool()
         log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         total -= float(log_probs[keep].sum())
         tokens += int(keep.sum())
     return {"perplexity": math.exp(total / tokens), "tokens": tokens, "nll": total, "texts": len(encoded)}
-
-
-def _right_padded(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = max(len(row) for row in rows)
-    ids = torch.tensor([row + [0] * (longest - len(row)) for row in rows], device=device)
-    mask = torch.tensor([[1] * len(row) + [0] * (longest - len(row)) for row in rows], device=device)
-    return ids, mask
