@@ -182,6 +182,22 @@ def test_decoders_fine_tune_fused_and_reload(capsys, task_dir, tmp_path, family)
     assert code == 0 and json.loads(stdout)["metrics"] == pytest.approx(result["metrics"])
 
 
+def test_lora_on_a_fused_model_trains_adapters_and_saves_them_merged(capsys, base_dir, task_dir, tmp_path):
+    pytest.importorskip("peft", reason="LoRA needs the peft extra (make setup installs it)")
+    out = tmp_path / "run"
+    result = finetune(
+        capsys, base_dir, task_dir, out, "--ratio", "0.5", "--peft", "lora", "--lora-rank", "4",
+        "--epochs", "5",
+    )  # fmt: skip
+    assert result["metrics"]["accuracy"] > 0.85
+    assert result["trainable_params"] < result["params"] / 2  # adapters and the new head only
+    tuned = from_pretrained(out)
+    assert not any("lora" in key for key in tuned.state_dict())
+    assert [r.name for r in fusion_records(tuned)] == [f"bert.encoder.layer.{i}" for i in range(3)]
+    code, stdout, _ = run(capsys, "evaluate", out, "--task", "sst2", "--data", task_dir, "--json")
+    assert code == 0 and json.loads(stdout)["metrics"] == pytest.approx(result["metrics"])
+
+
 def test_csv_task_with_named_labels_from_jsonl(capsys, base_dir, tmp_path):
     from tiny_models import sentiment_rows
 
@@ -255,6 +271,8 @@ def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(capsys, base_di
         (["--task", "sst2", "--calibrate", "--calibration-samples", "0"], "--calibration-samples"),
         (["--task", "sst2", "--method", "full", "--calibrate"], "--method full"),
         (["--task", "sst2", "--ridge", "-1"], "ridge"),
+        (["--task", "sst2", "--lora-rank", "4"], "add --peft lora"),
+        (["--task", "sst2", "--peft", "lora", "--lora-rank", "0"], "--lora-rank"),
     ],
 )
 def test_bad_options_exit_2_before_writing(capsys, base_dir, task_dir, tmp_path, args, message):

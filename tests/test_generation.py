@@ -104,6 +104,26 @@ def test_fused_decoder_fine_tunes_and_generates_the_same_after_loading(capsys, t
     assert code == 0 and json.loads(stdout)["metrics"] == pytest.approx(result["metrics"])
 
 
+def test_lora_on_a_fused_decoder_generates_the_same_after_merging_and_loading(capsys, tmp_path, task_dir):
+    pytest.importorskip("peft", reason="LoRA needs the peft extra (make setup installs it)")
+    import transformers
+
+    base = model_dir(tmp_path, "llama")
+    out = tmp_path / "run"
+    code, stdout, stderr = run(
+        capsys, "finetune", base, *TASK, "--data", task_dir, "--ratio", "0.5", "--peft", "lora",
+        "--epochs", "1", "--out", out, "--json", *FAST,
+    )  # fmt: skip
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["trainable_params"] < result["params"]
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    reloaded = from_pretrained(out)
+    again = generate(reloaded, tokenizer, [r["input"] for r in records], max_new_tokens=6, max_length=32)
+    assert again == [r["output"] for r in records]  # predictions came from the unmerged adapters
+
+
 def test_generation_on_fused_saved_and_exported_models_agrees(tmp_path):
     import transformers
 

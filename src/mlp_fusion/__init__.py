@@ -11,11 +11,15 @@ from .upcycle import upcycle
 
 
 def __getattr__(name: str):
-    # distill lives in the training stack, which importing the core must not pull in
+    # these live in the training stack, which importing the core must not pull in
     if name == "distill":
         from .training import distill
 
         return distill
+    if name in ("add_lora", "merge_lora"):
+        from .training import lora
+
+        return getattr(lora, name)
     raise AttributeError(f"module 'mlp_fusion' has no attribute {name!r}")
 
 
@@ -26,12 +30,14 @@ __all__ = [
     "FusionReport",
     "KMeans",
     "UserError",
+    "add_lora",
     "distill",
     "export",
     "find_sites",
     "from_pretrained",
     "fuse",
     "k_means",
+    "merge_lora",
     "save_pretrained",
     "upcycle",
 ]

@@ -3,3 +3,9 @@
 
 class UserError(ValueError):
     """Bad input from the user (arguments, files, models). The CLI prints it on one line and exits with 2."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (or its type's name), for a one-line report."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

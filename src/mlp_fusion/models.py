@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .persistence import FUSION_FILE, from_pretrained
 
 DEFAULT_MODEL = "minilm"
@@ -199,9 +199,8 @@ def _load_from_hub(name: str) -> LoadedModel:
     try:
         model = _from_pretrained(name)
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"cannot load {name!r} as a local directory or from the hub ({first}); give an existing directory "
+            f"cannot load {name!r} as a local directory or from the hub ({first_line(error)}); give an existing directory "
             f"or one of the bundled models ({', '.join(BUNDLED)})"
         ) from None
     return LoadedModel(model, load_tokenizer(name), name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 class NeuronScale(nn.Module):
@@ -41,3 +42,59 @@ class LowRank(nn.Module):
         left = u[..., : self.rank] * root.unsqueeze(-2)
         right = root.unsqueeze(-1) * vh[..., : self.rank, :]
         return left.to(weight.dtype).contiguous(), right.to(weight.dtype).contiguous()
+
+
+# The same fixed scale, applied to a layer's input instead of its weight. ``y = (W * s) x = W (s * x)``: the
+# function and the gradients of W are the same, but the stored weight is then the layer's real ``weight``,
+# so code that edits it in place (PEFT's LoRA merge) changes what the layer computes, and an adapter that
+# reads the scaled input gets the fused parameterisation's dynamics too.
+INPUT_SCALE = "neuron_scale"
+_HOOK_ATTR = "_neuron_scale_hook"
+
+
+def scales_to_inputs(model: nn.Module) -> list[nn.Module]:
+    """Move every NeuronScale on a layer's ``weight`` (Linear, Conv1D, per-module experts) onto its input.
+
+    Stacked expert tensors keep theirs: nothing reads their weight as a module's ``weight``. Returns the
+    layers changed.
+    """
+    moved = []
+    for module in list(model.modules()):
+        scaling = _weight_scale(module)
+        if scaling is None:
+            continue
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        module.register_buffer(INPUT_SCALE, scaling.scale)
+        setattr(module, _HOOK_ATTR, module.register_forward_pre_hook(scale_input))
+        moved.append(module)
+    return moved
+
+
+def scales_to_weights(model: nn.Module) -> None:
+    """Undo :func:`scales_to_inputs` (with whatever the stored weights have become since)."""
+    for module in model.modules():
+        if hasattr(module, _HOOK_ATTR):
+            getattr(module, _HOOK_ATTR).remove()
+            delattr(module, _HOOK_ATTR)
+            scale = module._buffers.pop(INPUT_SCALE)
+            parametrize.register_parametrization(module, "weight", NeuronScale(scale))
+
+
+def has_input_scales(model: nn.Module) -> bool:
+    return any(hasattr(module, _HOOK_ATTR) for module in model.modules())
+
+
+def scale_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: multiply the first input by the module's ``neuron_scale`` (stored in the weight's
+    layout, so flattened: the neuron axis is the input axis of Linear and Conv1D alike)."""
+    x = args[0]
+    return (x * getattr(module, INPUT_SCALE).reshape(-1).to(x.dtype), *args[1:])
+
+
+def _weight_scale(module: nn.Module) -> NeuronScale | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    chain = module.parametrizations["weight"]
+    if len(chain) != 1 or not isinstance(chain[0], NeuronScale) or chain.original.dim() != 2:
+        return None
+    return chain[0]

@@ -24,9 +24,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .adapters import find_sites
-from .errors import UserError
+from .errors import UserError, first_line
 from .fuse import AFTER_FUSE, RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
+from .parametrizations import has_input_scales
 
 FORMAT_VERSION = 1
 FUSION_FILE = "fusion.json"
@@ -38,7 +39,16 @@ def save_pretrained(
     model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False
 ) -> Path:
     """Save a fused model (and its tokenizer) to ``directory`` in the fused format."""
+    _check_fused_format(model)
     return _atomic_directory(Path(directory), overwrite, lambda tmp: _write_fused(model, tmp, tokenizer))
+
+
+def _check_fused_format(model: nn.Module) -> None:
+    """Refuse a model whose scales act on inputs (LoRA attached): its tensors are not the fused format's."""
+    if has_input_scales(model):
+        raise UserError(
+            "this model carries LoRA adapters: merge them first (mlp_fusion.merge_lora), then save or export"
+        )
 
 
 def follow_native_save(model: nn.Module) -> None:
@@ -46,6 +56,7 @@ def follow_native_save(model: nn.Module) -> None:
     format into the directory, as that method writes its files, instead of a checkpoint that loads wrong."""
 
     def native_save(self: nn.Module, save_directory: str | Path, *args, **kwargs) -> None:
+        _check_fused_format(self)
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         _write_fused(self, directory, None)
@@ -89,7 +100,7 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device | None 
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {directory / 'config.json'}: {_first_line(error)}") from None
+        raise UserError(f"cannot read {directory / 'config.json'}: {first_line(error)}") from None
     model_class = getattr(transformers, fusion["architecture"], None)
     if model_class is None:
         raise UserError(
@@ -124,7 +135,7 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device | None 
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError, OSError) as error:
         raise UserError(
-            f"cannot load {weights}: {_first_line(error)}; the file is damaged, save it again"
+            f"cannot load {weights}: {first_line(error)}; the file is damaged, save it again"
         ) from None
     if missing or unexpected:
         raise UserError(
@@ -185,6 +196,7 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
     Needs every MLP whose width one config field sets to have the same width. The exported model computes
     the same function but no longer has the fused model's fine-tuning dynamics.
     """
+    _check_fused_format(model)
     sites = find_sites(model)
     fused = {record.name for record in fusion_records(model)}
     unknown = [site.name for site in sites if site.config_key is None and site.name in fused]
@@ -283,8 +295,3 @@ def _atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], Non
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

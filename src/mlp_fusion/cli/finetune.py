@@ -10,6 +10,7 @@ import argparse
 import copy
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 from ..config import FusionConfig
@@ -29,7 +30,7 @@ RUN_KEYS = (
     "model", "task", "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
     "source_column", "target_column", "max_new_tokens", "num_beams",
     "method", "ratio", "width", "budget", "layers", "n_init", "canonical", "calibrate", "calibration_samples", "weighting",
-    "refit", "ridge", "distill_epochs", "epochs", "lr", "batch_size", "max_length",
+    "refit", "ridge", "distill_epochs", "peft", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
 )  # fmt: skip
 
@@ -39,6 +40,7 @@ def add_parser(commands) -> None:
     from ..models import BUNDLED, DEFAULT_MODEL
     from ..training.finetune import SCHEDULERS
     from ..training.generation import GENERATION_TASKS
+    from ..training.lora import LoraSettings
     from ..training.tasks import TASK_NAMES
 
     finetune = commands.add_parser(
@@ -68,6 +70,14 @@ def add_parser(commands) -> None:
         default=0,
         help="epochs of layer-wise task-specific tuning against the original model before fine-tuning (default 0)",
     )
+    adapters = finetune.add_argument_group("adapters (through the peft library)")
+    adapters.add_argument(
+        "--peft",
+        choices=("lora",),
+        help="train LoRA adapters instead of the whole model (exact on fused projections); the saved model "
+        "has them merged",
+    )
+    add_config_options(adapters, LoraSettings, tuple(f.name for f in fields(LoraSettings)))
     training = finetune.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=3, help="default 3")
     training.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
@@ -93,6 +103,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..models import is_fused, resolve
     from ..training.finetune import TrainSettings, distill_on_task, finetune, training_arguments
     from ..training.generation import GENERATION_TASKS
+    from ..training.lora import add_lora, merge_lora
 
     # Everything is checked before anything is written.
     generation = args.task in GENERATION_TASKS
@@ -133,6 +144,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, --no-canonical, "
             "--calibrate, --distill-epochs"
         )
+    lora = _lora_settings(args)
     if args.distill_epochs < 0:
         raise UserError(f"--distill-epochs must be at least 0, not {args.distill_epochs}")
     out = args.out or Path("runs") / f"{args.task}-{method or 'fused'}-seed{args.seed}"
@@ -169,14 +181,18 @@ def run_finetune(args: argparse.Namespace) -> int:
             f"{distilled['hidden_state_error_after']:.4f}"
         )
     del original
+    trained = add_lora(model, lora.peft_config(_peft_task(model, generation))) if lora else model
     outcome = finetune(
-        model,
+        trained,
         job.trainer_inputs,
         training_args,
         job.final_scores if main else lambda _: {},
         resume=args.resume,
         progress=main and not args.json,
     )
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    if lora:
+        model = merge_lora(trained)
     if not main:
         return 0
     records = fusion_records(model)
@@ -190,7 +206,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         "peak_memory_mb": outcome["peak_memory_mb"],
         "params": count_parameters(model),
         "params_before_fusion": params_before,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": trainable,
         "train_steps": outcome["train_steps"],
         "step_seconds": outcome["step_seconds"],
         "train_examples": job.train_count,
@@ -202,6 +218,28 @@ def run_finetune(args: argparse.Namespace) -> int:
     finish_out(out, model, job.loaded.tokenizer, result, job.outputs)
     _report(result, args.json)
     return 0
+
+
+def _lora_settings(args: argparse.Namespace):
+    """The LoRA settings with --peft lora (peft installed), None without; LoRA options alone are refused."""
+    from ..training.lora import LoraSettings, require_peft
+
+    values = config_values(args, LoraSettings)
+    if args.peft is None:
+        changed = [
+            name for name, value in values.items() if value != LoraSettings.__dataclass_fields__[name].default
+        ]
+        if changed:
+            raise UserError(f"--{changed[0].replace('_', '-')} sets up LoRA: add --peft lora")
+        return None
+    require_peft()
+    return LoraSettings(**values)
+
+
+def _peft_task(model, generation: bool) -> str:
+    if not generation:
+        return "SEQ_CLS"  # PEFT then also trains the new classification head
+    return "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
 
 
 def _report(result: dict, as_json: bool) -> None:

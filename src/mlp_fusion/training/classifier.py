@@ -14,7 +14,7 @@ import transformers
 from torch import nn
 
 from ..adapters import find_sites
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..fuse import RECORD_ATTR, fusion_records
 from ..models import LoadedModel, is_fused, load_tokenizer, resolve, with_pad_token
 from ..persistence import from_pretrained
@@ -52,7 +52,7 @@ def load_trained_classifier(spec: str) -> LoadedModel:
                 source, dtype=torch.float32, output_loading_info=True
             )
         except (OSError, ValueError) as error:
-            raise UserError(f"cannot load {source} as a classifier: {_first_line(error)}") from None
+            raise UserError(f"cannot load {source} as a classifier: {first_line(error)}") from None
         if info["missing_keys"]:
             model = None
     if model is None or not is_classifier(model):
@@ -105,7 +105,7 @@ def _pretrained_classifier(source: str, task: Task) -> nn.Module:
             source, dtype=torch.float32, ignore_mismatched_sizes=True, **config_options
         )
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load {source} as a sequence classifier: {_first_line(error)}") from None
+        raise UserError(f"cannot load {source} as a sequence classifier: {first_line(error)}") from None
     return model.eval()
 
 
@@ -115,8 +115,3 @@ def _set_labels(config, task: Task) -> None:
         config.id2label = dict(enumerate(task.labels))
         config.label2id = {name: i for i, name in enumerate(task.labels)}
     config.problem_type = None  # chosen from the labels' dtype at the first batch
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

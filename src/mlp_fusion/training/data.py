@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..textfiles import jsonl_objects
 from .tasks import Task
 
@@ -220,9 +220,8 @@ def _hub_rows(task: Task, need_train: bool) -> tuple[tuple[Rows, Path] | None, d
     try:
         dataset = datasets.load_dataset("nyu-mll/glue", task.name)
     except Exception as error:  # offline, or the hub refused: one line, and what to do instead
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
-            f"cannot download glue/{task.name} ({first}); pass --data DIR with train.tsv and dev.tsv"
+            f"cannot download glue/{task.name} ({first_line(error)}); pass --data DIR with train.tsv and dev.tsv"
         ) from None
 
     def rows(split: str) -> tuple[Rows, Path]:
