@@ -25,6 +25,8 @@ from sst2 import run_finetune  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("..") / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"  # relative to ROOT
 RESULTS = ROOT / "benchmarks" / "results" / "webnlg-smollm2.json"
+# LoRA rows: rank-8 adapters on every linear layer but the head, at a LoRA-sized learning rate.
+LORA = ["--peft", "lora", "--lora-rank", "8", "--lr", "1e-3"]
 ROWS = {
     "full": ["--method", "full"],
     "fusion": ["--method", "fusion"],
@@ -36,6 +38,8 @@ ROWS = {
     "prune+calibration": ["--method", "prune", "--calibrate"],
     "fold": ["--method", "fold"],
     "svd": ["--method", "svd"],
+    "full+lora": ["--method", "full", *LORA],
+    "fusion+calibration+lora": ["--method", "fusion", "--calibrate", *LORA],
 }
 
 
@@ -73,25 +77,27 @@ def main() -> None:
     }
     rows = args.rows.split(",")
     for row in rows:
-        key = row if row == "full" else f"{row}, layers {args.layers} at {args.ratio}"
+        unfused = row.startswith("full")
+        key = row if unfused else f"{row}, layers {args.layers} at {args.ratio}"
         if key in runs:
             continue
-        fusion = ["--layers", args.layers, "--ratio", args.ratio] if row != "full" else []
+        fusion = ["--layers", args.layers, "--ratio", args.ratio] if not unfused else []
         with tempfile.TemporaryDirectory() as tmp:
-            arguments = ["smollm2", "--task", "webnlg", *ROWS[row], *fusion, *settings, "--out", f"{tmp}/run"]
+            # the row's options come last, so that its own learning rate (LoRA rows) wins
+            arguments = ["smollm2", "--task", "webnlg", *fusion, *settings, *ROWS[row], "--out", f"{tmp}/run"]
             runs[key] = run_finetune(arguments, key)
         print(f"{key}: {runs[key]['metrics']}", flush=True)
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     lines = [
-        "| row | BLEU | chrF | TER | ROUGE-L | s / step | fine-tuning s | peak MB | parameters |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | BLEU | chrF | TER | ROUGE-L | s / step | fine-tuning s | peak MB | parameters | trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, r in runs.items():
         m = r["metrics"]
         total = r["train_seconds"] + ((r.get("distill") or {}).get("seconds") or 0.0)
         lines.append(
             f"| {row} | {m['bleu']:.2f} | {m['chrf']:.2f} | {m['ter']:.2f} | {m['rouge_l']:.2f} "
-            f"| {r['step_seconds'] / r['train_steps']:.2f} | {total:.0f} | {r['peak_memory_mb']:.0f} | {r['params']:,} |"
+            f"| {r['step_seconds'] / r['train_steps']:.2f} | {total:.0f} | {r['peak_memory_mb']:.0f} | {r['params']:,} | {r['trainable_params']:,} |"
         )
     info = results["machine"]
     body = (
@@ -102,7 +108,8 @@ def main() -> None:
         "0-29) and kept fraction; fusion is symmetry-aware (canonical) clustering, (raw) the paper's clustering "
         "of raw weights; +calibration fuses with 128 training inputs as calibration (input weighting and "
         "least-squares output refit); +distill adds one epoch of layer-wise task-specific tuning (its time "
-        "is in the fine-tuning seconds). One seed; every run of these settings kept in the results file.\n\n"
+        "is in the fine-tuning seconds); +lora trains rank-8 LoRA adapters on every linear layer but the head "
+        "(lr 1e-3) instead of the whole model, merged exactly after training. One seed; every run of these settings kept in the results file.\n\n"
         + "\n".join(lines)
         + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
         f"{info['transformers']}. Date {results['date']}. Commands: {', '.join(f'`{c.strip()}`' for c in results['commands'])}; raw runs in "
