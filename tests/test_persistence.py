@@ -99,3 +99,39 @@ def test_fusing_a_fused_layer_again_is_refused(saved):
     model, _ = saved
     with pytest.raises(UserError, match="already fused"):
         fuse(model, FusionConfig(ratio=0.5, layers=[2]))
+
+
+def test_loading_in_another_dtype_keeps_scales_float32_and_tied_weights(tmp_path):
+    from tiny_models import outputs
+
+    model = build("gemma2")
+    fuse(model, FusionConfig(ratio=0.5, layers="0-1"))
+    path = mlp_fusion.save_pretrained(model, tmp_path / "fused")
+    half = mlp_fusion.from_pretrained(path, dtype="bfloat16")
+    stored = {name: t.dtype for name, t in half.state_dict().items()}
+    assert {d for n, d in stored.items() if n.endswith(".scale")} == {torch.float32}
+    assert {d for n, d in stored.items() if not n.endswith(".scale")} == {torch.bfloat16}
+    assert half.lm_head.weight is half.model.embed_tokens.weight
+    batch = inputs()
+    expected = outputs(model, batch)
+    assert (outputs(half, batch).float() - expected).abs().max() < 0.05 * expected.abs().max()
+    assert torch.equal(outputs(mlp_fusion.from_pretrained(path), batch), expected)  # own dtype by default
+
+
+def test_loading_never_initialises_at_random(saved, monkeypatch):
+    _, path = saved
+    import torch.nn.init
+
+    def refuse(tensor, *args, **kwargs):
+        assert tensor.is_meta, "random initialisation of real storage while loading"
+        return tensor
+
+    monkeypatch.setattr(torch.nn.init, "normal_", refuse)
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", refuse)
+    mlp_fusion.from_pretrained(path)
+
+
+def test_bad_dtype_is_refused(saved):
+    _, path = saved
+    with pytest.raises(UserError, match="unknown dtype 'float8'"):
+        mlp_fusion.from_pretrained(path, dtype="float8")

@@ -29,10 +29,11 @@ def attach_scale(site: MlpSite, scale: torch.Tensor) -> None:
             parametrize.register_parametrization(slot.module, slot.attr, NeuronScale(shaped.clone()))
 
 
-def attach_low_rank(site: MlpSite, rank: int) -> None:
-    """Replace every weight of ``site`` by a rank-``rank`` factorisation (truncated SVD of the current weight)."""
+def attach_low_rank(site: MlpSite, rank: int, *, decompose: bool = True) -> None:
+    """Replace every weight of ``site`` by a rank-``rank`` factorisation: the truncated SVD of the current
+    weight, or (``decompose=False``, for factors about to be loaded) empty factors of the right shapes."""
     for slot in site.slots():
-        parametrize.register_parametrization(slot.module, slot.attr, LowRank(rank))
+        parametrize.register_parametrization(slot.module, slot.attr, LowRank(rank, decompose=decompose))
 
 
 def use_compatible_experts_kernel(model: torch.nn.Module, sites: list[MlpSite]) -> None:

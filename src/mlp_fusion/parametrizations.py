@@ -28,15 +28,20 @@ class NeuronScale(nn.Module):
 class LowRank(nn.Module):
     """Effective weight = A @ B with A ``[..., m, r]`` and B ``[..., r, n]`` stored as two parameters."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, decompose: bool = True):
         super().__init__()
         self.rank = rank
+        self.decompose = decompose
 
     def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         return left @ right
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Truncated SVD, the singular values split evenly between the two factors."""
+        """Truncated SVD, the singular values split evenly between the two factors (or, without
+        ``decompose``, uninitialised factors of the right shapes)."""
+        if not self.decompose:
+            *batch, m, n = weight.shape
+            return weight.new_empty(*batch, m, self.rank), weight.new_empty(*batch, self.rank, n)
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
         root = s[..., : self.rank].sqrt()
         left = u[..., : self.rank] * root.unsqueeze(-2)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_model
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -32,6 +32,7 @@ from .parametrizations import has_input_scales
 FORMAT_VERSION = 1
 FUSION_FILE = "fusion.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 EXPORT_NOTE_FILE = "mlp_fusion_export.json"
 
 
@@ -90,13 +91,81 @@ def _write_fused(model: nn.Module, directory: Path, tokenizer) -> None:
     (directory / FUSION_FILE).write_text(json.dumps(fusion, indent=2) + "\n")
 
 
-def from_pretrained(directory: str | Path, *, device: str | torch.device | None = None) -> nn.Module:
-    """Load a model saved by :func:`save_pretrained`: the stock architecture, narrowed, scales re-attached."""
+def from_pretrained(
+    directory: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load a model saved by :func:`save_pretrained`: the stock architecture, narrowed, scales re-attached.
+
+    The model is built on the meta device and takes the stored tensors directly: nothing is initialised at
+    random and nothing passes through another dtype. ``dtype`` defaults to the checkpoint's own, ``device``
+    to the CPU; the fixed scales stay float32.
+    """
     directory = Path(directory)
     fusion = read_fusion_file(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UserError(f"{weights} is missing; the checkpoint is incomplete, save it again")
+    files = weight_files(directory)
+    model_class, config = _architecture(directory, fusion)
+    dtype = _stored_dtype(directory, fusion) if dtype is None else resolve_dtype(dtype)
+    device = torch.device(device if device is not None else "cpu")
+    with torch.device("meta"):
+        model = model_class(config).to(dtype)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
+    records = [
+        SiteRecord(**{f.name: site.get(f.name) for f in fields(SiteRecord)}) for site in fusion["sites"]
+    ]
+    sites = {site.name: site for site in find_sites(model)}
+    for record in records:
+        site = sites.get(record.name)
+        if site is None:
+            raise UserError(
+                f"{directory / FUSION_FILE} names {record.name!r}, which {type(model).__name__} lacks"
+            )
+        site.write(site.read().zeros(record.width))
+        if record.scaled:
+            attach_scale(site, torch.ones(site.experts or 1, record.width))
+        if record.rank is not None:
+            attach_low_rank(site, record.rank, decompose=False)
+    _materialise_derived_buffers(model, device)
+    _load_stored_tensors(model, files, device)
+    setattr(model, RECORD_ATTR, records)
+    follow_native_save(model)
+    use_compatible_experts_kernel(model, list(sites.values()))
+    return model.eval()
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``torch.bfloat16`` and the like -> the torch dtype; anything else is refused."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UserError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files: ``model.safetensors``, or the shards its index names."""
+    single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise UserError(f"{single} is missing; the checkpoint is incomplete, save it again")
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{index} is damaged; save the model again") from None
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        raise UserError(f"{directory / missing[0]} is missing; the checkpoint is incomplete, save it again")
+    return [directory / name for name in names]
+
+
+def _architecture(directory: Path, fusion: dict) -> tuple[type, transformers.PretrainedConfig]:
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as error:
@@ -107,46 +176,78 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device | None 
             f"{directory / FUSION_FILE} names architecture {fusion['architecture']!r}, which this transformers "
             f"version ({transformers.__version__}) does not have"
         )
-    dtype = getattr(torch, str(fusion.get("dtype", "float32")), None)
-    if not isinstance(dtype, torch.dtype):
-        raise UserError(
-            f"{directory / FUSION_FILE} names an unknown dtype {fusion.get('dtype')!r}; save the model again"
-        )
-    model = model_class(config).to(dtype)
-    if (directory / "generation_config.json").is_file():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
-    records = [
-        SiteRecord(**{f.name: site.get(f.name) for f in fields(SiteRecord)}) for site in fusion["sites"]
-    ]
-    sites = {site.name: site for site in find_sites(model)}
+    return model_class, config
+
+
+def _stored_dtype(directory: Path, fusion: dict) -> torch.dtype:
+    name = str(fusion.get("dtype", "float32"))
+    if name not in DTYPES:
+        raise UserError(f"{directory / FUSION_FILE} names an unknown dtype {name!r}; save the model again")
+    return DTYPES[name]
+
+
+def _shared_names(model: nn.Module) -> list[list[str]]:
+    """Names under which one parameter appears more than once (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _materialise_derived_buffers(model: nn.Module, device: torch.device) -> None:
+    """Buffers that checkpoints do not store (rotary frequencies, position ids) are computed, not loaded:
+    give them storage and let the model's own initialiser fill them. Its owner's parameters are still on
+    the meta device here, so whatever it does to them is discarded when the stored tensors arrive."""
+    owners = []
+    for module in model.modules():
+        derived = [
+            name for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None
+        ]
+        for name in derived:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
+        if derived:
+            owners.append(module)
     with torch.no_grad():
-        for record in records:
-            site = sites.get(record.name)
-            if site is None:
-                raise UserError(
-                    f"{directory / FUSION_FILE} names {record.name!r}, which {type(model).__name__} lacks"
-                )
-            site.write(site.read().zeros(record.width))
-            if record.scaled:
-                attach_scale(site, torch.ones(site.experts or 1, record.width))
-            if record.rank is not None:
-                attach_low_rank(site, record.rank)
+        for module in owners:
+            model._init_weights(module)
+
+
+def _load_stored_tensors(model: nn.Module, files: list[Path], device: torch.device) -> None:
+    """Put every stored tensor in place (cast to the dtype the model holds it in), then tie shared weights."""
+    expected = model.state_dict()
+    state = {}
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
+        for path in files:
+            with safe_open(str(path), framework="pt", device=str(device)) as stored:
+                for key in stored.keys():
+                    if key in expected:
+                        state[key] = stored.get_tensor(key).to(expected[key].dtype)
+                    else:
+                        state[key] = None
     except (SafetensorError, RuntimeError, OSError) as error:
         raise UserError(
-            f"cannot load {weights}: {first_line(error)}; the file is damaged, save it again"
+            f"cannot load {files[0].parent}: {first_line(error)}; the file is damaged, save it again"
         ) from None
+    unexpected = sorted(key for key, value in state.items() if value is None)
+    for group in _shared_names(model):  # tied weights: the file stores one of their names
+        stored = next((state[name] for name in group if state.get(name) is not None), None)
+        for name in group:
+            state.setdefault(name, stored)
+    mismatch = f"{files[0].parent} does not match {FUSION_FILE}"
+    try:
+        model.load_state_dict({k: v for k, v in state.items() if v is not None}, strict=False, assign=True)
+    except RuntimeError as error:  # a stored shape differs from fusion.json's widths
+        raise UserError(
+            f"{mismatch} ({first_line(error)}); the checkpoint is damaged, save it again"
+        ) from None
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = sorted(name for name, tensor in model.state_dict().items() if tensor.is_meta)
     if missing or unexpected:
         raise UserError(
-            f"{weights} does not match {FUSION_FILE} (missing {sorted(missing)[:3]}, unexpected "
-            f"{sorted(unexpected)[:3]}); the checkpoint is damaged, save it again"
+            f"{mismatch} (missing {missing[:3]}, unexpected {unexpected[:3]}); the checkpoint is damaged, "
+            "save it again"
         )
-    setattr(model, RECORD_ATTR, records)
-    follow_native_save(model)
-    use_compatible_experts_kernel(model, list(sites.values()))
-    model.eval()
-    return model.to(device) if device is not None else model
 
 
 def read_fusion_file(directory: Path) -> dict:
