@@ -113,7 +113,7 @@ def fuse(
         if progress is not None:
             progress(f"[{number}/{len(plans)}] {config.method} {site.describe()} -> {width}")
         site_start = time.perf_counter()
-        sub = replace(site.read(), stream=stream[site.name])
+        sub = replace(working_copy(site), stream=stream[site.name])
         result, refit_error = _fuse_site(model, site, sub, width, config, calibration)
         seconds = time.perf_counter() - site_start
         records.append(
@@ -210,6 +210,13 @@ def select_sites(sites: list[MlpSite], layers: list[int | str] | str) -> list[Ml
     return [site for site in sites if names_site(layers, site.stack, site.layer)]
 
 
+def working_copy(site: MlpSite) -> SubMlps:
+    """The site's sub-MLPs in at least float32: methods and k-means never work in half precision (the
+    result is written back in the model's own dtype)."""
+    sub = site.read()
+    return sub.map_rows(lambda t: t.float()) if sub.output.dtype in (torch.float16, torch.bfloat16) else sub
+
+
 def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[tuple[MlpSite, int]]:
     done = {record.name for record in fusion_records(model)}
     plans = []
@@ -222,6 +229,11 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
                 f"width {width} is above the width of {site.describe()}; choose at most {site.width}"
             )
         sub = site.read()  # not kept: one site's copy at a time
+        if any(t.is_meta for t in (*sub.inputs, sub.output)):
+            raise UserError(
+                f"{site.describe()} has weights that are not loaded (offloaded, or on the meta device); load "
+                "the whole model onto one device, without device_map offloading, before fusing"
+            )
         if not all(bool(torch.isfinite(t).all()) for t in (*sub.inputs, sub.output)):
             raise UserError(f"{site.describe()} has NaN or infinite weights; fusion needs finite weights")
         plans.append((site, width))
@@ -232,7 +244,7 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
 
 def _plan_budget(plans: list[tuple[MlpSite, int]], config: FusionConfig) -> list[tuple[MlpSite, int]]:
     """Widths that keep ``config.budget`` of the chosen sites' parameters, spread by sensitivity."""
-    curves = [width_curve(site.read(), config.canonical, config.seed) for site, _ in plans]
+    curves = [width_curve(working_copy(site), config.canonical, config.seed) for site, _ in plans]
     total = sum(curve.neuron_cost * site.width for curve, (site, _) in zip(curves, plans))
     budget = int(config.budget * total)
     if budget < sum(curve.neuron_cost for curve in curves):

@@ -14,14 +14,14 @@ import os
 import shutil
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 
 from .errors import UserError, first_line
-from .persistence import FUSION_FILE, from_pretrained
+from .persistence import FUSION_FILE, from_pretrained, resolve_dtype
 
 DEFAULT_MODEL = "minilm"
 
@@ -44,20 +44,80 @@ BUNDLED = {
 
 
 @dataclass
+class LoadSettings:
+    """Where and in which precision a command holds the model."""
+
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (the checkpoint's own), bfloat16, float16 or float32; fusion's k-means runs in float32"
+        },
+    )
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda when there is one), cpu, cuda or cuda:N"}
+    )
+
+    def __post_init__(self) -> None:  # refuse bad names before anything is loaded
+        self.torch_dtype()
+        self.torch_device()
+
+    def torch_dtype(self) -> torch.dtype | None:
+        """The dtype asked for; None for the checkpoint's own."""
+        return None if self.dtype == "auto" else resolve_dtype(self.dtype)
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, index = name.partition(":")
+    if kind == "cpu" and not index:
+        return torch.device("cpu")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index or 0) >= count:
+        raise UserError(f"device {name} is not available: this machine has {count} CUDA device(s)")
+    return torch.device(name)
+
+
+FLOAT32_CPU = LoadSettings(dtype="float32", device="cpu")
+
+
+@dataclass
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object | None
     source: str  # what the user named, resolved to a path where there is one
 
 
-def load_model(spec: str = DEFAULT_MODEL) -> LoadedModel:
-    """Load ``spec`` (alias, directory or hub id) in float32, eval mode, with its tokenizer when it has one."""
+def load_model(spec: str = DEFAULT_MODEL, settings: LoadSettings | None = None) -> LoadedModel:
+    """Load ``spec`` (alias, directory or hub id) in eval mode, with its tokenizer when it has one.
+
+    Without ``settings``: float32 on the CPU (what the diagnostics and training expect by default).
+    """
+    settings = settings or FLOAT32_CPU
     path = resolve(spec)
     if path is None:
-        return _load_from_hub(spec)
+        return _load_from_hub(spec, settings)
     if is_fused(path):
-        return LoadedModel(from_pretrained(path), load_tokenizer(path), str(path))
-    return LoadedModel(_from_pretrained(str(path)), load_tokenizer(path), str(path))
+        return LoadedModel(load_fused(path, settings), load_tokenizer(path), str(path))
+    return LoadedModel(_from_pretrained(str(path), settings), load_tokenizer(path), str(path))
+
+
+def load_fused(path: Path, settings: LoadSettings | None) -> torch.nn.Module:
+    """A fused checkpoint with ``settings`` (default float32 on the CPU)."""
+    settings = settings or FLOAT32_CPU
+    return from_pretrained(path, dtype=settings.torch_dtype(), device=settings.torch_device())
+
+
+def transformers_options(settings: LoadSettings | None) -> dict:
+    """``from_pretrained`` options of transformers for ``settings`` (default float32 on the CPU)."""
+    settings = settings or FLOAT32_CPU
+    return {"dtype": settings.torch_dtype() or "auto", "device_map": {"": settings.torch_device()}}
 
 
 def resolve(spec: str) -> Path | None:
@@ -163,16 +223,17 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_pretrained(name: str) -> torch.nn.Module:
+def _from_pretrained(name: str, settings: LoadSettings) -> torch.nn.Module:
     """The class the config names; the bare model instead when the checkpoint lacks that class's head."""
     config = transformers.AutoConfig.from_pretrained(name)
     architectures = getattr(config, "architectures", None) or []
     model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    options = transformers_options(settings)
     if model_class is not None:
-        model, info = model_class.from_pretrained(name, dtype=torch.float32, output_loading_info=True)
+        model, info = model_class.from_pretrained(name, output_loading_info=True, **options)
         if not info["missing_keys"]:
             return model.eval()
-    return transformers.AutoModel.from_pretrained(name, dtype=torch.float32).eval()
+    return transformers.AutoModel.from_pretrained(name, **options).eval()
 
 
 TOKENIZER_FILES = (
@@ -195,9 +256,9 @@ def load_tokenizer(source: Path | str):
         return None
 
 
-def _load_from_hub(name: str) -> LoadedModel:
+def _load_from_hub(name: str, settings: LoadSettings) -> LoadedModel:
     try:
-        model = _from_pretrained(name)
+        model = _from_pretrained(name, settings)
     except (OSError, ValueError) as error:
         raise UserError(
             f"cannot load {name!r} as a local directory or from the hub ({first_line(error)}); give an existing directory "

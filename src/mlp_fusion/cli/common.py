@@ -58,6 +58,20 @@ def config_values(args: argparse.Namespace, config_class: type) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
 
 
+def add_load_options(target) -> None:
+    """``--dtype`` and ``--device``: how the command holds the model."""
+    from ..models import LoadSettings
+
+    add_config_options(target, LoadSettings, ("dtype", "device"))
+
+
+def load_settings(args: argparse.Namespace):
+    """The checked ``--dtype`` / ``--device`` of ``args``."""
+    from ..models import LoadSettings
+
+    return LoadSettings(**config_values(args, LoadSettings))
+
+
 def _option_type(hint: object) -> type:
     """``float | None`` -> float; ``list[int] | str`` (a spec) -> str; plain types as they are."""
     choices = [arg for arg in typing.get_args(hint) if arg is not type(None)] or [hint]

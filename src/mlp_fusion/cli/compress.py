@@ -10,9 +10,11 @@ from ..config import FusionConfig
 from .common import (
     add_calibration_options,
     add_config_options,
+    add_load_options,
     calibration_inputs,
     calibration_texts,
     config_values,
+    load_settings,
     log,
 )
 
@@ -49,6 +51,7 @@ def add_parser(commands) -> None:
         "--max-length", type=int, default=128, help="longest calibration input in tokens (default 128)"
     )
     add_config_options(calibration, FusionConfig, CALIBRATION_OPTIONS)
+    add_load_options(compress)
     compress.add_argument("--out", type=Path, help="save the fused model to this directory")
     compress.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     compress.add_argument(
@@ -67,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
     from ..probes import compare, main_output, probe_batch
 
     config = FusionConfig(**config_values(args, FusionConfig))
+    settings = load_settings(args)
     texts = calibration_texts(args)
     if args.out is not None:
         check_writable(args.out, args.overwrite)
     log(f"loading {args.model}")
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, settings)
     model = loaded.model
     if args.verify:
         batch = probe_batch(model, loaded.tokenizer)
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         save_pretrained(model, args.out, loaded.tokenizer, overwrite=args.overwrite)
         if args.verify:
-            reloaded = main_output(from_pretrained(args.out), batch)
+            reloaded = main_output(from_pretrained(args.out, device=settings.torch_device()), batch)
             result["verify"]["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
     if args.json:
         print(json.dumps(result))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .common import add_load_options, load_settings
 from .jobs import check_decoding, classification_task, generation_data, task_arguments
 from .run_dir import write_jsonl
 
@@ -23,12 +24,14 @@ def add_parser(commands) -> None:
     evaluate.add_argument(
         "--predictions", type=Path, help="generation tasks: write each output to this JSONL file"
     )
+    add_load_options(evaluate)
     evaluate.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..training.generation import GENERATION_TASKS
 
+    load_settings(args)  # checks --dtype and --device before the data is read
     if args.task in GENERATION_TASKS:
         result = _evaluate_generation(args)
     else:
@@ -49,7 +52,7 @@ def _evaluate_classification(args: argparse.Namespace) -> dict:
     from ..training.finetune import evaluate
 
     task = classification_task(args)
-    loaded = load_trained_classifier(args.model)
+    loaded = load_trained_classifier(args.model, load_settings(args))
     config = loaded.model.config
     if task.name == "csv":  # the label names the model was trained with
         from dataclasses import replace
@@ -79,7 +82,7 @@ def _evaluate_generation(args: argparse.Namespace) -> dict:
     if args.predictions is not None and args.predictions.exists():
         raise UserError(f"{args.predictions} already exists; choose another --predictions file")
     data = generation_data(args, need_train=False)
-    loaded = load_causal_lm(args.model)
+    loaded = load_causal_lm(args.model, load_settings(args))
     metrics, records = score_generation(
         loaded.model, loaded.tokenizer, data.eval, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams, max_length=args.max_length,

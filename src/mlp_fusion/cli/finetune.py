@@ -21,6 +21,7 @@ from .common import (
     calibration_inputs,
     calibration_texts,
     config_values,
+    load_settings,
     log,
 )
 from .jobs import classification_job, classification_task, generation_job, task_arguments
@@ -37,7 +38,7 @@ RUN_KEYS = (
 
 def add_parser(commands) -> None:
     from ..methods import METHODS
-    from ..models import BUNDLED, DEFAULT_MODEL
+    from ..models import BUNDLED, DEFAULT_MODEL, LoadSettings
     from ..training.finetune import SCHEDULERS
     from ..training.generation import GENERATION_TASKS
     from ..training.lora import LoraSettings
@@ -78,6 +79,8 @@ def add_parser(commands) -> None:
         "has them merged",
     )
     add_config_options(adapters, LoraSettings, tuple(f.name for f in fields(LoraSettings)))
+    add_config_options(finetune, LoadSettings, ("device",))
+    finetune.set_defaults(dtype="float32")  # training keeps float32 weights
     training = finetune.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=3, help="default 3")
     training.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
@@ -145,6 +148,11 @@ def run_finetune(args: argparse.Namespace) -> int:
             "--calibrate, --distill-epochs"
         )
     lora = _lora_settings(args)
+    device = load_settings(args).torch_device()
+    if device.index:
+        raise UserError(
+            f"fine-tuning uses the first visible GPU: run with CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
+        )
     if args.distill_epochs < 0:
         raise UserError(f"--distill-epochs must be at least 0, not {args.distill_epochs}")
     out = args.out or Path("runs") / f"{args.task}-{method or 'fused'}-seed{args.seed}"
@@ -163,7 +171,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         texts, pairs = job.distill_texts if args.calibrate else (None, None)
         calibration = calibration_inputs(args, job.loaded.tokenizer, texts, pairs)
         fuse(model, config, progress=log, calibration=calibration)
-    training_args = training_arguments(settings, checkpoint_dir, job.main_metric, job.greater_is_better)
+    training_args = training_arguments(
+        settings, checkpoint_dir, job.main_metric, job.greater_is_better, use_cpu=device.type == "cpu"
+    )
     main = _is_main_process()
     _barrier()  # every process has checked its inputs before the first one writes
     if main:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .common import log
+from .common import load_settings, log
 
 
 def task_arguments(parser: argparse.ArgumentParser, task_names: tuple[str, ...]) -> None:
@@ -80,7 +80,7 @@ def classification_job(args: argparse.Namespace, task, settings) -> Job:
         max_eval_samples=args.max_eval_samples,
     )
     log(f"loading {args.model}")
-    loaded = load_classifier(args.model, data.task, seed=args.seed)
+    loaded = load_classifier(args.model, data.task, seed=args.seed, settings=load_settings(args))
     return Job(
         task=data.task.name,
         loaded=loaded,
@@ -107,7 +107,7 @@ def generation_job(args: argparse.Namespace, settings) -> Job:
     check_decoding(args)
     data = generation_data(args, need_train=True)
     log(f"loading {args.model}")
-    loaded = load_causal_lm(args.model)
+    loaded = load_causal_lm(args.model, load_settings(args))
     pairs = data.train_pairs()
 
     def final_scores(model) -> dict:

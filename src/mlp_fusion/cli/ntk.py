@@ -8,7 +8,15 @@ from pathlib import Path
 
 from ..config import FusionConfig
 from ..errors import UserError
-from .common import add_calibration_options, add_config_options, calibration_inputs, calibration_texts, log
+from .common import (
+    add_calibration_options,
+    add_config_options,
+    add_load_options,
+    calibration_inputs,
+    calibration_texts,
+    load_settings,
+    log,
+)
 
 # FusionConfig fields that ntk passes through to every method (--methods, --ratios, --layers name the rest).
 FUSION_OPTIONS = ("n_init", "keep_fraction", "canonical", "weighting", "refit", "ridge")
@@ -58,6 +66,7 @@ def add_parser(commands) -> None:
         "--max-length", type=int, default=64, help="longest probe or calibration input in tokens (default 64)"
     )
     add_calibration_options(ntk)
+    add_load_options(ntk)
     add_config_options(ntk, FusionConfig, FUSION_OPTIONS)
     ntk.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
     ntk.add_argument("--plot", type=Path, help="write a PNG: error against ratio, one line per method")
@@ -99,8 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, not {args.plot.name}")
     calibration = calibration_texts(args)
+    settings = load_settings(args)
     log(f"loading {args.model}")
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, settings)
     batch = probe_batch(loaded.model, loaded.tokenizer, count=count, max_length=args.max_length, texts=texts)
     result = compare_methods(
         loaded.model,

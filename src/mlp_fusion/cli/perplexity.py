@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .common import log
+from .common import add_load_options, load_settings, log
 
 
 def add_parser(commands) -> None:
@@ -33,6 +33,7 @@ def add_parser(commands) -> None:
     perplexity.add_argument(
         "--json", action="store_true", help="print the result as one JSON object on stdout"
     )
+    add_load_options(perplexity)
     perplexity.set_defaults(run=run)
 
 
@@ -46,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     texts = read_probe_texts(args.data, args.max_samples)
+    settings = load_settings(args)
     log(f"loading {args.model}")
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, settings)
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.source} has no tokenizer files; perplexity needs the model's tokenizer")
     if not has_lm_head(loaded.model):

@@ -9,15 +9,22 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
-import torch
 import transformers
 from torch import nn
 
 from ..adapters import find_sites
 from ..errors import UserError, first_line
 from ..fuse import RECORD_ATTR, fusion_records
-from ..models import LoadedModel, is_fused, load_tokenizer, resolve, with_pad_token
-from ..persistence import from_pretrained
+from ..models import (
+    LoadedModel,
+    LoadSettings,
+    is_fused,
+    load_fused,
+    load_tokenizer,
+    resolve,
+    transformers_options,
+    with_pad_token,
+)
 from .tasks import Task
 
 
@@ -25,31 +32,35 @@ def is_classifier(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForSequenceClassification")
 
 
-def load_classifier(spec: str, task: Task, *, seed: int = 0) -> LoadedModel:
+def load_classifier(
+    spec: str, task: Task, *, seed: int = 0, settings: LoadSettings | None = None
+) -> LoadedModel:
     """``spec`` as a classifier for ``task``: the head is new unless the checkpoint has one that fits."""
     path = resolve(spec)
     source = str(path) if path is not None else spec
     transformers.set_seed(seed)  # the new head's initial weights
+    options = transformers_options(settings)
     if path is not None and is_fused(path):
-        model = from_pretrained(path)
+        model = load_fused(path, settings)
         if not (is_classifier(model) and model.config.num_labels == task.num_labels):
             model = with_new_head(model, task)
     else:
-        model = _pretrained_classifier(source, task)
+        model = _pretrained_classifier(source, task, options)
     tokenizer = load_tokenizer(path if path is not None else spec)
     return LoadedModel(with_pad_token(model, tokenizer, source), tokenizer, source)
 
 
-def load_trained_classifier(spec: str) -> LoadedModel:
+def load_trained_classifier(spec: str, settings: LoadSettings | None = None) -> LoadedModel:
     """A fine-tuned classifier as saved, for evaluation: refuses a model without a trained head."""
     path = resolve(spec)
     source = str(path) if path is not None else spec
+    options = transformers_options(settings)
     if path is not None and is_fused(path):
-        model = from_pretrained(path)
+        model = load_fused(path, settings)
     else:
         try:
             model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-                source, dtype=torch.float32, output_loading_info=True
+                source, output_loading_info=True, **options
             )
         except (OSError, ValueError) as error:
             raise UserError(f"cannot load {source} as a classifier: {first_line(error)}") from None
@@ -95,14 +106,14 @@ def with_new_head(model: nn.Module, task: Task) -> nn.Module:
     return classifier.eval()
 
 
-def _pretrained_classifier(source: str, task: Task) -> nn.Module:
+def _pretrained_classifier(source: str, task: Task, options: dict) -> nn.Module:
     config_options = {"num_labels": task.num_labels}
     if task.labels is not None:
         config_options["id2label"] = dict(enumerate(task.labels))
         config_options["label2id"] = {name: i for i, name in enumerate(task.labels)}
     try:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            source, dtype=torch.float32, ignore_mismatched_sizes=True, **config_options
+            source, ignore_mismatched_sizes=True, **options, **config_options
         )
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load {source} as a sequence classifier: {first_line(error)}") from None

@@ -68,7 +68,12 @@ class TrainSettings:
 
 
 def training_arguments(
-    settings: TrainSettings, checkpoint_dir: Path, main_metric: str, greater_is_better: bool = True
+    settings: TrainSettings,
+    checkpoint_dir: Path,
+    main_metric: str,
+    greater_is_better: bool = True,
+    *,
+    use_cpu: bool = False,
 ):
     """The Trainer's arguments; making them also joins the process group under torchrun."""
     return transformers.TrainingArguments(
@@ -90,6 +95,7 @@ def training_arguments(
         greater_is_better=greater_is_better,
         logging_steps=10,
         seed=settings.seed,
+        use_cpu=use_cpu,
         report_to="none",
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
