@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import FAMILIES, build
 
+import mlp_fusion
 from mlp_fusion.cli import main
 
 
@@ -98,6 +99,9 @@ def test_export_command(capsys, model_dir, tmp_path):
         (["--layers", "two"], "bad layer spec"),
         (["--ratio", "0.5", "--width", "3"], "not allowed with argument"),
         (["--ratio", "half"], "invalid float value"),
+        (["--dtype", "float8"], "unknown dtype 'float8'"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--device", "cuda:7"], "is not available"),
     ],
 )
 def test_bad_arguments(capsys, model_dir, tmp_path, args, message):
@@ -108,6 +112,27 @@ def test_bad_arguments(capsys, model_dir, tmp_path, args, message):
     assert message in last and last.startswith("error:") and stderr.count("error:") == 1
     assert "Traceback" not in stderr and stdout == ""
     assert not out.exists()
+
+
+def test_bfloat16_checkpoint_stays_bfloat16_unless_asked(capsys, tmp_path):
+    base = tmp_path / "llama-bf16"
+    build("llama").to(torch.bfloat16).save_pretrained(base)
+    for args, expected in (([], "bfloat16"), (["--dtype", "float32"], "float32")):
+        out = tmp_path / f"fused-{expected}"
+        code, _, stderr = run(capsys, "compress", base, "--ratio", "0.5", "--out", out, *args)
+        assert code == 0, stderr
+        assert json.loads((out / "fusion.json").read_text())["dtype"] == expected
+        loaded = mlp_fusion.from_pretrained(out)
+        assert {p.dtype for p in loaded.parameters()} == {getattr(torch, expected)}
+
+
+def test_offloaded_weights_are_refused_before_fusing():
+    model = build("llama")
+    model.model.layers[1].mlp.to("meta")
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    with pytest.raises(mlp_fusion.UserError, match="not loaded"):
+        mlp_fusion.fuse(model, mlp_fusion.FusionConfig(ratio=0.5))
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
 
 
 def test_missing_model_path(capsys, tmp_path):
