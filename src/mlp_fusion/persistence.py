@@ -41,7 +41,7 @@ def save_pretrained(
 ) -> Path:
     """Save a fused model (and its tokenizer) to ``directory`` in the fused format."""
     _check_fused_format(model)
-    return _atomic_directory(Path(directory), overwrite, lambda tmp: _write_fused(model, tmp, tokenizer))
+    return atomic_directory(Path(directory), overwrite, lambda tmp: _write_fused(model, tmp, tokenizer))
 
 
 def _check_fused_format(model: nn.Module) -> None:
@@ -70,6 +70,12 @@ AFTER_FUSE.append(follow_native_save)
 
 
 def _write_fused(model: nn.Module, directory: Path, tokenizer) -> None:
+    save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_description(model, directory, tokenizer)
+
+
+def write_description(model: nn.Module, directory: Path, tokenizer) -> None:
+    """Everything of a fused checkpoint but its tensors: configs, tokenizer, ``fusion.json``."""
     from . import __version__
 
     records = fusion_records(model)
@@ -85,7 +91,6 @@ def _write_fused(model: nn.Module, directory: Path, tokenizer) -> None:
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
-    save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / FUSION_FILE).write_text(json.dumps(fusion, indent=2) + "\n")
@@ -186,7 +191,7 @@ def _stored_dtype(directory: Path, fusion: dict) -> torch.dtype:
     return DTYPES[name]
 
 
-def _shared_names(model: nn.Module) -> list[list[str]]:
+def shared_names(model: nn.Module) -> list[list[str]]:
     """Names under which one parameter appears more than once (tied embeddings)."""
     names: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -229,7 +234,7 @@ def _load_stored_tensors(model: nn.Module, files: list[Path], device: torch.devi
             f"cannot load {files[0].parent}: {first_line(error)}; the file is damaged, save it again"
         ) from None
     unexpected = sorted(key for key, value in state.items() if value is None)
-    for group in _shared_names(model):  # tied weights: the file stores one of their names
+    for group in shared_names(model):  # tied weights: the file stores one of their names
         stored = next((state[name] for name in group if state.get(name) is not None), None)
         for name in group:
             state.setdefault(name, stored)
@@ -363,7 +368,7 @@ def save_plain(
         for name, content in (notes or {}).items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
 
-    return _atomic_directory(Path(directory), overwrite, write)
+    return atomic_directory(Path(directory), overwrite, write)
 
 
 def check_writable(directory: str | Path, overwrite: bool) -> None:
@@ -377,7 +382,7 @@ def check_writable(directory: str | Path, overwrite: bool) -> None:
         raise UserError(f"{directory} exists and is not a directory; choose another output path")
 
 
-def _atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
     """Write into a temporary sibling, then swap it in; a failure leaves ``target`` as it was."""
     check_writable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)

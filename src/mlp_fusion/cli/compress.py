@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import FusionConfig
+from ..errors import UserError
 from .common import (
     add_calibration_options,
     add_config_options,
@@ -59,6 +60,15 @@ def add_parser(commands) -> None:
         action="store_true",
         help="compare outputs on probe sentences: fused vs original, and reloaded vs in-memory when --out is given",
     )
+    compress.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="load the whole model before fusing (default for a local safetensors checkpoint: one layer at "
+        "a time, reading and writing the files as it goes)",
+    )
+    compress.add_argument(
+        "--shard-size", type=float, default=1.0, help="largest output file when streaming, in GB (default 1)"
+    )
     compress.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     compress.set_defaults(run=run)
 
@@ -74,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     texts = calibration_texts(args)
     if args.out is not None:
         check_writable(args.out, args.overwrite)
+    if not args.shard_size > 0:
+        raise UserError(f"--shard-size must be above 0, not {args.shard_size}")
+    streamed = _streamed(args, config, settings)
+    if streamed is not None:
+        return _print_result(streamed, config, args.json)
     log(f"loading {args.model}")
     loaded = load_model(args.model, settings)
     model = loaded.model
@@ -83,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     calibration = calibration_inputs(args, loaded.tokenizer, texts)
     report = fuse(model, config, progress=log, calibration=calibration)
     result = {"model": loaded.source, **report.to_dict(), "out": str(args.out) if args.out else None}
+    result["streamed"] = False
     if args.verify:
         fused = main_output(model, batch)
         result["verify"] = {"fused_vs_original": compare(original, fused, batch["attention_mask"])}
@@ -91,14 +107,45 @@ def run(args: argparse.Namespace) -> int:
         if args.verify:
             reloaded = main_output(from_pretrained(args.out, device=settings.torch_device()), batch)
             result["verify"]["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
-    if args.json:
+    return _print_result(result, config, args.json, report)
+
+
+def _streamed(args: argparse.Namespace, config: FusionConfig, settings) -> dict | None:
+    """Fuse a local checkpoint layer by layer when it can be; None when the caller must load it whole."""
+    from ..models import is_fused, load_tokenizer, resolve
+    from ..streaming import NotStreamable, fuse_checkpoint
+
+    path = resolve(args.model)
+    if args.in_memory or args.out is None or path is None or is_fused(path):
+        return None
+    held = {"--calibration": args.calibration is not None, "--verify": args.verify}
+    if any(held.values()):
+        log(f"fusing in memory: {' and '.join(k for k, v in held.items() if v)} need(s) the whole model")
+        return None
+    try:
+        log(f"fusing {path} layer by layer into {args.out}")
+        report = fuse_checkpoint(
+            path, args.out, config, dtype=settings.torch_dtype(), device=settings.torch_device(),
+            tokenizer=load_tokenizer(path), overwrite=args.overwrite,
+            shard_bytes=int(args.shard_size * 2**30), progress=log,
+        )  # fmt: skip
+    except NotStreamable as reason:
+        log(f"fusing in memory: this checkpoint cannot be streamed ({reason})")
+        return None
+    return {"model": str(path), **report.to_dict(), "out": str(args.out), "streamed": True, "_report": report}
+
+
+def _print_result(result: dict, config: FusionConfig, as_json: bool, report=None) -> int:
+    report = result.pop("_report", report)
+    if as_json:
         print(json.dumps(result))
         return 0
-    print(f"{loaded.source}: {config.method}")
+    print(f"{result['model']}: {config.method}")
     print(report.format_table())
     for name, numbers in result.get("verify", {}).items():
         print(
             f"{name}: max abs diff {numbers['max_abs_diff']:.3g}, relative error {numbers['relative_error']:.4f}"
         )
-    print(f"saved to {args.out}" if args.out else "not saved: pass --out DIR to keep the fused model")
+    out = result["out"]
+    print(f"saved to {out}" if out else "not saved: pass --out DIR to keep the fused model")
     return 0

@@ -1,0 +1,276 @@
+"""Fusing a checkpoint on disk one layer at a time, so that the model never has to fit in memory.
+
+The model is built on the meta device (shapes only). Every tensor that fusion does not change is copied
+from the source files to the output shards one at a time; for each fused layer, the tensors of its MLPs
+are read, fused with :func:`mlp_fusion.fuse` exactly as in memory, written out and released. Peak memory
+is one output shard being assembled plus one layer's MLPs and the method's working memory.
+
+Checkpoints saved by transformers keep stacked MoE experts in their per-expert layout
+(``experts.0.gate_proj.weight``, Mixtral's ``block_sparse_moe.experts.0.w1.weight``); the reader stacks
+them as the model holds them. A checkpoint whose tensor names still do not match the model cannot be
+streamed (:class:`NotStreamable`), and the caller fuses it in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters import find_sites
+from .config import FusionConfig
+from .errors import UserError
+from .fuse import FusionReport, count_parameters, fuse, fusion_records, select_sites
+from .persistence import (
+    DTYPES,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    atomic_directory,
+    check_writable,
+    shared_names,
+    weight_files,
+    write_description,
+)
+from .sites import MlpSite
+
+SHARD_BYTES = 1 << 30  # largest output shard held in memory before it is written
+RENAMES = ((".block_sparse_moe.", ".mlp."),)  # Mixtral's checkpoint name of its sparse MLP
+EXPERT_PART = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<part>\w+)\.weight$")
+PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+class NotStreamable(Exception):
+    """Why a checkpoint cannot be fused layer by layer (the caller then fuses it in memory)."""
+
+
+class CheckpointReader:
+    """The tensors of safetensors files under the names the model gives them, read one at a time."""
+
+    def __init__(self, files: list[Path]):
+        self.plain: dict[str, tuple[Path, str]] = {}
+        self.experts: dict[str, dict[str, dict[int, tuple[Path, str]]]] = {}  # experts path -> part -> index
+        self.first_dtype: torch.dtype | None = None
+        for path in files:
+            with safe_open(str(path), framework="pt") as stored:
+                for key in stored.keys():
+                    self._add(path, key)
+                    if self.first_dtype is None:
+                        self.first_dtype = STORED_DTYPES.get(stored.get_slice(key).get_dtype())
+
+    def _add(self, path: Path, key: str) -> None:
+        name = key
+        for old, new in RENAMES:
+            name = name.replace(old, new)
+        match = EXPERT_PART.match(name)
+        if match and match["part"] in PARTS:
+            parts = self.experts.setdefault(match["experts"], {})
+            parts.setdefault(PARTS[match["part"]], {})[int(match["index"])] = (path, key)
+        else:
+            self.plain[name] = (path, key)
+
+    def names(self) -> set[str]:
+        stacked = {f"{experts}.{name}" for experts in self.experts for name in ("gate_up_proj", "down_proj")}
+        return set(self.plain) | stacked
+
+    def read(self, name: str, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+        """One tensor, cast to ``dtype`` when it is floating; stacked experts assembled as the model holds
+        them (``gate_up_proj`` ``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``)."""
+        if name in self.plain:
+            tensor = _read_one(*self.plain[name], device)
+        else:
+            experts, _, kind = name.rpartition(".")
+            parts = self.experts[experts]
+            if kind == "gate_up_proj":
+                tensor = torch.stack(
+                    [torch.cat([_read_one(*parts["gate"][i], device), _read_one(*parts["up"][i], device)])
+                     for i in sorted(parts["gate"])]
+                )  # fmt: skip
+            else:
+                tensor = torch.stack([_read_one(*parts["down"][i], device) for i in sorted(parts["down"])])
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _read_one(path: Path, key: str, device: torch.device) -> torch.Tensor:
+    # Opened for each read: a file mapping kept open would count every page read so far as resident.
+    with safe_open(str(path), framework="pt", device=str(device)) as stored:
+        return stored.get_tensor(key)
+
+
+class ShardWriter:
+    """Output tensors gathered into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+
+    def __init__(self, directory: Path, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self.written)}"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Name the shards as transformers does: one ``model.safetensors``, or numbered files and an index."""
+        if self.pending or not self.written:
+            self._flush()
+        if len(self.written) == 1:
+            os.replace(self.written[0][0], self.directory / WEIGHTS_FILE)
+            return
+        weight_map = {}
+        for number, (path, names) in enumerate(self.written, 1):
+            final = f"model-{number:05d}-of-{len(self.written):05d}.safetensors"
+            os.replace(path, self.directory / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def fuse_checkpoint(
+    source: Path,
+    out: Path,
+    config: FusionConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    tokenizer=None,
+    overwrite: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+    progress: Callable[[str], None] | None = None,
+) -> FusionReport:
+    """Fuse the local checkpoint ``source`` into the fused format in ``out``, one layer at a time.
+
+    Gives the same tensors as loading ``source`` in ``dtype`` (default: its own), :func:`fuse` with
+    ``config`` and :func:`save_pretrained`. Raises :class:`NotStreamable` before writing anything when the
+    checkpoint cannot be read this way.
+    """
+    if config.budget is not None:
+        raise NotStreamable("--budget compares every layer before fusing any")
+    try:
+        files = weight_files(source)
+    except UserError as error:
+        raise NotStreamable(f"no safetensors weights ({error})") from None
+    reader = CheckpointReader(files)
+    device = torch.device(device)
+    model = _meta_model(source, reader, dtype)
+    sites = find_sites(model)
+    groups = _layer_groups(select_sites(sites, config.layers))
+    for group in groups:
+        for site in group:
+            if config.target_width(site.width) > site.width:
+                raise UserError(f"the width asked for is above the width of {site.describe()}")
+    check_writable(out, overwrite)
+    start = time.perf_counter()
+    report = FusionReport(method=config.method, params_before=count_parameters(model))
+    report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
+
+    def write(tmp: Path) -> None:
+        shards = ShardWriter(tmp, shard_bytes)
+        owners = {site.name: group for group in groups for site in group}
+        done: set[int] = set()
+        for name in _stored_names(model, reader):
+            group = next((g for prefix, g in owners.items() if name.startswith(prefix + ".")), None)
+            if group is None:
+                shards.add(name, reader.read(name, torch.device("cpu"), dtype))
+            elif id(group) not in done:
+                done.add(id(group))
+                report.layers += _fuse_group(model, group, reader, config, device, progress).layers
+                for site in group:
+                    module = model.get_submodule(site.name)
+                    for key, tensor in module.state_dict(prefix=site.name + ".").items():
+                        shards.add(key, tensor)
+                    module.to("meta")  # released
+        shards.close()
+        for record in fusion_records(model):
+            record.settings = {**record.settings, "layers": config.layers}
+        write_description(model, tmp, tokenizer)
+
+    atomic_directory(out, overwrite, write)
+    report.params_after = count_parameters(model)
+    report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _meta_model(source: Path, reader: CheckpointReader, dtype: torch.dtype | None) -> nn.Module:
+    """The model class the config names (else the bare model) whose tensor names the checkpoint has."""
+    config = transformers.AutoConfig.from_pretrained(source)
+    stored = getattr(config, "dtype", None)
+    stored = DTYPES.get(str(stored).removeprefix("torch."), None) if stored is not None else None
+    dtype = dtype or stored or reader.first_dtype or torch.float32
+    names = [a for a in getattr(config, "architectures", None) or [] if hasattr(transformers, a)]
+    builders = [getattr(transformers, name) for name in names] + [transformers.AutoModel.from_config]
+    for build in builders:
+        with torch.device("meta"):
+            model = build(config).to(dtype)
+        if _names_match(model, reader):
+            if (source / "generation_config.json").is_file():
+                model.generation_config = transformers.GenerationConfig.from_pretrained(source)
+            return model.eval()
+    raise NotStreamable("its tensor names do not match the model's")
+
+
+def _names_match(model: nn.Module, reader: CheckpointReader) -> bool:
+    expected = set(model.state_dict())
+    stored = reader.names()
+    tied = {name: set(group) for group in shared_names(model) for name in group}
+    return stored <= expected and all(name in stored or tied.get(name, set()) & stored for name in expected)
+
+
+def _stored_names(model: nn.Module, reader: CheckpointReader) -> list[str]:
+    """The model's tensor names in its own order, each tied weight once (under the name the file uses)."""
+    stored = reader.names()
+    return [name for name in model.state_dict() if name in stored]
+
+
+def _layer_groups(sites: list[MlpSite]) -> list[list[MlpSite]]:
+    """Chosen sites grouped by layer (a layer can hold routed and shared experts)."""
+    groups: dict[tuple, list[MlpSite]] = {}
+    for site in sites:
+        groups.setdefault((site.stack, site.layer), []).append(site)
+    return list(groups.values())
+
+
+def _fuse_group(
+    model: nn.Module,
+    group: list[MlpSite],
+    reader: CheckpointReader,
+    config: FusionConfig,
+    device: torch.device,
+    progress: Callable[[str], None] | None,
+) -> FusionReport:
+    """Read one layer's MLPs onto ``device``, fuse them in place, and bring them back to the CPU."""
+    for site in group:
+        module = model.get_submodule(site.name)
+        state = {
+            key: reader.read(f"{site.name}.{key}", device, tensor.dtype)
+            for key, tensor in module.state_dict().items()
+        }
+        module.load_state_dict(state, assign=True)
+    site = group[0]
+    layer = f"{site.stack}:{site.layer}" if site.stack else site.layer
+    report = fuse(model, replace(config, layers=[layer]), progress=progress)
+    for site in group:
+        model.get_submodule(site.name).to("cpu")
+    return report

@@ -1,0 +1,98 @@
+"""Layer-by-layer fusion of checkpoints on disk: the same tensors as fusing in memory, in the same dtype."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import FAMILIES, build, inputs, outputs
+
+import mlp_fusion
+from mlp_fusion.cli import main
+from mlp_fusion.persistence import INDEX_FILE, WEIGHTS_FILE
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def compress(capsys, source, out, *extra) -> dict:
+    code, stdout, stderr = run(capsys, "compress", source, "--out", out, "--json", *extra)
+    assert code == 0, stderr
+    return json.loads(stdout)
+
+
+def same_tensors(left, right) -> bool:
+    a, b = left.state_dict(), right.state_dict()
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_from_shards_equals_fused_in_memory(capsys, tmp_path, family):
+    build(family).save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    assert (tmp_path / "base" / INDEX_FILE).is_file()  # the source is sharded
+    options = ["--ratio", "0.5", "--layers", "1-2", "--shard-size", "0.00002"]  # about 20 KB per output file
+    streamed = compress(capsys, tmp_path / "base", tmp_path / "streamed", *options)
+    in_memory = compress(capsys, tmp_path / "base", tmp_path / "memory", *options, "--in-memory")
+    assert streamed["streamed"] and not in_memory["streamed"]
+    assert (tmp_path / "streamed" / INDEX_FILE).is_file()
+    assert [r["name"] for r in streamed["layers"]] == [r["name"] for r in in_memory["layers"]]
+    assert (streamed["params_before"], streamed["params_after"]) == (
+        in_memory["params_before"],
+        in_memory["params_after"],
+    )
+    loaded = mlp_fusion.from_pretrained(tmp_path / "streamed")
+    assert same_tensors(loaded, mlp_fusion.from_pretrained(tmp_path / "memory"))
+    settings = [
+        json.loads((tmp_path / d / "fusion.json").read_text())["sites"] for d in ("streamed", "memory")
+    ]
+    assert settings[0] == settings[1]
+    batch = inputs()
+    reference = build(family)
+    mlp_fusion.fuse(reference, mlp_fusion.FusionConfig(ratio=0.5, layers="1-2"))
+    assert torch.equal(outputs(loaded, batch), outputs(reference, batch))
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_streaming_keeps_the_checkpoint_dtype_or_the_one_asked_for(capsys, tmp_path, family):
+    build(family).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    compress(capsys, tmp_path / "base", tmp_path / "own", "--ratio", "0.5")
+    compress(capsys, tmp_path / "base", tmp_path / "wide", "--ratio", "0.5", "--dtype", "float32")
+    for name, dtype in (("own", torch.bfloat16), ("wide", torch.float32)):
+        assert (tmp_path / name / WEIGHTS_FILE).is_file()  # small enough for one file
+        loaded = mlp_fusion.from_pretrained(tmp_path / name)
+        assert {p.dtype for p in loaded.parameters()} == {dtype}
+        assert json.loads((tmp_path / name / "fusion.json").read_text())["dtype"] == str(dtype)[6:]
+    in_memory = compress(capsys, tmp_path / "base", tmp_path / "memory", "--ratio", "0.5", "--in-memory")
+    assert not in_memory["streamed"]
+    assert same_tensors(
+        mlp_fusion.from_pretrained(tmp_path / "own"), mlp_fusion.from_pretrained(tmp_path / "memory")
+    )
+
+
+def test_options_that_need_the_whole_model_fuse_in_memory_and_say_so(capsys, tmp_path):
+    build("llama").save_pretrained(tmp_path / "base")
+    code, stdout, stderr = run(
+        capsys,
+        "compress",
+        tmp_path / "base",
+        "--ratio",
+        "0.5",
+        "--verify",
+        "--out",
+        tmp_path / "out",
+        "--json",
+    )
+    assert code == 0 and not json.loads(stdout)["streamed"]
+    assert "fusing in memory: --verify" in stderr
+
+
+def test_a_failure_in_a_later_layer_leaves_nothing_written(capsys, tmp_path):
+    model = build("llama")
+    with torch.no_grad():
+        model.model.layers[2].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "base")
+    code, _, stderr = run(capsys, "compress", tmp_path / "base", "--ratio", "0.5", "--out", tmp_path / "out")
+    assert code == 2 and "NaN or infinite" in stderr and "layers.2" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
