@@ -36,12 +36,14 @@ def k_means(
     tol: float = 1e-4,
     hartigan_rounds: int = 50,
     seed: int = 0,
+    copy_x: bool = True,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` (``[n, p]`` or a batch ``[B, n, p]``) into ``n_clusters`` groups.
 
     Runs ``n_init`` restarts and keeps, per batch element, the one with the lowest inertia. ``tol`` is
     relative to the mean per-feature variance of the data, as in scikit-learn. ``hartigan_rounds`` bounds
-    the refinement after Lloyd (0 turns it off).
+    the refinement after Lloyd (0 turns it off). With ``copy_x=False`` a float32 or float64 ``x`` is
+    centred in place (left so), which saves one copy of the data.
     """
     squeeze = x.dim() == 2
     if squeeze:
@@ -59,7 +61,7 @@ def k_means(
     # Distances do not change under a common shift, but the expansion ||a||^2 - 2ab + ||b||^2 loses
     # precision when every row shares a large offset: cluster the centred rows, shift the centres back.
     offset = x.mean(dim=1, keepdim=True)
-    x = x - offset
+    x = x - offset if copy_x else x.sub_(offset)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     x_sq = (x * x).sum(-1)
     tol_abs = tol * x.var(dim=1, unbiased=False).mean(-1)
@@ -151,13 +153,19 @@ def _lloyd(
     return KMeansResult(centers, labels, counts, _inertia(x, centers, labels), n_iter)
 
 
+CHUNK_ELEMENTS = 1 << 22  # float64 working set of one chunk of rows: 32 MB
+
+
 def _inertia(x: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Exact inertia in float64, one batch element at a time to bound memory."""
-    values = []
+    """Exact inertia in float64, a bounded chunk of rows at a time (never a float64 copy of ``x``)."""
+    step = max(1, CHUNK_ELEMENTS // x.shape[-1])
+    values = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for b in range(x.shape[0]):
-        residual = x[b].double() - centers[b].double()[labels[b]]
-        values.append((residual * residual).sum())
-    return torch.stack(values)
+        for start in range(0, x.shape[1], step):
+            rows = x[b, start : start + step].double()
+            residual = rows - centers[b, labels[b, start : start + step]].double()
+            values[b] += (residual * residual).sum()
+    return values
 
 
 def _hartigan(x: torch.Tensor, x_sq: torch.Tensor, start: KMeansResult, max_rounds: int) -> KMeansResult:
@@ -246,9 +254,15 @@ def _centers_of(
     if bool((counts == 0).any()):
         labels = _reseed_empty(x, labels, counts, k)
         counts = _counts(labels, k, x.dtype)
+    return _sums(x, labels, k) / counts.unsqueeze(-1), labels, counts
+
+
+def _sums(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster sums of the rows ``[B, k, p]``; ``index_add_`` needs no ``[B, n, p]`` index tensor."""
     sums = torch.zeros(x.shape[0], k, x.shape[2], dtype=x.dtype, device=x.device)
-    sums.scatter_add_(1, labels.unsqueeze(-1).expand_as(x), x)
-    return sums / counts.unsqueeze(-1), labels, counts
+    for b in range(x.shape[0]):
+        sums[b].index_add_(0, labels[b], x[b])
+    return sums
 
 
 def _counts(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
@@ -258,9 +272,7 @@ def _counts(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _reseed_empty(x: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
     labels = labels.clone()
-    sums = torch.zeros(x.shape[0], k, x.shape[2], dtype=x.dtype, device=x.device)
-    sums.scatter_add_(1, labels.unsqueeze(-1).expand_as(x), x)
-    means = sums / counts.clamp_min(1).unsqueeze(-1)
+    means = _sums(x, labels, k) / counts.clamp_min(1).unsqueeze(-1)
     for b in torch.nonzero((counts == 0).any(-1)).flatten().tolist():
         own = ((x[b] - means[b, labels[b]]) ** 2).sum(-1)
         sizes = counts[b].clone()

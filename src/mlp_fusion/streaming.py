@@ -16,15 +16,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import find_sites
@@ -43,11 +45,16 @@ from .persistence import (
 )
 from .sites import MlpSite
 
-SHARD_BYTES = 1 << 30  # largest output shard held in memory before it is written
+SHARD_BYTES = 2 << 30  # output shard size (shards are written as they fill, never held in memory)
 RENAMES = ((".block_sparse_moe.", ".mlp."),)  # Mixtral's checkpoint name of its sparse MLP
 EXPERT_PART = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<part>\w+)\.weight$")
 PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
 
 
 class NotStreamable(Exception):
@@ -108,33 +115,58 @@ def _read_one(path: Path, key: str, device: torch.device) -> torch.Tensor:
 
 
 class ShardWriter:
-    """Output tensors gathered into shards of at most ``max_bytes`` (a larger tensor gets its own)."""
+    """Output tensors written to disk as they come, in shards of about ``max_bytes``.
+
+    Each tensor's bytes go straight to a data file; when a shard is full, its safetensors header (names,
+    dtypes, shapes, offsets) is written and the data copied behind it in blocks. Memory never holds more
+    than the tensor being written, whatever the shard size.
+    """
 
     def __init__(self, directory: Path, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.entries: dict[str, dict] = {}
+        self.data: BinaryIO | None = None
+        self.offset = 0
         self.written: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
+        if self.entries and self.offset + size > self.max_bytes:
+            self._finish_shard()
+        if self.data is None:
+            self.data = (self.directory / ".shard-data").open("wb")
+        self.data.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        dtype = SAFETENSORS_DTYPES[tensor.dtype]
+        self.entries[name] = {
+            "dtype": dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [self.offset, self.offset + size],
+        }
+        self.offset += size
         self.total_bytes += size
 
-    def _flush(self) -> None:
+    def _finish_shard(self) -> None:
+        self.data.close()
+        header = json.dumps(
+            {"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")
+        ).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
         path = self.directory / f".shard-{len(self.written)}"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.written.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        with path.open("wb") as shard, (self.directory / ".shard-data").open("rb") as data:
+            shard.write(struct.pack("<Q", len(header)) + header)
+            shutil.copyfileobj(data, shard, 64 << 20)
+        (self.directory / ".shard-data").unlink()
+        self.written.append((path, list(self.entries)))
+        self.entries, self.data, self.offset = {}, None, 0
 
     def close(self) -> None:
         """Name the shards as transformers does: one ``model.safetensors``, or numbered files and an index."""
-        if self.pending or not self.written:
-            self._flush()
+        if self.entries or not self.written:
+            if self.data is None:
+                self.data = (self.directory / ".shard-data").open("wb")
+            self._finish_shard()
         if len(self.written) == 1:
             os.replace(self.written[0][0], self.directory / WEIGHTS_FILE)
             return

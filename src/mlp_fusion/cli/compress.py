@@ -67,7 +67,7 @@ def add_parser(commands) -> None:
         "a time, reading and writing the files as it goes)",
     )
     compress.add_argument(
-        "--shard-size", type=float, default=1.0, help="largest output file when streaming, in GB (default 1)"
+        "--shard-size", type=float, default=2.0, help="output file size when streaming, in GB (default 2)"
     )
     compress.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     compress.set_defaults(run=run)

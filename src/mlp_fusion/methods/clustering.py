@@ -17,7 +17,8 @@ def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[Su
     factors = None
     if config.canonical:
         sub, factors = canonicalise(sub)
-    rows = sub.rows()
+    rows, layout = sub.rows(), sub.zeros(0)
+    del sub  # the canonical copy, if any: k-means holds the rows alone, centred in place
     result = k_means(
         rows,
         width,
@@ -25,8 +26,9 @@ def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[Su
         max_iter=config.max_iter,
         hartigan_rounds=config.hartigan_rounds,
         seed=config.seed,
+        copy_x=False,
     )
-    centroids = sub.from_rows(result.centers.to(rows.dtype))
+    centroids = layout.from_rows(result.centers.to(rows.dtype))
     if factors is not None:
         centroids = restore(centroids, factors, result.labels)
     return centroids, result

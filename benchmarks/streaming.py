@@ -1,0 +1,187 @@
+"""Peak memory and time of ``mlp-fusion compress``: streaming (one layer at a time) vs in memory.
+
+Three checkpoints, each compressed both ways in fresh processes (peak resident memory is the process's
+``ru_maxrss``, file pages read through a mapping included):
+- a LLaMA-shaped bfloat16 checkpoint with random weights, written by this script (TinyLlama's shape:
+  hidden 2048, MLP 5632, 22 layers, vocabulary 32000; about 2.2 GB in 1 GB shards);
+- SmolLM2-135M (the bundled float32 copy);
+- SmolLM2-135M upcycled to 4 experts (top 2), whose experts are stacked in the model and stored per
+  expert on disk.
+Both ways must give the same tensors; the script checks that tensor by tensor.
+
+    python benchmarks/streaming.py           # about 10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kmeans import machine, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "streaming.json"
+CLI = "import sys; from mlp_fusion.cli import main; sys.exit(main())"
+MEASURED = """
+import json, resource, sys, time
+from mlp_fusion.cli import main
+start = time.perf_counter()
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def write_llama(directory: Path, layers: int) -> None:
+    """A bfloat16 LLaMA-shaped checkpoint of random weights, written shard by shard (never whole in memory)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    config = transformers.LlamaConfig(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, dtype="bfloat16",
+    )  # fmt: skip
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in transformers.LlamaForCausalLM(config).state_dict().items()}
+    directory.mkdir(parents=True)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(directory)
+    generator = torch.Generator().manual_seed(0)
+    shards, shard, size, limit = [], {}, 0, 1 << 30
+    for name, shape in shapes.items():
+        values = (
+            torch.ones(shape)
+            if name.endswith("norm.weight")
+            else torch.randn(shape, generator=generator) * 0.02
+        )
+        shard[name] = values.to(torch.bfloat16)
+        size += shard[name].numel() * 2
+        if size >= limit:
+            shards.append(shard)
+            save_file(shard, str(directory / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
+            shard, size = {}, 0
+    if shard:
+        shards.append(shard)
+        save_file(shard, str(directory / f"part-{len(shards)}.safetensors"), metadata={"format": "pt"})
+    weight_map = {name: f"part-{i}.safetensors" for i, part in enumerate(shards, 1) for name in part}
+    index = {
+        "metadata": {"total_size": sum(v.numel() * 2 for p in shards for v in p.values())},
+        "weight_map": weight_map,
+    }
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def compress(source: str, out: Path, options: list[str], in_memory: bool) -> dict:
+    arguments = ["compress", source, "--out", str(out), "--json", *options]
+    arguments += ["--in-memory"] if in_memory else []
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURED, *arguments], capture_output=True, text=True, cwd=ROOT
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"compress {source} failed:\n{done.stderr[-3000:]}")
+    lines = done.stdout.strip().splitlines()
+    report, measured = json.loads(lines[-2]), json.loads(lines[-1])
+    return {"seconds": measured["seconds"], "peak_mb": measured["peak_mb"], "streamed": report["streamed"]}
+
+
+def same_tensors(left: Path, right: Path) -> bool:
+    """Both outputs hold the same tensors under the same names (read one at a time)."""
+    from safetensors import safe_open
+
+    def index(directory: Path) -> dict[str, Path]:
+        found = {}
+        for path in directory.glob("*.safetensors"):
+            with safe_open(str(path), framework="pt") as stored:
+                found.update(dict.fromkeys(stored.keys(), path))
+        return found
+
+    a, b = index(left), index(right)
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        with safe_open(str(a[name]), framework="pt") as x, safe_open(str(b[name]), framework="pt") as y:
+            if not torch.equal(x.get_tensor(name), y.get_tensor(name)):
+                return False
+    return True
+
+
+def size_gb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--llama-layers", type=int, default=22, help="layers of the synthetic LLaMA (22: 2.2 GB)"
+    )
+    args = parser.parse_args()
+    rows, last_two = [], f"{args.llama_layers - 2}-{args.llama_layers - 1}"
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        tmp = Path(tmp)
+        write_llama(tmp / "llama", args.llama_layers)
+        subprocess.run(
+            [sys.executable, "-c", CLI, "upcycle", "smollm2", "--experts", "4", "--top-k", "2", "--out", str(tmp / "moe")],
+            check=True, capture_output=True, cwd=ROOT,
+        )  # fmt: skip
+        from mlp_fusion.models import bundled_path
+
+        cases = [
+            ("synthetic LLaMA, bfloat16", str(tmp / "llama"), ["--layers", last_two, "--ratio", "0.25"]),
+            ("SmolLM2-135M, float32", str(bundled_path("smollm2")), ["--layers", "25-29", "--ratio", "0.25"]),
+            ("SmolLM2-135M upcycled, 4 experts", str(tmp / "moe"), ["--layers", "28-29", "--ratio", "0.25"]),
+        ]
+        for label, source, options in cases:
+            source_gb = size_gb(Path(source))
+            measured = {}
+            for mode, in_memory in (("streaming", False), ("in memory", True)):
+                measured[mode] = compress(source, tmp / mode, options, in_memory)
+                print(label, mode, measured[mode], flush=True)
+            equal = same_tensors(tmp / "streaming", tmp / "in memory")
+            for mode, m in measured.items():
+                rows.append({"checkpoint": label, "mode": mode, "source_gb": source_gb, "options": options,
+                             "output_gb": size_gb(tmp / mode), "same_tensors": equal, **m})  # fmt: skip
+            for mode in measured:
+                subprocess.run(["rm", "-rf", str(tmp / mode)], check=True)
+    results = {
+        "command": "python benchmarks/streaming.py " + " ".join(sys.argv[1:]),
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "rows": rows,
+    }
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "| checkpoint | fused | mode | checkpoint GB | peak resident MB | goal: 40% + 1 GB | seconds | output GB | same tensors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        goal = 0.4 * r["source_gb"] * 1000 + 1000
+        lines.append(
+            f"| {r['checkpoint']} | {' '.join(r['options'])} | {r['mode']} | {r['source_gb']:.2f} | "
+            f"{r['peak_mb']:.0f} | {goal:.0f} | {r['seconds']:.0f} | {r['output_gb']:.2f} | {r['same_tensors']} |"
+        )
+    info = results["machine"]
+    body = (
+        "`mlp-fusion compress` on three checkpoints, layer by layer (the default for local safetensors "
+        "checkpoints) and with `--in-memory`, each run in a fresh process; peak resident memory is the "
+        "process's maximum resident set (`ru_maxrss`), time the whole command (loading, k-means, writing). "
+        "The synthetic LLaMA has TinyLlama's shape with random bfloat16 weights; default output shards of "
+        "1 GB. Same tensors: the two outputs compared name by name.\n\n"
+        + "\n".join(lines)
+        + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
+        f"{info['transformers']}. Date {results['date']}. Command: `{results['command'].strip()}`; raw results "
+        f"in `{RESULTS.relative_to(ROOT)}`."
+    )
+    write_section(ROOT / "BENCHMARKS.md", "streaming", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
