@@ -29,7 +29,7 @@ def test_training_computes_the_weight_afresh_and_keeps_no_copy():
     fuse(model, FusionConfig(ratio=0.5))
     down = _down(model)
     with torch.no_grad():
-        down.weight
+        assert down.weight is not None
     scaling: NeuronScale = down.parametrizations.weight[0]
     assert scaling._cached is not None
     weight = down.weight  # grad enabled
