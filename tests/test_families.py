@@ -198,3 +198,17 @@ def test_the_models_own_save_pretrained_writes_the_fused_format(family, tmp_path
     twin = copy.deepcopy(model)
     twin.save_pretrained(tmp_path / "twin")
     assert torch.equal(outputs(mlp_fusion.from_pretrained(tmp_path / "twin"), batch), expected)
+
+
+@pytest.mark.parametrize("dtype, multiple", [(torch.float32, 4), (torch.bfloat16, 8)])
+def test_stacked_expert_widths_from_a_ratio_keep_the_grouped_kernel(dtype, multiple):
+    model = build("mixtral").to(dtype)
+    before = model.config._experts_implementation
+    fuse(model, FusionConfig(ratio=0.3))  # 0.3 x 24 = 7.2: not aligned
+    width = model.model.layers[0].mlp.experts.down_proj.shape[-1]
+    assert width % multiple == 0 and abs(width - 7.2) <= multiple / 2
+    assert model.config._experts_implementation == before
+    exact = build("mixtral")
+    fuse(exact, FusionConfig(width=7))  # asked for exactly: kept, and the eager loop takes over
+    assert exact.model.layers[0].mlp.experts.down_proj.shape[-1] == 7
+    assert exact.config._experts_implementation == "eager"

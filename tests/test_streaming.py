@@ -37,6 +37,8 @@ def test_streamed_from_shards_equals_fused_in_memory(capsys, tmp_path, family):
     in_memory = compress(capsys, tmp_path / "base", tmp_path / "memory", *options, "--in-memory")
     assert streamed["streamed"] and not in_memory["streamed"]
     assert (tmp_path / "streamed" / INDEX_FILE).is_file()
+    code, stdout, _ = run(capsys, "info", tmp_path / "streamed", "--json")
+    assert code == 0 and json.loads(stdout)["parameters"] > streamed["params_after"]  # weights and scales
     assert [r["name"] for r in streamed["layers"]] == [r["name"] for r in in_memory["layers"]]
     assert (streamed["params_before"], streamed["params_after"]) == (
         in_memory["params_before"],

@@ -16,7 +16,7 @@ from .config import FusionConfig, names_site
 from .errors import UserError
 from .methods import METHODS, MethodResult, SubMlps
 from .narrowing import apply_result, use_compatible_experts_kernel
-from .sites import MlpSite
+from .sites import MlpSite, StackedExperts
 
 RECORD_ATTR = "mlp_fusion_record"
 # Called with the model after every fuse. Persistence, which builds on this module, registers the native
@@ -224,6 +224,8 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
         if site.name in done:
             raise UserError(f"{site.name} is already fused; start again from the original model")
         width = config.target_width(site.width)
+        if config.ratio is not None:
+            width = kernel_friendly_width(site, width)
         if width > site.width:
             raise UserError(
                 f"width {width} is above the width of {site.describe()}; choose at most {site.width}"
@@ -240,6 +242,17 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
     if config.budget is not None:
         plans = _plan_budget(plans, config)
     return plans
+
+
+def kernel_friendly_width(site: MlpSite, width: int) -> int:
+    """For stacked experts, ``width`` rounded to a multiple that keeps rows 16-byte aligned, so that
+    transformers' grouped-matmul experts kernel stays usable (an unaligned width forces the eager loop on
+    the whole model); other sites, and widths that cannot be rounded within the MLP, are kept."""
+    if not isinstance(site, StackedExperts):
+        return width
+    multiple = max(1, 16 // site.module.down_proj.element_size())
+    rounded = max(multiple, round(width / multiple) * multiple)
+    return rounded if rounded <= site.width else width
 
 
 def _plan_budget(plans: list[tuple[MlpSite, int]], config: FusionConfig) -> list[tuple[MlpSite, int]]:

@@ -23,10 +23,10 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..persistence import WEIGHTS_FILE, read_fusion_file
+    from ..persistence import read_fusion_file, weight_files
 
     fusion = read_fusion_file(args.fused)
-    fusion["parameters"] = _stored_numbers(args.fused / WEIGHTS_FILE)
+    fusion["parameters"] = sum(_stored_numbers(path) for path in weight_files(args.fused))
     if args.json:
         print(json.dumps(fusion))
         return 0
