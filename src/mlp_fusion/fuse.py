@@ -223,13 +223,7 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
     for site in select_sites(sites, config.layers):
         if site.name in done:
             raise UserError(f"{site.name} is already fused; start again from the original model")
-        width = config.target_width(site.width)
-        if config.ratio is not None:
-            width = kernel_friendly_width(site, width)
-        if width > site.width:
-            raise UserError(
-                f"width {width} is above the width of {site.describe()}; choose at most {site.width}"
-            )
+        width = planned_width(site, config)
         sub = site.read()  # not kept: one site's copy at a time
         if any(t.is_meta for t in (*sub.inputs, sub.output)):
             raise UserError(
@@ -244,15 +238,26 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
     return plans
 
 
+def planned_width(site: MlpSite, config: FusionConfig) -> int:
+    """The width ``config`` gives ``site`` (before a budget is spread); refused above the site's width."""
+    width = config.target_width(site.width)
+    if config.ratio is not None:
+        width = kernel_friendly_width(site, width)
+    if width > site.width:
+        raise UserError(f"width {width} is above the width of {site.describe()}; choose at most {site.width}")
+    return width
+
+
 def kernel_friendly_width(site: MlpSite, width: int) -> int:
     """For stacked experts, ``width`` rounded to a multiple that keeps rows 16-byte aligned, so that
     transformers' grouped-matmul experts kernel stays usable (an unaligned width forces the eager loop on
-    the whole model); other sites, and widths that cannot be rounded within the MLP, are kept."""
+    the whole model); other sites, and widths that would move by more than an eighth (small MLPs) or past
+    the MLP's width, are kept."""
     if not isinstance(site, StackedExperts):
         return width
     multiple = max(1, 16 // site.module.down_proj.element_size())
     rounded = max(multiple, round(width / multiple) * multiple)
-    return rounded if rounded <= site.width else width
+    return rounded if rounded <= site.width and abs(rounded - width) <= width / 8 else width
 
 
 def _plan_budget(plans: list[tuple[MlpSite, int]], config: FusionConfig) -> list[tuple[MlpSite, int]]:

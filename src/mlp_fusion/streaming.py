@@ -32,7 +32,7 @@ from torch import nn
 from .adapters import find_sites
 from .config import FusionConfig
 from .errors import UserError
-from .fuse import FusionReport, count_parameters, fuse, fusion_records, select_sites
+from .fuse import FusionReport, count_parameters, fuse, fusion_records, planned_width, select_sites
 from .persistence import (
     DTYPES,
     INDEX_FILE,
@@ -210,8 +210,7 @@ def fuse_checkpoint(
     groups = _layer_groups(select_sites(sites, config.layers))
     for group in groups:
         for site in group:
-            if config.target_width(site.width) > site.width:
-                raise UserError(f"the width asked for is above the width of {site.describe()}")
+            planned_width(site, config)  # refused here, before anything is written
     check_writable(out, overwrite)
     start = time.perf_counter()
     report = FusionReport(method=config.method, params_before=count_parameters(model))
