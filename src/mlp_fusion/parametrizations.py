@@ -35,6 +35,10 @@ class NeuronScale(nn.Module):
             self._cached_for = key
         return self._cached
 
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the kept product would be stale
+        self._cached = self._cached_for = None
+        return super()._apply(fn, recurse)
+
     def _same_inputs(self, key: tuple) -> bool:
         old = self._cached_for
         return (

@@ -13,6 +13,7 @@ streamed (:class:`NotStreamable`), and the caller fuses it in memory.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -137,7 +138,7 @@ class ShardWriter:
             self._finish_shard()
         if self.data is None:
             self.data = (self.directory / ".shard-data").open("wb")
-        self.data.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self.data.write(tensor.reshape(-1).view(torch.uint8).numpy())  # its buffer, not a copy
         dtype = SAFETENSORS_DTYPES[tensor.dtype]
         self.entries[name] = {
             "dtype": dtype,
@@ -199,6 +200,7 @@ def fuse_checkpoint(
     """
     if config.budget is not None:
         raise NotStreamable("--budget compares every layer before fusing any")
+    _return_large_blocks()
     try:
         files = weight_files(source)
     except UserError as error:
@@ -242,6 +244,15 @@ def fuse_checkpoint(
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _return_large_blocks() -> None:
+    """Let glibc serve blocks of 1 MB and more straight from the OS and give them back when freed, so that
+    one layer's k-means memory is not kept (and added to by the next layer's) in per-thread heaps."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
 
 
 def _meta_model(source: Path, reader: CheckpointReader, dtype: torch.dtype | None) -> nn.Module:
