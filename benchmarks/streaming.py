@@ -1,7 +1,7 @@
 """Peak memory and time of ``mlp-fusion compress``: streaming (one layer at a time) vs in memory.
 
-Three checkpoints, each compressed both ways in fresh processes (peak resident memory is the process's
-``ru_maxrss``, file pages read through a mapping included):
+Three checkpoints, each compressed both ways in fresh processes (peak memory: the process's high-water
+mark of resident memory, file pages read through a mapping included):
 - a LLaMA-shaped bfloat16 checkpoint with random weights, written by this script (TinyLlama's shape:
   hidden 2048, MLP 5632, 22 layers, vocabulary 32000; about 2.2 GB in 1 GB shards);
 - SmolLM2-135M (the bundled float32 copy);
@@ -30,13 +30,14 @@ from kmeans import machine, write_section  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "streaming.json"
 CLI = "import sys; from mlp_fusion.cli import main; sys.exit(main())"
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec; VmHWM starts afresh.
 MEASURED = """
-import json, resource, sys, time
+import json, re, sys, time
 from mlp_fusion.cli import main
 start = time.perf_counter()
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "peak_mb": peak / 1024}))
 """
 
 
@@ -93,24 +94,11 @@ def compress(source: str, out: Path, options: list[str], in_memory: bool) -> dic
 
 
 def same_tensors(left: Path, right: Path) -> bool:
-    """Both outputs hold the same tensors under the same names (read one at a time)."""
-    from safetensors import safe_open
+    """Both outputs load to the same tensors (a tied weight may be stored under either of its names)."""
+    import mlp_fusion
 
-    def index(directory: Path) -> dict[str, Path]:
-        found = {}
-        for path in directory.glob("*.safetensors"):
-            with safe_open(str(path), framework="pt") as stored:
-                found.update(dict.fromkeys(stored.keys(), path))
-        return found
-
-    a, b = index(left), index(right)
-    if a.keys() != b.keys():
-        return False
-    for name in a:
-        with safe_open(str(a[name]), framework="pt") as x, safe_open(str(b[name]), framework="pt") as y:
-            if not torch.equal(x.get_tensor(name), y.get_tensor(name)):
-                return False
-    return True
+    a, b = mlp_fusion.from_pretrained(left).state_dict(), mlp_fusion.from_pretrained(right).state_dict()
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 def size_gb(directory: Path) -> float:
@@ -170,10 +158,11 @@ def main() -> None:
     info = results["machine"]
     body = (
         "`mlp-fusion compress` on three checkpoints, layer by layer (the default for local safetensors "
-        "checkpoints) and with `--in-memory`, each run in a fresh process; peak resident memory is the "
-        "process's maximum resident set (`ru_maxrss`), time the whole command (loading, k-means, writing). "
-        "The synthetic LLaMA has TinyLlama's shape with random bfloat16 weights; default output shards of "
-        "1 GB. Same tensors: the two outputs compared name by name.\n\n"
+        "checkpoints) and with `--in-memory`, each run in a fresh process; peak memory is the process's "
+        "high-water mark of resident memory (VmHWM), time the whole command (loading, k-means, writing). "
+        "The synthetic LLaMA has TinyLlama's shape with random bfloat16 weights; default output shards "
+        "(2 GB). Same tensors: both outputs loaded with `mlp_fusion.from_pretrained` and compared tensor by "
+        "tensor.\n\n"
         + "\n".join(lines)
         + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
         f"{info['transformers']}. Date {results['date']}. Command: `{results['command'].strip()}`; raw results "

@@ -2,41 +2,16 @@ import torch
 from tiny_models import build, inputs, outputs
 
 from mlp_fusion import FusionConfig, fuse
-from mlp_fusion.parametrizations import NeuronScale, has_input_scales, scales_to_inputs, scales_to_weights
+from mlp_fusion.parametrizations import has_input_scales, scales_to_inputs, scales_to_weights
 
 
-def _down(model):
-    return model.model.layers[0].mlp.down_proj
-
-
-def test_inference_keeps_the_scaled_weight_until_the_stored_one_changes():
+def test_the_stored_weight_gets_the_scaled_gradient():
     model = build("llama")
     fuse(model, FusionConfig(ratio=0.5))
-    down = _down(model)
-    with torch.no_grad():
-        first = down.weight
-        assert down.weight is first  # computed once
-        down.parametrizations.weight.original.mul_(2)  # an optimizer step, in place
-        assert down.weight is not first
-        assert torch.allclose(down.weight, 2 * first)
-        again = down.weight
-        down.parametrizations.weight[0].scale.mul_(3)
-        assert torch.allclose(down.weight, 3 * again)
-
-
-def test_training_computes_the_weight_afresh_and_keeps_no_copy():
-    model = build("llama")
-    fuse(model, FusionConfig(ratio=0.5))
-    down = _down(model)
-    with torch.no_grad():
-        assert down.weight is not None
-    scaling: NeuronScale = down.parametrizations.weight[0]
-    assert scaling._cached is not None
-    weight = down.weight  # grad enabled
-    assert weight.requires_grad and scaling._cached is None
-    weight.sum().backward()
-    stored = down.parametrizations.weight.original
-    assert torch.allclose(stored.grad, scaling.scale.expand_as(stored))  # d(w * s)/dw = s
+    down = model.model.layers[0].mlp.down_proj
+    down.weight.sum().backward()
+    stored, scale = down.parametrizations.weight.original, down.parametrizations.weight[0].scale
+    assert torch.allclose(stored.grad, scale.expand_as(stored))  # d(w * s)/dw = s
 
 
 def test_scales_on_inputs_compute_the_same_and_come_back():
