@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from kmeans import machine, provenance, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "inference-smollm2.json"
@@ -81,16 +81,14 @@ def main() -> None:
     twin = rows["exported twin"]
     lines = ["| model | tokens / s | relative to the exported twin |", "|---|---|---|"]
     lines += [f"| {name} | {value:.1f} | {value / twin:.3f} |" for name, value in rows.items()]
-    info = results["machine"]
     body = (
         f"Greedy decoding with SmolLM2-135M (float32, CPU, batch 1): {len(PROMPTS)} prompts, exactly "
         f"{args.tokens} new tokens each, after one warm-up prompt. Fused: every layer at ratio 0.25 "
         "(data-free fusion); exported twin: the same model with the scales folded in, saved by "
         "`mlp_fusion.export` and loaded with transformers.\n\n"
         + "\n".join(lines)
-        + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
-        f"{info['transformers']}. Date {results['date']}. Command: `{results['command'].strip()}`; raw results "
-        f"in `{RESULTS.relative_to(ROOT)}`."
+        + "\n\n"
+        + provenance(results, RESULTS, ROOT)
     )
     write_section(ROOT / "BENCHMARKS.md", "inference-smollm2", body)
     print(body)

@@ -165,6 +165,19 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def provenance(results: dict, raw: Path, root: Path) -> str:
+    """The closing line of a benchmark section: machine, versions, date, command(s), raw results file."""
+    info = results["machine"]
+    commands = results.get("commands") or [results["command"]]
+    label = "Commands" if len(commands) > 1 else "Command"
+    return (
+        f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
+        f"{info['transformers']}. Date {results['date']}. {label}: "
+        + ", ".join(f"`{c.strip()}`" for c in commands)
+        + f"; raw results in `{raw.relative_to(root)}`."
+    )
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from kmeans import machine, provenance, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("..") / "shared" / "data" / "sst2"  # relative to ROOT, where every run starts
@@ -150,7 +150,6 @@ def main() -> None:
                 flush=True,
             )
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    info = results["machine"]
     body = (
         f"MiniLM-L6 fine-tuned on SST-2: the first {args.train} train examples, {args.epochs} epochs, batch "
         f"{args.batch_size}, lr {args.lr:g} (linear decay, 6% warm-up, weight decay 0.1, AdamW betas 0.9/0.98), "
@@ -164,9 +163,8 @@ def main() -> None:
         "during training. FLOP-ideal: encoder linear-layer multiply-adds per token, full over the row (svd "
         "counted as its factors, though it materialises the full weight at each step).\n\n"
         + summarise(runs, list(ROWS), seeds, timing_seeds, linear_weights())
-        + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
-        f"{info['transformers']}. Date {results['date']}. Command: `{results['command']}`; raw runs in "
-        f"`{RESULTS.relative_to(ROOT)}`."
+        + "\n\n"
+        + provenance(results, RESULTS, ROOT)
     )
     write_section(ROOT / "BENCHMARKS.md", "sst2-minilm", body)
     print(body)

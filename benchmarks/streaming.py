@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from kmeans import machine, provenance, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "streaming.json"
@@ -155,18 +155,13 @@ def main() -> None:
             f"| {r['checkpoint']} | {' '.join(r['options'])} | {r['mode']} | {r['source_gb']:.2f} | "
             f"{r['peak_mb']:.0f} | {goal:.0f} | {r['seconds']:.0f} | {r['output_gb']:.2f} | {r['same_tensors']} |"
         )
-    info = results["machine"]
     body = (
         "`mlp-fusion compress` on three checkpoints, layer by layer (the default for local safetensors "
         "checkpoints) and with `--in-memory`, each run in a fresh process; peak memory is the process's "
         "high-water mark of resident memory (VmHWM), time the whole command (loading, k-means, writing). "
         "The synthetic LLaMA has TinyLlama's shape with random bfloat16 weights; default output shards "
         "(2 GB). Same tensors: both outputs loaded with `mlp_fusion.from_pretrained` and compared tensor by "
-        "tensor.\n\n"
-        + "\n".join(lines)
-        + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
-        f"{info['transformers']}. Date {results['date']}. Command: `{results['command'].strip()}`; raw results "
-        f"in `{RESULTS.relative_to(ROOT)}`."
+        "tensor.\n\n" + "\n".join(lines) + "\n\n" + provenance(results, RESULTS, ROOT)
     )
     write_section(ROOT / "BENCHMARKS.md", "streaming", body)
     print(body)

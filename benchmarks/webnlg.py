@@ -19,7 +19,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from kmeans import machine, provenance, write_section  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,6 @@ def main() -> None:
             f"| {row} | {m['bleu']:.2f} | {m['chrf']:.2f} | {m['ter']:.2f} | {m['rouge_l']:.2f} "
             f"| {r['step_seconds'] / r['train_steps']:.2f} | {total:.0f} | {r['peak_memory_mb']:.0f} | {r['params']:,} | {r['trainable_params']:,} |"
         )
-    info = results["machine"]
     body = (
         f"SmolLM2-135M fine-tuned on WebNLG 2017: the first {args.train} (triples, text) pairs of the train set, "
         f"one epoch, batch {args.batch_size}, lr {args.lr:g}, max length {args.max_length}; greedy decoding "
@@ -111,9 +110,8 @@ def main() -> None:
         "is in the fine-tuning seconds); +lora trains rank-8 LoRA adapters on every linear layer but the head "
         "(lr 1e-3) instead of the whole model, merged exactly after training. One seed; every run of these settings kept in the results file.\n\n"
         + "\n".join(lines)
-        + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
-        f"{info['transformers']}. Date {results['date']}. Commands: {', '.join(f'`{c.strip()}`' for c in results['commands'])}; raw runs in "
-        f"`{RESULTS.relative_to(ROOT)}`."
+        + "\n\n"
+        + provenance(results, RESULTS, ROOT)
     )
     write_section(ROOT / "BENCHMARKS.md", "webnlg-smollm2", body)
     print(body)

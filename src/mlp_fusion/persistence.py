@@ -114,10 +114,7 @@ def from_pretrained(
     model_class, config = _architecture(directory, fusion)
     dtype = _stored_dtype(directory, fusion) if dtype is None else resolve_dtype(dtype)
     device = torch.device(device if device is not None else "cpu")
-    with torch.device("meta"):
-        model = model_class(config).to(dtype)
-    if (directory / "generation_config.json").is_file():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
+    model = meta_model(model_class, config, dtype, directory)
     records = [
         SiteRecord(**{f.name: site.get(f.name) for f in fields(SiteRecord)}) for site in fusion["sites"]
     ]
@@ -139,6 +136,16 @@ def from_pretrained(
     follow_native_save(model)
     use_compatible_experts_kernel(model, list(sites.values()))
     return model.eval()
+
+
+def meta_model(build: Callable, config, dtype: torch.dtype, directory: Path) -> nn.Module:
+    """``build(config)`` on the meta device (shapes only, no storage) in ``dtype``, with the generation
+    config ``directory`` holds."""
+    with torch.device("meta"):
+        model = build(config).to(dtype)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
+    return model
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

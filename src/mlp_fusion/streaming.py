@@ -40,6 +40,7 @@ from .persistence import (
     WEIGHTS_FILE,
     atomic_directory,
     check_writable,
+    meta_model,
     shared_names,
     weight_files,
     write_description,
@@ -50,12 +51,12 @@ SHARD_BYTES = 2 << 30  # output shard size (shards are written as they fill, nev
 RENAMES = ((".block_sparse_moe.", ".mlp."),)  # Mixtral's checkpoint name of its sparse MLP
 EXPERT_PART = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<part>\w+)\.weight$")
 PARTS = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
-STORED_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }  # fmt: skip
+STORED_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
 class NotStreamable(Exception):
@@ -73,8 +74,9 @@ class CheckpointReader:
             with safe_open(str(path), framework="pt") as stored:
                 for key in stored.keys():
                     self._add(path, key)
-                    if self.first_dtype is None:
-                        self.first_dtype = STORED_DTYPES.get(stored.get_slice(key).get_dtype())
+                    dtype = STORED_DTYPES.get(stored.get_slice(key).get_dtype())
+                    if self.first_dtype is None and dtype is not None and dtype.is_floating_point:
+                        self.first_dtype = dtype
 
     def _add(self, path: Path, key: str) -> None:
         name = key
@@ -264,11 +266,8 @@ def _meta_model(source: Path, reader: CheckpointReader, dtype: torch.dtype | Non
     names = [a for a in getattr(config, "architectures", None) or [] if hasattr(transformers, a)]
     builders = [getattr(transformers, name) for name in names] + [transformers.AutoModel.from_config]
     for build in builders:
-        with torch.device("meta"):
-            model = build(config).to(dtype)
+        model = meta_model(build, config, dtype, source)
         if _names_match(model, reader):
-            if (source / "generation_config.json").is_file():
-                model.generation_config = transformers.GenerationConfig.from_pretrained(source)
             return model.eval()
     raise NotStreamable("its tensor names do not match the model's")
 

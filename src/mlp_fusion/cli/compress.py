@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--shard-size must be above 0, not {args.shard_size}")
     streamed = _streamed(args, config, settings)
     if streamed is not None:
-        return _print_result(streamed, config, args.json)
+        return _print_result(*streamed, config, args.json)
     log(f"loading {args.model}")
     loaded = load_model(args.model, settings)
     model = loaded.model
@@ -107,11 +107,12 @@ def run(args: argparse.Namespace) -> int:
         if args.verify:
             reloaded = main_output(from_pretrained(args.out, device=settings.torch_device()), batch)
             result["verify"]["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
-    return _print_result(result, config, args.json, report)
+    return _print_result(result, report, config, args.json)
 
 
-def _streamed(args: argparse.Namespace, config: FusionConfig, settings) -> dict | None:
-    """Fuse a local checkpoint layer by layer when it can be; None when the caller must load it whole."""
+def _streamed(args: argparse.Namespace, config: FusionConfig, settings) -> tuple[dict, object] | None:
+    """Fuse a local checkpoint layer by layer when it can be: (result, report); None when the caller
+    must load it whole."""
     from ..models import is_fused, load_tokenizer, resolve
     from ..streaming import NotStreamable, fuse_checkpoint
 
@@ -132,11 +133,10 @@ def _streamed(args: argparse.Namespace, config: FusionConfig, settings) -> dict 
     except NotStreamable as reason:
         log(f"fusing in memory: this checkpoint cannot be streamed ({reason})")
         return None
-    return {"model": str(path), **report.to_dict(), "out": str(args.out), "streamed": True, "_report": report}
+    return {"model": str(path), **report.to_dict(), "out": str(args.out), "streamed": True}, report
 
 
-def _print_result(result: dict, config: FusionConfig, as_json: bool, report=None) -> int:
-    report = result.pop("_report", report)
+def _print_result(result: dict, report, config: FusionConfig, as_json: bool) -> int:
     if as_json:
         print(json.dumps(result))
         return 0

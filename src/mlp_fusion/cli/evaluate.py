@@ -31,11 +31,11 @@ def add_parser(commands) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..training.generation import GENERATION_TASKS
 
-    load_settings(args)  # checks --dtype and --device before the data is read
+    settings = load_settings(args)  # checked before the data is read
     if args.task in GENERATION_TASKS:
-        result = _evaluate_generation(args)
+        result = _evaluate_generation(args, settings)
     else:
-        result = _evaluate_classification(args)
+        result = _evaluate_classification(args, settings)
     if args.json:
         print(json.dumps(result))
     else:
@@ -46,13 +46,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_classification(args: argparse.Namespace) -> dict:
+def _evaluate_classification(args: argparse.Namespace, settings) -> dict:
     from ..training.classifier import load_trained_classifier
     from ..training.data import load_task_data
     from ..training.finetune import evaluate
 
     task = classification_task(args)
-    loaded = load_trained_classifier(args.model, load_settings(args))
+    loaded = load_trained_classifier(args.model, settings)
     config = loaded.model.config
     if task.name == "csv":  # the label names the model was trained with
         from dataclasses import replace
@@ -75,14 +75,14 @@ def _evaluate_classification(args: argparse.Namespace) -> dict:
     return {"task": task.name, "model": loaded.source, "metrics": metrics, "examples": examples}
 
 
-def _evaluate_generation(args: argparse.Namespace) -> dict:
+def _evaluate_generation(args: argparse.Namespace, settings) -> dict:
     from ..training.generation import load_causal_lm, score_generation
 
     check_decoding(args)
     if args.predictions is not None and args.predictions.exists():
         raise UserError(f"{args.predictions} already exists; choose another --predictions file")
     data = generation_data(args, need_train=False)
-    loaded = load_causal_lm(args.model, load_settings(args))
+    loaded = load_causal_lm(args.model, settings)
     metrics, records = score_generation(
         loaded.model, loaded.tokenizer, data.eval, max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams, max_length=args.max_length,

@@ -10,7 +10,7 @@ import argparse
 import copy
 import json
 import os
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..config import FusionConfig
@@ -236,9 +236,8 @@ def _lora_settings(args: argparse.Namespace):
 
     values = config_values(args, LoraSettings)
     if args.peft is None:
-        changed = [
-            name for name, value in values.items() if value != LoraSettings.__dataclass_fields__[name].default
-        ]
+        defaults = asdict(LoraSettings())
+        changed = [name for name, value in values.items() if value != defaults[name]]
         if changed:
             raise UserError(f"--{changed[0].replace('_', '-')} sets up LoRA: add --peft lora")
         return None

@@ -44,7 +44,7 @@ class LoraSettings:
             raise UserError("--lora-targets names no module")
 
     def peft_config(self, task_type: str | None):
-        peft = _peft()
+        peft = require_peft()
         targets = self.lora_targets
         if targets != "all-linear":
             targets = [name.strip() for name in targets.split(",") if name.strip()]
@@ -63,7 +63,7 @@ def add_lora(model: nn.Module, config) -> nn.Module:
     ``config`` is a ``peft.LoraConfig``. The adapters of scaled projections read the scaled input. Refuses
     targets whose weight is computed from factors (``svd`` sites): a merge could not land in them.
     """
-    peft = _peft()
+    peft = require_peft()
     scales_to_inputs(model)
     try:
         wrapped = peft.get_peft_model(model, config)
@@ -97,12 +97,8 @@ def _lora_layers(model: nn.Module):
             yield name, module
 
 
-def require_peft() -> None:
-    """Refuse, before anything is written, when the peft library is missing."""
-    _peft()
-
-
-def _peft():
+def require_peft():
+    """The peft library; refused with one line (before anything is written) when it is missing."""
     try:
         import peft
     except ImportError:
