@@ -213,3 +213,31 @@ def test_stacked_expert_widths_from_a_ratio_keep_the_grouped_kernel():
     small = build("qwen3_moe")  # 0.5 x 20 = 10: 8 or 12 would move it by a fifth, so 10 it stays
     fuse(small, FusionConfig(ratio=0.5))
     assert small.model.layers[0].mlp.experts.down_proj.shape[-1] == 10
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_svd_computes_with_its_two_factors_and_exports(family, tmp_path, monkeypatch):
+    model, batch = build(family), inputs()
+    fuse(model, FusionConfig(method="svd", ratio=0.5))
+    full_weight = outputs(model, batch)  # reference below: the same factors, multiplied out on each call
+    built = []
+    original = mlp_fusion.parametrizations.LowRank.forward
+    monkeypatch.setattr(
+        mlp_fusion.parametrizations.LowRank, "forward", lambda self, a, b: built.append(1) or original(self, a, b)
+    )
+    factored = outputs(model, batch)
+    builds = len(built)
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+    assert max_diff(factored, outputs(model, batch)) <= 1e-5
+    unfactored_builds = len(built) - builds
+    assert 0 < unfactored_builds and builds <= unfactored_builds
+    # Stacked expert tensors still build their full weight (the experts' own forward reads it), and so does
+    # Switch's dense MLP, which reads wo.weight for its dtype; every other svd layer uses its factors only.
+    stacked = any(site.experts and not hasattr(site, "members") for site in find_sites(model))
+    assert builds == 0 or stacked or family == "switch"
+    fuse_again = build(family)
+    fuse(fuse_again, FusionConfig(method="svd", ratio=0.5))
+    mlp_fusion.export(fuse_again, tmp_path / "plain")
+    plain = getattr(transformers, type(model).__name__).from_pretrained(tmp_path / "plain").eval()
+    assert max_diff(outputs(plain, batch), factored) <= 1e-5

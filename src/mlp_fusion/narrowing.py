@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn.utils import parametrize
+from transformers.pytorch_utils import Conv1D
 
 from .methods import MethodResult
-from .parametrizations import LowRank, NeuronScale
+from .parametrizations import LowRank, NeuronScale, factored_forward
 from .sites import MlpSite, StackedExperts, WeightSlot
 
 
@@ -34,6 +36,8 @@ def attach_low_rank(site: MlpSite, rank: int, *, decompose: bool = True) -> None
     weight, or (``decompose=False``, for factors about to be loaded) empty factors of the right shapes."""
     for slot in site.slots():
         parametrize.register_parametrization(slot.module, slot.attr, LowRank(rank, decompose=decompose))
+        if slot.attr == "weight" and isinstance(slot.module, (nn.Linear, Conv1D)):
+            factored_forward(slot.module)  # stacked experts: the experts' own forward reads the full weight
 
 
 def use_compatible_experts_kernel(model: torch.nn.Module, sites: list[MlpSite]) -> None:

@@ -5,9 +5,13 @@ The stored tensors are what the optimizer updates; the effective weight is compu
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
+from transformers.pytorch_utils import Conv1D
 
 
 class NeuronScale(nn.Module):
@@ -49,6 +53,33 @@ class LowRank(nn.Module):
         left = u[..., : self.rank] * root.unsqueeze(-2)
         right = root.unsqueeze(-1) * vh[..., : self.rank, :]
         return left.to(weight.dtype).contiguous(), right.to(weight.dtype).contiguous()
+
+
+def factored_forward(module: nn.Module) -> None:
+    """Make a Linear or Conv1D whose ``weight`` is :class:`LowRank` compute with its two factors.
+
+    ``x (A B)^T = (x B^T) A^T``: two thin products of ``r (m + n)`` multiply-adds per token instead of
+    building the ``m x n`` weight on every call and multiplying by it. The forward is set on the instance, so
+    the module keeps its class (and ``weight`` still gives the full matrix to whoever reads it).
+    """
+    module.forward = types.MethodType(_conv1d_factored if isinstance(module, Conv1D) else _linear_factored, module)
+
+
+def plain_forward(module: nn.Module) -> None:
+    """Undo :func:`factored_forward` (before the LowRank parametrization is removed)."""
+    module.__dict__.pop("forward", None)
+
+
+def _linear_factored(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    chain = self.parametrizations["weight"]  # weight [out, in] = A [out, r] @ B [r, in]
+    return F.linear(F.linear(x, chain.original1), chain.original0, self.bias)
+
+
+def _conv1d_factored(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    chain = self.parametrizations["weight"]  # weight [in, out] = A [in, r] @ B [r, out]
+    shape = (*x.shape[:-1], chain.original1.shape[-1])
+    flat = x.reshape(-1, x.shape[-1]) @ chain.original0 @ chain.original1
+    return (flat + self.bias).reshape(shape)
 
 
 # The same fixed scale, applied to a layer's input instead of its weight. ``y = (W * s) x = W (s * x)``: the

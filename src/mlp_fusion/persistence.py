@@ -27,7 +27,7 @@ from .adapters import find_sites
 from .errors import UserError, first_line
 from .fuse import AFTER_FUSE, RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
-from .parametrizations import has_input_scales
+from .parametrizations import has_input_scales, plain_forward
 
 FORMAT_VERSION = 1
 FUSION_FILE = "fusion.json"
@@ -233,7 +233,7 @@ def _load_stored_tensors(model: nn.Module, files: list[Path], device: torch.devi
             with safe_open(str(path), framework="pt", device=str(device)) as stored:
                 for key in stored.keys():
                     if key in expected:
-                        state[key] = stored.get_tensor(key).to(expected[key].dtype)
+                        state[key] = aligned(stored.get_tensor(key).to(expected[key].dtype))
                     else:
                         state[key] = None
     except (SafetensorError, RuntimeError, OSError) as error:
@@ -260,6 +260,18 @@ def _load_stored_tensors(model: nn.Module, files: list[Path], device: torch.devi
             f"{mismatch} (missing {missing[:3]}, unexpected {unexpected[:3]}); the checkpoint is damaged, "
             "save it again"
         )
+
+
+ALIGNMENT = 64
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when its storage does not start on a 64-byte boundary.
+
+    safetensors hands out tensors at the file's 8-byte offsets; matrix kernels take other code paths on such
+    storage, so a loaded model would differ from the one saved in the last bits (and run slower).
+    """
+    return tensor.clone() if tensor.data_ptr() % ALIGNMENT else tensor
 
 
 def read_fusion_file(directory: Path) -> dict:
@@ -331,6 +343,7 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
     for module in plain.modules():
         if parametrize.is_parametrized(module):
             _own_class(module)
+            plain_forward(module)
             for name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     config = plain.config.get_text_config() if hasattr(plain.config, "get_text_config") else plain.config
