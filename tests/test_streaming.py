@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from tiny_models import FAMILIES, build, inputs, outputs
 
 import mlp_fusion
@@ -98,3 +99,37 @@ def test_a_failure_in_a_later_layer_leaves_nothing_written(capsys, tmp_path):
     code, _, stderr = run(capsys, "compress", tmp_path / "base", "--ratio", "0.5", "--out", tmp_path / "out")
     assert code == 2 and "NaN or infinite" in stderr and "layers.2" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+@pytest.mark.parametrize("method", ["fusion", "svd"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streamed_export_equals_the_in_memory_export(capsys, tmp_path, family, method):
+    model, batch = build(family), inputs()
+    mlp_fusion.fuse(model, mlp_fusion.FusionConfig(method=method, ratio=0.5))
+    expected = outputs(model, batch)
+    mlp_fusion.save_pretrained(model, tmp_path / "fused")
+    mlp_fusion.export(model, tmp_path / "memory")
+    code, stdout, stderr = run(
+        capsys, "export", tmp_path / "fused", "--out", tmp_path / "streamed", "--shard-size", "0.00002"
+    )
+    assert code == 0 and "exported" in stdout, stderr
+    shards = list((tmp_path / "streamed").glob("*.safetensors"))
+    assert len(shards) > 1 or family.startswith("gemma")  # shards of about 20 KB (gemma's tiny ones fit one)
+    model_class = getattr(transformers, type(model).__name__)
+    streamed, memory = (
+        model_class.from_pretrained(tmp_path / name, experts_implementation="eager").eval()
+        for name in ("streamed", "memory")
+    )
+    assert same_tensors(streamed, memory)
+    assert float((outputs(streamed, batch) - expected).abs().max()) <= 1e-5
+    note = json.loads((tmp_path / "streamed" / "mlp_fusion_export.json").read_text())
+    assert [site["name"] for site in note["sites"]] == [r.name for r in model.mlp_fusion_record]
+
+
+def test_streamed_export_refuses_mixed_widths_and_writes_nothing(capsys, tmp_path):
+    model = build("llama")
+    mlp_fusion.fuse(model, mlp_fusion.FusionConfig(ratio=0.5, layers="1"))
+    mlp_fusion.save_pretrained(model, tmp_path / "fused")
+    code, _, stderr = run(capsys, "export", tmp_path / "fused", "--out", tmp_path / "plain")
+    assert code == 2 and "different widths" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "plain").exists()

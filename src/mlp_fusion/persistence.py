@@ -28,6 +28,7 @@ from .errors import UserError, first_line
 from .fuse import AFTER_FUSE, RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
 from .parametrizations import has_input_scales, plain_forward
+from .sites import MlpSite
 
 FORMAT_VERSION = 1
 FUSION_FILE = "fusion.json"
@@ -109,11 +110,22 @@ def from_pretrained(
     to the CPU; the fixed scales stay float32.
     """
     directory = Path(directory)
+    model, sites = fused_skeleton(directory, dtype)
+    device = torch.device(device if device is not None else "cpu")
+    _materialise_derived_buffers(model, device)
+    _load_stored_tensors(model, weight_files(directory), device)
+    follow_native_save(model)
+    use_compatible_experts_kernel(model, sites)
+    return model.eval()
+
+
+def fused_skeleton(directory: Path, dtype: str | torch.dtype | None = None) -> tuple[nn.Module, list[MlpSite]]:
+    """The fused checkpoint's model on the meta device: stock architecture, MLPs narrowed and scales or
+    factors attached as ``fusion.json`` says, fusion records set; shapes only, nothing loaded."""
     fusion = read_fusion_file(directory)
-    files = weight_files(directory)
+    weight_files(directory)  # refused here when incomplete
     model_class, config = _architecture(directory, fusion)
     dtype = _stored_dtype(directory, fusion) if dtype is None else resolve_dtype(dtype)
-    device = torch.device(device if device is not None else "cpu")
     model = meta_model(model_class, config, dtype, directory)
     records = [
         SiteRecord(**{f.name: site.get(f.name) for f in fields(SiteRecord)}) for site in fusion["sites"]
@@ -130,12 +142,8 @@ def from_pretrained(
             attach_scale(site, torch.ones(site.experts or 1, record.width))
         if record.rank is not None:
             attach_low_rank(site, record.rank, decompose=False)
-    _materialise_derived_buffers(model, device)
-    _load_stored_tensors(model, files, device)
     setattr(model, RECORD_ATTR, records)
-    follow_native_save(model)
-    use_compatible_experts_kernel(model, list(sites.values()))
-    return model.eval()
+    return model, list(sites.values())
 
 
 def meta_model(build: Callable, config, dtype: torch.dtype, directory: Path) -> nn.Module:
@@ -322,6 +330,23 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
     the same function but no longer has the fused model's fine-tuning dynamics.
     """
     _check_fused_format(model)
+    widths = export_widths(model)
+    plain = copy.deepcopy(model)
+    for module in plain.modules():
+        if parametrize.is_parametrized(module):
+            _own_class(module)
+            plain_forward(module)
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    set_widths(plain.config, widths)
+    if hasattr(plain, RECORD_ATTR):
+        delattr(plain, RECORD_ATTR)
+    plain.__dict__.pop("save_pretrained", None)  # the plain copy saves as any transformers model
+    return save_plain(plain, directory, tokenizer, overwrite=overwrite, notes=export_notes(model))
+
+
+def export_widths(model: nn.Module) -> dict[str, int]:
+    """The width each MLP config field takes in an export; refused unless every MLP it sets has one width."""
     sites = find_sites(model)
     fused = {record.name for record in fusion_records(model)}
     unknown = [site.name for site in sites if site.config_key is None and site.name in fused]
@@ -339,25 +364,23 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
                 f"cannot export: MLPs set by config field {key!r} have different widths {sorted(values)}; "
                 "fuse every layer to the same width, or keep the fused format (save_pretrained)"
             )
-    plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if parametrize.is_parametrized(module):
-            _own_class(module)
-            plain_forward(module)
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    config = plain.config.get_text_config() if hasattr(plain.config, "get_text_config") else plain.config
-    for key, values in widths.items():
-        setattr(config, key, values.pop())
-    if hasattr(plain, RECORD_ATTR):
-        delattr(plain, RECORD_ATTR)
-    plain.__dict__.pop("save_pretrained", None)  # the plain copy saves as any transformers model
+    return {key: values.pop() for key, values in widths.items()}
+
+
+def set_widths(config: transformers.PretrainedConfig, widths: dict[str, int]) -> None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key, width in widths.items():
+        setattr(text, key, width)
+
+
+def export_notes(model: nn.Module) -> dict[str, dict]:
+    """The note file an export carries next to its weights."""
     note = {
         "note": "Exported by mlp-fusion with the fixed scales folded into the weights: the same function as the "
         "fused model, but not its fine-tuning dynamics. Fine-tune the fused checkpoint instead.",
         "sites": [asdict(record) for record in fusion_records(model)],
     }
-    return save_plain(plain, directory, tokenizer, overwrite=overwrite, notes={EXPORT_NOTE_FILE: note})
+    return {EXPORT_NOTE_FILE: note}
 
 
 def _own_class(module: nn.Module) -> None:

@@ -40,7 +40,11 @@ from .persistence import (
     WEIGHTS_FILE,
     atomic_directory,
     check_writable,
+    export_notes,
+    export_widths,
+    fused_skeleton,
     meta_model,
+    set_widths,
     shared_names,
     weight_files,
     write_description,
@@ -315,3 +319,61 @@ def _fuse_group(
     for site in group:
         model.get_submodule(site.name).to("cpu")
     return report
+
+
+def export_checkpoint(
+    source: Path,
+    out: Path,
+    *,
+    tokenizer=None,
+    overwrite: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+) -> int:
+    """Fold the fused checkpoint ``source`` into a plain checkpoint in ``out``, one tensor at a time.
+
+    Gives the tensors that :func:`mlp_fusion.export` gives on the loaded model, without loading it: each
+    scaled or factored weight is read with its scale or factors, computed as the model computes it, and
+    written; every other tensor is copied. Returns the number of weights folded.
+    """
+    model, _ = fused_skeleton(source)
+    widths = export_widths(model)  # refused here, before anything is written
+    check_writable(out, overwrite)
+    reader = CheckpointReader(weight_files(source))
+    chains = {
+        f"{name}.parametrizations.{attr}": f"{name}.{attr}"
+        for name, module in model.named_modules()
+        for attr in getattr(module, "parametrizations", {})
+    }
+    folded: set[str] = set()
+
+    def write(tmp: Path) -> None:
+        shards = ShardWriter(tmp, shard_bytes)
+        for name in _stored_names(model, reader):
+            chain = next((c for c in chains if name.startswith(c + ".")), None)
+            if chain is None:
+                shards.add(name, reader.read(name, torch.device("cpu"), None))
+            elif chain not in folded:
+                folded.add(chain)
+                shards.add(chains[chain], _folded(model.get_submodule(chain), chain, reader))
+        shards.close()
+        set_widths(model.config, widths)
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for file, note in export_notes(model).items():
+            (tmp / file).write_text(json.dumps(note, indent=2) + "\n")
+
+    atomic_directory(out, overwrite, write)
+    return len(folded)
+
+
+def _folded(chain: nn.Module, prefix: str, reader: CheckpointReader) -> torch.Tensor:
+    """The weight a parametrization chain computes from its stored tensors (then released)."""
+    state = {key: reader.read(f"{prefix}.{key}", torch.device("cpu"), None) for key in chain.state_dict()}
+    chain.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        weight = chain()
+    chain.to("meta")
+    return weight

@@ -79,6 +79,18 @@ def _option_type(hint: object) -> type:
     return simple[0] if simple else str
 
 
+def add_shard_option(target) -> None:
+    target.add_argument(
+        "--shard-size", type=float, default=2.0, help="output file size when streaming, in GB (default 2)"
+    )
+
+
+def shard_bytes(args: argparse.Namespace) -> int:
+    if not args.shard_size > 0:
+        raise UserError(f"--shard-size must be above 0, not {args.shard_size}")
+    return int(args.shard_size * 2**30)
+
+
 def add_calibration_options(target, from_file: bool = True) -> None:
     """``--calibration FILE`` (or, for finetune, ``--calibrate`` on the training inputs) and its sample count."""
     if from_file:

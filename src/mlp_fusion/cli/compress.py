@@ -7,16 +7,17 @@ import json
 from pathlib import Path
 
 from ..config import FusionConfig
-from ..errors import UserError
 from .common import (
     add_calibration_options,
     add_config_options,
     add_load_options,
+    add_shard_option,
     calibration_inputs,
     calibration_texts,
     config_values,
     load_settings,
     log,
+    shard_bytes,
 )
 
 # FusionConfig fields that compress takes as options, besides --ratio / --width.
@@ -66,9 +67,7 @@ def add_parser(commands) -> None:
         help="load the whole model before fusing (default for a local safetensors checkpoint: one layer at "
         "a time, reading and writing the files as it goes)",
     )
-    compress.add_argument(
-        "--shard-size", type=float, default=2.0, help="output file size when streaming, in GB (default 2)"
-    )
+    add_shard_option(compress)
     compress.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     compress.set_defaults(run=run)
 
@@ -81,11 +80,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = FusionConfig(**config_values(args, FusionConfig))
     settings = load_settings(args)
+    shard_bytes(args)  # checked before any work
     texts = calibration_texts(args)
     if args.out is not None:
         check_writable(args.out, args.overwrite)
-    if not args.shard_size > 0:
-        raise UserError(f"--shard-size must be above 0, not {args.shard_size}")
     streamed = _streamed(args, config, settings)
     if streamed is not None:
         return _print_result(*streamed, config, args.json)
@@ -128,7 +126,7 @@ def _streamed(args: argparse.Namespace, config: FusionConfig, settings) -> tuple
         report = fuse_checkpoint(
             path, args.out, config, dtype=settings.torch_dtype(), device=settings.torch_device(),
             tokenizer=load_tokenizer(path), overwrite=args.overwrite,
-            shard_bytes=int(args.shard_size * 2**30), progress=log,
+            shard_bytes=shard_bytes(args), progress=log,
         )  # fmt: skip
     except NotStreamable as reason:
         log(f"fusing in memory: this checkpoint cannot be streamed ({reason})")
