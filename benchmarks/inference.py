@@ -2,15 +2,18 @@
 exported twin (a plain checkpoint of the same widths), in one process.
 
 Each model decodes the same prompts one at a time, exactly --tokens new tokens each, after one warm-up
-prompt; tokens/s is new tokens over wall time.
+prompt; tokens/s is new tokens over wall time. The three models take turns, --rounds times (the machine's
+speed drifts within a run, so timing them one after the other would favour the last); the table gives the
+median round of each.
 
-    python benchmarks/inference.py           # about 5 minutes on 2 cores
+    python benchmarks/inference.py           # about 10 minutes on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -57,38 +60,46 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     loaded = load_model("smollm2")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    rows = {"original": tokens_per_second(model, tokenizer, PROMPTS, args.tokens)}
-    print(rows, flush=True)
-    mlp_fusion.fuse(model, mlp_fusion.FusionConfig(ratio=0.25))  # every layer: one width, so it exports
-    rows["fused"] = tokens_per_second(model, tokenizer, PROMPTS, args.tokens)
-    print(rows, flush=True)
+    original, tokenizer = loaded.model, loaded.tokenizer
+    fused = load_model("smollm2").model
+    mlp_fusion.fuse(fused, mlp_fusion.FusionConfig(ratio=0.25))  # every layer: one width, so it exports
     with tempfile.TemporaryDirectory() as tmp:
-        mlp_fusion.export(model, f"{tmp}/plain")
+        mlp_fusion.export(fused, f"{tmp}/plain")
         plain = transformers.AutoModelForCausalLM.from_pretrained(f"{tmp}/plain", dtype=torch.float32).eval()
-    rows["exported twin"] = tokens_per_second(plain, tokenizer, PROMPTS, args.tokens)
+    models = {"original": original, "fused": fused, "exported twin": plain}
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    for round_number in range(args.rounds):
+        for name, model in models.items():
+            timings[name].append(tokens_per_second(model, tokenizer, PROMPTS, args.tokens))
+        print(round_number, {name: f"{values[-1]:.1f}" for name, values in timings.items()}, flush=True)
+    rows = {name: statistics.median(values) for name, values in timings.items()}
     results = {
         "command": "python benchmarks/inference.py " + " ".join(sys.argv[1:]),
         "date": date.today().isoformat(),
         "machine": machine(),
         "tokens_per_prompt": args.tokens,
         "prompts": len(PROMPTS),
+        "rounds": args.rounds,
         "tokens_per_second": rows,
+        "every_round": timings,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     twin = rows["exported twin"]
-    lines = ["| model | tokens / s | relative to the exported twin |", "|---|---|---|"]
-    lines += [f"| {name} | {value:.1f} | {value / twin:.3f} |" for name, value in rows.items()]
+    lines = ["| model | tokens / s (median round) | rounds: min - max | relative to the exported twin |"]
+    lines.append("|---|---|---|---|")
+    lines += [
+        f"| {name} | {value:.1f} | {min(timings[name]):.1f} - {max(timings[name]):.1f} | {value / twin:.3f} |"
+        for name, value in rows.items()
+    ]
     body = (
         f"Greedy decoding with SmolLM2-135M (float32, CPU, batch 1): {len(PROMPTS)} prompts, exactly "
-        f"{args.tokens} new tokens each, after one warm-up prompt. Fused: every layer at ratio 0.25 "
-        "(data-free fusion); exported twin: the same model with the scales folded in, saved by "
-        "`mlp_fusion.export` and loaded with transformers.\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + provenance(results, RESULTS, ROOT)
+        f"{args.tokens} new tokens each, after one warm-up prompt; the three models take turns, "
+        f"{args.rounds} rounds, median round shown. Fused: every layer at ratio 0.25 (data-free fusion); "
+        "exported twin: the same model with the scales folded in, saved by `mlp_fusion.export` and loaded "
+        "with transformers.\n\n" + "\n".join(lines) + "\n\n" + provenance(results, RESULTS, ROOT)
     )
     write_section(ROOT / "BENCHMARKS.md", "inference-smollm2", body)
     print(body)

@@ -219,11 +219,12 @@ def test_stacked_expert_widths_from_a_ratio_keep_the_grouped_kernel():
 def test_svd_computes_with_its_two_factors_and_exports(family, tmp_path, monkeypatch):
     model, batch = build(family), inputs()
     fuse(model, FusionConfig(method="svd", ratio=0.5))
-    full_weight = outputs(model, batch)  # reference below: the same factors, multiplied out on each call
     built = []
     original = mlp_fusion.parametrizations.LowRank.forward
     monkeypatch.setattr(
-        mlp_fusion.parametrizations.LowRank, "forward", lambda self, a, b: built.append(1) or original(self, a, b)
+        mlp_fusion.parametrizations.LowRank,
+        "forward",
+        lambda self, a, b: built.append(1) or original(self, a, b),
     )
     factored = outputs(model, batch)
     builds = len(built)

@@ -14,7 +14,9 @@ from .budget import allocate_widths, width_curve
 from .calibration import calibrate_site, refit_output
 from .config import FusionConfig, names_site
 from .errors import UserError
-from .methods import METHODS, MethodResult, SubMlps
+from .memory import check_fits, experts_per_chunk
+from .methods import METHODS, MethodResult, SubMlps, join_results
+from .methods.clustering import CLUSTERING_METHODS
 from .narrowing import apply_result, use_compatible_experts_kernel
 from .sites import MlpSite, StackedExperts
 
@@ -158,20 +160,41 @@ def _fuse_site(
     model: nn.Module, site: MlpSite, sub: SubMlps, width: int, config: FusionConfig, calibration: dict | None
 ) -> tuple[MethodResult, float | None]:
     """Run the method on one site and write the result; with calibration inputs, weight and refit."""
-    method = METHODS[config.method]
     statistics = calibrate_site(model, site, calibration) if calibration is not None else None
     weights = statistics.input_weights(sub) if statistics is not None and config.weighting else None
     with torch.no_grad():
         if weights is None:
-            result = method(sub, width, config)
+            result = run_method(sub, width, config)
         else:
-            result = method(sub.scale_inputs(weights), width, config)
+            result = run_method(sub.scale_inputs(weights), width, config)
             result.sub = result.sub.scale_inputs(1.0 / weights)
         apply_result(site, result)
     use_compatible_experts_kernel(model, [site])  # before the next forward pass, not only at the end
     if statistics is None or not config.refit or result.rank is not None:
         return result, None
     return result, refit_output(model, site, statistics, calibration, config.ridge)
+
+
+def run_method(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+    """``config.method`` on one site; a clustering method takes a layer's experts in chunks that fit in free
+    memory (each expert is clustered on its own, so the result does not depend on the chunk size)."""
+    method = METHODS[config.method]
+    chunk = sub.batch
+    if config.method in CLUSTERING_METHODS:
+        chunk = experts_per_chunk(sub.width, sub.row_length, width, sub.batch, sub.output.device)
+    if chunk >= sub.batch:
+        return method(sub, width, config)
+    chunks = [
+        replace(sub.map_rows(lambda t, s=start: t[s : s + chunk]), first_expert=start)
+        for start in range(0, sub.batch, chunk)
+    ]
+    return join_results([method(part, width, config) for part in chunks])
+
+
+def check_memory(site: MlpSite, width: int, config: FusionConfig, device: torch.device) -> None:
+    """Refuse a site whose clustering would not fit in the free memory of ``device`` even one MLP at a time."""
+    if config.method in CLUSTERING_METHODS:
+        check_fits(site.describe(), site.width, site.read().row_length, width, device)
 
 
 def check_calibration_batch(batch: dict | None) -> None:
@@ -235,6 +258,8 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
         plans.append((site, width))
     if config.budget is not None:
         plans = _plan_budget(plans, config)
+    for site, width in plans:
+        check_memory(site, width, config, site.read().output.device)
     return plans
 
 

@@ -37,6 +37,7 @@ def k_means(
     hartigan_rounds: int = 50,
     seed: int = 0,
     copy_x: bool = True,
+    first_index: int = 0,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` (``[n, p]`` or a batch ``[B, n, p]``) into ``n_clusters`` groups.
 
@@ -44,6 +45,9 @@ def k_means(
     relative to the mean per-feature variance of the data, as in scikit-learn. ``hartigan_rounds`` bounds
     the refinement after Lloyd (0 turns it off). With ``copy_x=False`` a float32 or float64 ``x`` is
     centred in place (left so), which saves one copy of the data.
+
+    Batch element ``b`` draws its random numbers from its own generator, seeded ``seed + first_index + b``,
+    so a batch clustered in chunks (``first_index`` = the chunk's start) gives exactly the same result.
     """
     squeeze = x.dim() == 2
     if squeeze:
@@ -62,13 +66,15 @@ def k_means(
     # precision when every row shares a large offset: cluster the centred rows, shift the centres back.
     offset = x.mean(dim=1, keepdim=True)
     x = x - offset if copy_x else x.sub_(offset)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generators = [
+        torch.Generator(device=x.device).manual_seed(seed + first_index + b) for b in range(x.shape[0])
+    ]
     x_sq = (x * x).sum(-1)
     tol_abs = tol * x.var(dim=1, unbiased=False).mean(-1)
 
     best: KMeansResult | None = None
     for _ in range(n_init):
-        centers = _kmeans_plus_plus(x, x_sq, n_clusters, generator)
+        centers = _kmeans_plus_plus(x, x_sq, n_clusters, generators)
         result = _lloyd(x, x_sq, centers, max_iter, tol_abs)
         if hartigan_rounds:
             result = _hartigan(x, x_sq, result, hartigan_rounds)
@@ -109,20 +115,26 @@ def _squared_distances(a: torch.Tensor, a_sq: torch.Tensor, b: torch.Tensor) -> 
 
 
 def _kmeans_plus_plus(
-    x: torch.Tensor, x_sq: torch.Tensor, k: int, generator: torch.Generator
+    x: torch.Tensor, x_sq: torch.Tensor, k: int, generators: list[torch.Generator]
 ) -> torch.Tensor:
     """Greedy k-means++: at each step sample ``2 + log k`` candidates, keep the one that lowers the potential most."""
     batch, n, _ = x.shape
     rows = torch.arange(batch, device=x.device)
     n_candidates = 2 + int(math.log(k))
     chosen = torch.empty(batch, k, dtype=torch.long, device=x.device)
-    chosen[:, 0] = torch.randint(n, (batch,), generator=generator, device=x.device)
+    for b, generator in enumerate(generators):
+        chosen[b, 0] = torch.randint(n, (1,), generator=generator, device=x.device)[0]
     closest = _squared_distances(x, x_sq, x[rows, chosen[:, 0]].unsqueeze(1)).squeeze(-1)  # [B, n]
     for step in range(1, k):
         weights = closest.clone()
         exhausted = weights.sum(-1) <= 0  # every point already coincides with a center
         weights[exhausted] = 1.0
-        candidates = torch.multinomial(weights, n_candidates, replacement=True, generator=generator)
+        candidates = torch.cat(
+            [
+                torch.multinomial(weights[b : b + 1], n_candidates, replacement=True, generator=generator)
+                for b, generator in enumerate(generators)
+            ]
+        )
         candidate_points = x[rows.unsqueeze(1), candidates]  # [B, L, p]
         distances = _squared_distances(x, x_sq, candidate_points).transpose(1, 2)  # [B, L, n]
         potentials = torch.minimum(distances, closest.unsqueeze(1))
@@ -137,16 +149,19 @@ def _lloyd(
 ) -> KMeansResult:
     k = centers.shape[1]
     labels = _squared_distances(x, x_sq, centers).argmin(-1)
+    running = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)  # per element, as if clustered alone
     n_iter = 0
     while n_iter < max_iter:
         n_iter += 1
-        new_centers, labels, counts = _centers_of(x, labels, k)
+        new_centers, new_labels, counts = _centers_of(x, labels, k)
         shift = ((new_centers - centers) ** 2).sum((1, 2))
-        centers = new_centers
-        new_labels = _squared_distances(x, x_sq, centers).argmin(-1)
-        converged = bool(torch.equal(new_labels, labels)) or bool((shift <= tol_abs).all())
-        labels = new_labels
-        if converged:
+        centers = torch.where(running.view(-1, 1, 1), new_centers, centers)
+        labels = torch.where(running.view(-1, 1), new_labels, labels)
+        moved_labels = _squared_distances(x, x_sq, centers).argmin(-1)
+        converged = (moved_labels == labels).all(-1) | (shift <= tol_abs)
+        labels = torch.where(running.view(-1, 1), moved_labels, labels)
+        running = running & ~converged
+        if not bool(running.any()):
             break
     # Final step: centers are the exact means of the final labels (so identical members give their exact value).
     centers, labels, counts = _centers_of(x, labels, k)

@@ -8,7 +8,7 @@ from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
 from .methods import MethodResult
-from .parametrizations import LowRank, NeuronScale, factored_forward
+from .parametrizations import LowRank, NeuronScale, factored_forward, scaled_forward
 from .sites import MlpSite, StackedExperts, WeightSlot
 
 
@@ -29,6 +29,8 @@ def attach_scale(site: MlpSite, scale: torch.Tensor) -> None:
             weight = getattr(slot.module, slot.attr)
             shaped = values.to(device=weight.device, dtype=torch.float32).reshape(_scale_shape(slot, weight))
             parametrize.register_parametrization(slot.module, slot.attr, NeuronScale(shaped.clone()))
+            if slot.attr == "weight" and isinstance(slot.module, (nn.Linear, Conv1D)):
+                scaled_forward(slot.module)
 
 
 def attach_low_rank(site: MlpSite, rank: int, *, decompose: bool = True) -> None:

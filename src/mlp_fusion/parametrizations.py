@@ -62,17 +62,49 @@ def factored_forward(module: nn.Module) -> None:
     building the ``m x n`` weight on every call and multiplying by it. The forward is set on the instance, so
     the module keeps its class (and ``weight`` still gives the full matrix to whoever reads it).
     """
-    module.forward = types.MethodType(_conv1d_factored if isinstance(module, Conv1D) else _linear_factored, module)
+    module.forward = types.MethodType(
+        _conv1d_factored if isinstance(module, Conv1D) else _linear_factored, module
+    )
+
+
+def scaled_forward(module: nn.Module) -> None:
+    """Make a Linear or Conv1D whose ``weight`` is :class:`NeuronScale` apply the scale where it is cheaper.
+
+    ``x (W s)^T = (x s) W^T``: the same function and the same gradients for the stored weight. Scaling the
+    weight costs one multiply per weight entry, scaling the input one per input entry; with fewer tokens
+    than output features (decoding, small batches) the input is the smaller of the two.
+    """
+    module.forward = types.MethodType(
+        _conv1d_scaled if isinstance(module, Conv1D) else _linear_scaled, module
+    )
 
 
 def plain_forward(module: nn.Module) -> None:
-    """Undo :func:`factored_forward` (before the LowRank parametrization is removed)."""
+    """Undo :func:`factored_forward` or :func:`scaled_forward` (before the parametrization is removed)."""
     module.__dict__.pop("forward", None)
 
 
 def _linear_factored(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     chain = self.parametrizations["weight"]  # weight [out, in] = A [out, r] @ B [r, in]
     return F.linear(F.linear(x, chain.original1), chain.original0, self.bias)
+
+
+def _linear_scaled(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    chain = self.parametrizations["weight"]  # weight [out, in] = stored * scale [1, in]
+    if x.numel() // x.shape[-1] > chain.original.shape[0]:
+        return F.linear(x, self.weight, self.bias)
+    return F.linear(x * chain[0].scale.reshape(-1).to(x.dtype), chain.original, self.bias)
+
+
+def _conv1d_scaled(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    chain = self.parametrizations["weight"]  # weight [in, out] = stored * scale [in, 1]
+    shape = (*x.shape[:-1], chain.original.shape[-1])
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] > chain.original.shape[-1]:
+        return torch.addmm(self.bias, flat, self.weight).reshape(shape)
+    return torch.addmm(self.bias, flat * chain[0].scale.reshape(-1).to(x.dtype), chain.original).reshape(
+        shape
+    )
 
 
 def _conv1d_factored(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +133,7 @@ def scales_to_inputs(model: nn.Module) -> list[nn.Module]:
         scaling = _weight_scale(module)
         if scaling is None:
             continue
+        plain_forward(module)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         module.register_buffer(INPUT_SCALE, scaling.scale)
         setattr(module, _HOOK_ATTR, module.register_forward_pre_hook(scale_input))
@@ -116,6 +149,7 @@ def scales_to_weights(model: nn.Module) -> None:
             delattr(module, _HOOK_ATTR)
             scale = module._buffers.pop(INPUT_SCALE)
             parametrize.register_parametrization(module, "weight", NeuronScale(scale))
+            scaled_forward(module)
 
 
 def has_input_scales(model: nn.Module) -> bool:

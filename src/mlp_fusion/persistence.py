@@ -119,7 +119,9 @@ def from_pretrained(
     return model.eval()
 
 
-def fused_skeleton(directory: Path, dtype: str | torch.dtype | None = None) -> tuple[nn.Module, list[MlpSite]]:
+def fused_skeleton(
+    directory: Path, dtype: str | torch.dtype | None = None
+) -> tuple[nn.Module, list[MlpSite]]:
     """The fused checkpoint's model on the meta device: stock architecture, MLPs narrowed and scales or
     factors attached as ``fusion.json`` says, fusion records set; shapes only, nothing loaded."""
     fusion = read_fusion_file(directory)

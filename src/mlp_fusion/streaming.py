@@ -33,7 +33,15 @@ from torch import nn
 from .adapters import find_sites
 from .config import FusionConfig
 from .errors import UserError
-from .fuse import FusionReport, count_parameters, fuse, fusion_records, planned_width, select_sites
+from .fuse import (
+    FusionReport,
+    check_memory,
+    count_parameters,
+    fuse,
+    fusion_records,
+    planned_width,
+    select_sites,
+)
 from .persistence import (
     DTYPES,
     INDEX_FILE,
@@ -218,7 +226,9 @@ def fuse_checkpoint(
     groups = _layer_groups(select_sites(sites, config.layers))
     for group in groups:
         for site in group:
-            planned_width(site, config)  # refused here, before anything is written
+            check_memory(
+                site, planned_width(site, config), config, device
+            )  # refused before anything is written
     check_writable(out, overwrite)
     start = time.perf_counter()
     report = FusionReport(method=config.method, params_before=count_parameters(model))

@@ -23,7 +23,8 @@ class SubMlps:
 
     ``symmetry`` names the exact symmetries of one sub-MLP (METHOD.md, section 9): ``"gated"`` (sign and
     scale of up and down), ``"homogeneous"`` (a positive scale of the input row against the output, for
-    ReLU-like activations) or ``"none"``. ``stream`` tells sites apart for methods that draw random numbers.
+    ReLU-like activations) or ``"none"``. ``stream`` tells sites apart for methods that draw random numbers;
+    ``first_expert`` says where a chunk of a layer's experts starts.
     """
 
     inputs: list[torch.Tensor]
@@ -31,6 +32,7 @@ class SubMlps:
     has_bias: tuple[bool, ...]
     symmetry: str = "none"
     stream: int = 0
+    first_expert: int = 0  # index of batch element 0 among the layer's experts (k-means seeds each one)
 
     @property
     def width(self) -> int:
@@ -39,6 +41,11 @@ class SubMlps:
     @property
     def batch(self) -> int:
         return self.output.shape[0]
+
+    @property
+    def row_length(self) -> int:
+        """Numbers per sub-MLP vector (the last axis of :meth:`rows`)."""
+        return sum(t.shape[-1] for t in self.inputs) + self.output.shape[-1]
 
     def rows(self) -> torch.Tensor:
         """The ``[B, D, p]`` matrix whose rows are the sub-MLP vectors ``[w_in_i, b_in_i, w_out_i]``."""
@@ -83,6 +90,18 @@ class MethodResult:
     scale: torch.Tensor | None = None
     rank: int | None = None
     inertia: torch.Tensor | None = None  # [B], clustering methods only
+
+
+def join_results(parts: list[MethodResult]) -> MethodResult:
+    """Results of one method on consecutive chunks of a layer's experts, as one result."""
+    first = parts[0]
+    inputs = [torch.cat(group) for group in zip(*(part.sub.inputs for part in parts))]
+    sub = replace(
+        first.sub.with_tensors(inputs, torch.cat([part.sub.output for part in parts])), first_expert=0
+    )
+    scale = None if first.scale is None else torch.cat([part.scale for part in parts])
+    inertia = None if first.inertia is None else torch.cat([part.inertia for part in parts])
+    return MethodResult(sub, scale, first.rank, inertia)
 
 
 Method = Callable[[SubMlps, int, "FusionConfig"], MethodResult]

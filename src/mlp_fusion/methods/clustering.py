@@ -12,9 +12,13 @@ if TYPE_CHECKING:
     from ..config import FusionConfig
 
 
+# The methods below: k-means on each expert's sub-MLPs on its own, so a layer's experts can be fused in chunks.
+CLUSTERING_METHODS = ("fusion", "fold", "cluster")
+
+
 def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[SubMlps, KMeansResult]:
     """k-means on the sub-MLP vectors (canonical ones unless ``config.canonical`` is off); centroids split back."""
-    factors = None
+    factors, first_expert = None, sub.first_expert
     if config.canonical:
         sub, factors = canonicalise(sub)
     rows, layout = sub.rows(), sub.zeros(0)
@@ -27,6 +31,7 @@ def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[Su
         hartigan_rounds=config.hartigan_rounds,
         seed=config.seed,
         copy_x=False,
+        first_index=first_expert,
     )
     centroids = layout.from_rows(result.centers.to(rows.dtype))
     if factors is not None:

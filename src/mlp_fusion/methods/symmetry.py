@@ -81,8 +81,8 @@ def _principal_side(rows: torch.Tensor) -> torch.Tensor:
     """
     work = rows.double()
     generator = torch.Generator().manual_seed(0)
-    direction = torch.randn(work.shape[0], work.shape[-1], 1, generator=generator, dtype=torch.float64)
-    direction = direction.to(work.device)
+    start = torch.randn(work.shape[-1], 1, generator=generator, dtype=torch.float64)  # one for every expert,
+    direction = start.to(work.device).expand(work.shape[0], -1, -1)  # so a chunk of experts starts the same
     for _ in range(_POWER_STEPS):
         direction = work.transpose(1, 2) @ (work @ direction)
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-300)

@@ -1,0 +1,162 @@
+"""Optimisation step time: full model, fused model and the fused model's exported twin, against the FLOP-ideal.
+
+Two cases, each with the three models in one process:
+- MiniLM-L6 with a new 2-class head, layers 2-5 fused at 0.25, batches of 32 x 64 tokens (the SST-2 setting);
+- SmolLM2-135M as a causal LM, layers 10-29 fused at 0.25, batches of 8 x 64 tokens (the WebNLG setting).
+A step is forward, loss, backward, AdamW step and zero_grad on one fixed batch of random tokens, in
+training mode. After two warm-up steps per model, the models take turns for --rounds rounds of --steps
+steps each (the machine's speed drifts within a run; turns keep that out of the comparison); the table
+gives each model's median round. FLOP-ideal: the full model's linear-layer multiply-adds per token over
+the fused model's (every Linear / Conv1D, the language-model head included); the exported twin has the
+fused model's widths without the scale, so fused against twin is what the fixed scale costs.
+
+    python benchmarks/train_step.py          # about 10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kmeans import machine, provenance, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "train-step.json"
+CASES = {
+    "MiniLM-L6, 2-class head": ("minilm", "AutoModelForSequenceClassification", "2-5", 32),
+    "SmolLM2-135M, causal LM": ("smollm2", "AutoModelForCausalLM", "10-29", 8),
+}
+LENGTH = 64
+
+
+def linear_macs(model: torch.nn.Module) -> int:
+    """Multiply-adds per token of every Linear / Conv1D (a tied head counted once per use, as computed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from mlp_fusion.sites import weight_shape
+
+    return sum(
+        weight_shape(m, "weight").numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))
+    )
+
+
+def build(alias: str, head: str, layers: str, tmp: Path) -> dict[str, torch.nn.Module]:
+    import transformers
+
+    import mlp_fusion
+    from mlp_fusion.models import bundled_path
+
+    model_class = getattr(transformers, head)
+    options = {"num_labels": 2} if "Sequence" in head else {}
+
+    def load(path) -> torch.nn.Module:
+        torch.manual_seed(0)  # the same new head everywhere
+        return model_class.from_pretrained(path, dtype=torch.float32, **options)
+
+    full, fused = load(bundled_path(alias)), load(bundled_path(alias))
+    mlp_fusion.fuse(fused, mlp_fusion.FusionConfig(ratio=0.25, layers=layers))
+    mlp_fusion.export(fused, tmp / alias)
+    return {"full": full, "fused": fused, "exported twin": load(tmp / alias)}
+
+
+def batch_for(model: torch.nn.Module, size: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.config.vocab_size, (size, LENGTH), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model.config.num_labels == 2 and "Sequence" in type(model).__name__:
+        return {**batch, "labels": torch.randint(2, (size,), generator=generator)}
+    return {**batch, "labels": ids}
+
+
+def stepper(model: torch.nn.Module, batch: dict):
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_case(models: dict, batch_size: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    steps_of = {name: stepper(model, batch_for(model, batch_size)) for name, model in models.items()}
+    for step in steps_of.values():
+        step(), step()  # warm-up: allocator, optimiser state
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    for number in range(rounds):
+        for name, step in steps_of.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            timings[name].append((time.perf_counter() - start) / steps)
+        print(number, {name: f"{values[-1]:.3f}" for name, values in timings.items()}, flush=True)
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (alias, head, layers, batch_size) in CASES.items():
+            models = build(alias, head, layers, Path(tmp))
+            macs = {name: linear_macs(model) for name, model in models.items()}
+            timings = time_case(models, batch_size, args.rounds, args.steps)
+            median = {name: statistics.median(values) for name, values in timings.items()}
+            ideal = macs["full"] / macs["fused"]
+            achieved = median["full"] / median["fused"]
+            rows.append({
+                "case": label, "layers": layers, "batch": [batch_size, LENGTH], "seconds": median,
+                "every_round": timings, "linear_macs": macs, "flop_ideal": ideal, "speed_up": achieved,
+                "of_ideal": achieved / ideal,
+                "twin_speed_up": median["full"] / median["exported twin"],
+            })  # fmt: skip
+            del models
+    results = {
+        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "rows": rows,
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        "| case | fused layers | s / step: full | fused | exported twin | speed-up: fused | twin | FLOP-ideal | of the FLOP-ideal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r["seconds"]
+        lines.append(
+            f"| {r['case']} | {r['layers']} at 0.25 | {s['full']:.3f} | {s['fused']:.3f} | {s['exported twin']:.3f} "
+            f"| {r['speed_up']:.2f}x | {r['twin_speed_up']:.2f}x | {r['flop_ideal']:.2f}x | {100 * r['of_ideal']:.0f}% |"
+        )
+    body = (
+        "One optimisation step (forward, loss, backward, AdamW step) on a fixed batch of random tokens, "
+        f"float32 on the CPU; the models take turns, {args.rounds} rounds of {args.steps} steps, median round "
+        "shown. FLOP-ideal: linear-layer multiply-adds per token, full over fused; the last column is the "
+        "fused speed-up over the FLOP-ideal one.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + provenance(results, RESULTS, ROOT)
+    )
+    write_section(ROOT / "BENCHMARKS.md", "train-step", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
