@@ -61,6 +61,7 @@ VARIANTS = {
 BUDGET_VARIANTS = {
     "fusion, budget": ("fusion", {}, False, True),
     "fusion+calibration, budget": ("fusion", {}, True, True),
+    "prune+calibration, budget": ("prune", {}, True, False),
 }
 
 
@@ -102,15 +103,18 @@ def summary(runs: list[dict]) -> dict:
     return {**out, "runs": len(runs), "params": runs[0]["params"]}
 
 
-def perplexities(loaded, calibration: dict, record: callable) -> dict:
+def perplexities(loaded, calibration: dict, record: callable, only: set[str] | None, saved: dict) -> dict:
+    """Every variant's perplexity; with ``only``, just those variants, the other rows kept from ``saved``."""
     texts = webnlg_texts("dev", 100, 200)
-    scores = {"original": {**perplexity(loaded.model, loaded.tokenizer, texts), "seconds": 0.0}}
-    print("original", scores["original"]["perplexity"], file=sys.stderr, flush=True)
+    scores = dict(saved) if only else {}
+    if "original" not in scores:
+        scores["original"] = {**perplexity(loaded.model, loaded.tokenizer, texts), "seconds": 0.0}
+        print("original", scores["original"]["perplexity"], file=sys.stderr, flush=True)
     for layers, ratio in PERPLEXITY_SETTINGS:
         rows = [(label, spec, {"ratio": ratio}) for label, spec in VARIANTS.items()]
         rows += [(label, spec, {"budget": ratio}) for label, spec in BUDGET_VARIANTS.items()]
         for label, (method, options, calibrated, _), size in rows:
-            if label in SLOW and layers != "20-29":
+            if label in SLOW and layers != "20-29" or only and label not in only:
                 continue
             model = copy.deepcopy(loaded.model)
             start = time.perf_counter()
@@ -181,6 +185,9 @@ def main() -> None:
     parser.add_argument(
         "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
     )
+    parser.add_argument(
+        "--rows", help="perplexity: comma-separated variants to (re)run, keeping the results file's other rows"
+    )
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results" / f"decoder-{args.part}-smollm2.json"
     if args.report:
@@ -194,6 +201,9 @@ def main() -> None:
     calibration = calibration_batch(loaded.tokenizer, webnlg_texts("train", 0, 128), max_length=64)
     info = machine()
     command = "python benchmarks/decoder.py " + " ".join(sys.argv[1:])
+    if args.rows and out.is_file():  # a partial rerun: say which rows are newer than the rest
+        earlier = json.loads(out.read_text())
+        command = f"{earlier['command']}` ({earlier['date']}, {earlier['machine']['cpu']}), then `{command}"
 
     def record(results: dict) -> str:
         saved = {"command": command, "date": date.today().isoformat(), "machine": info, "results": results}
@@ -203,7 +213,9 @@ def main() -> None:
     if args.part == "ntk":
         results = ntk(loaded, calibration, record, seeds)
     else:
-        results = perplexities(loaded, calibration, record)
+        only = set(args.rows.split(",")) if args.rows else None
+        saved = json.loads(out.read_text())["results"] if only and out.is_file() else {}
+        results = perplexities(loaded, calibration, record, only, saved)
     print(record(results))
 
 

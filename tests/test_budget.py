@@ -1,10 +1,12 @@
 """Per-site widths from a parameter budget."""
 
 import pytest
-from tiny_models import build
+import torch
+from tiny_models import build, inputs
 
 from mlp_fusion import FusionConfig, UserError, find_sites, fuse
-from mlp_fusion.budget import WidthCurve, allocate_widths
+from mlp_fusion.budget import WidthCurve, allocate_widths, output_error, width_curve
+from mlp_fusion.calibration import calibrate_hidden
 
 
 def curve(full, steepness, cost):
@@ -55,3 +57,37 @@ def test_budget_is_exclusive_with_ratio_and_width():
         FusionConfig(budget=0.5, ratio=0.5)
     with pytest.raises(UserError, match="budget must be in"):
         FusionConfig(budget=1.5)
+
+
+def test_output_error_is_the_fused_output_error_for_linear_hidden_activations():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=generator, dtype=torch.float64)
+    w_in = torch.randn(12, 6, generator=generator, dtype=torch.float64)
+    d = torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 1, 3])
+    hidden = x @ w_in.T  # identity activation: a mean neuron's activation is the mean activation
+    counts = torch.bincount(labels, minlength=4).double()
+    mean_in = torch.stack([w_in[labels == j].mean(0) for j in range(4)])
+    mean_out = torch.stack([d[labels == j].mean(0) for j in range(4)])
+    fused = (x @ mean_in.T) * counts @ mean_out  # centroids with the cluster sizes as the scale
+    expected = float((hidden @ d - fused).pow(2).sum())
+    assert output_error(hidden, d, labels, 4) == pytest.approx(expected, rel=1e-10)
+    assert output_error(hidden, d, torch.arange(12), 12) == pytest.approx(0.0, abs=1e-18)
+
+
+def test_calibrated_curve_sees_the_data_and_the_budget_is_still_met():
+    model, batch = build("llama"), inputs(seed=1, batch=16, length=12)
+    site = find_sites(model)[1]
+    sub = site.read()
+    _, hidden = calibrate_hidden(model, site, batch)
+    measured = width_curve(sub, True, 0, hidden)
+    assert measured.errors[-1] == 0.0 and measured.errors == sorted(measured.errors, reverse=True)
+    silent = width_curve(sub, True, 0, [h * 0 for h in hidden])  # no activation: no output error
+    assert max(silent.errors) == 0.0 and max(width_curve(sub, True, 0).errors) > 0
+    fused = build("llama")
+    total = sum(s.read().row_length * s.width for s in find_sites(fused) if s.layer in (1, 2))
+    report = fuse(fused, FusionConfig(budget=0.4, layers="1-2"), calibration=batch)
+    kept = sum(sub.row_length * row.width_after for row in report.layers)
+    assert int(0.4 * total) - sub.row_length < kept <= int(0.4 * total)
+    data_free = fuse(build("llama"), FusionConfig(budget=0.4, layers="1-2"))
+    assert [r.width_after for r in report.layers] != [r.width_after for r in data_free.layers]

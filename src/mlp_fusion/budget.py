@@ -1,9 +1,12 @@
 """Per-site widths from one parameter budget: spend the kept parameters where fusion loses least.
 
 Planning only: from a sensitivity curve per site (error against width) to one width per site, before any
-site is touched. The curve is data-free: the k-means inertia of the site's sub-MLP vectors (canonical ones
-unless ``canonical`` is off) at a grid of widths, in weight units, so that sites writing into the same
-residual stream compare directly. Widths in between are interpolated linearly.
+site is touched. Widths in between the grid points are interpolated linearly. Two curves:
+- data-free: the k-means inertia of the site's sub-MLP vectors (canonical ones unless ``canonical`` is
+  off), in weight units;
+- with calibration inputs: the squared error the clustering causes in the MLP's output on those tokens,
+  in the units of the residual stream every site writes into, so sites compare directly
+  (:func:`output_error`).
 """
 
 from __future__ import annotations
@@ -36,10 +39,16 @@ class WidthCurve:
         return self.errors[0] if width < self.widths[0] else self.errors[-1]
 
 
-def width_curve(sub: SubMlps, canonical: bool, seed: int) -> WidthCurve:
-    """Inertia of quick k-means runs at the grid widths (0 at the full width), made non-increasing."""
-    rows = (canonicalise(sub)[0] if canonical else sub).rows()
-    full = sub.width
+def width_curve(
+    sub: SubMlps, canonical: bool, seed: int, hidden: list[torch.Tensor] | None = None
+) -> WidthCurve:
+    """Error of quick k-means runs at the grid widths (0 at the full width), made non-increasing: their
+    inertia, or with ``hidden`` (each batch element's hidden activations on calibration tokens, ``[n, D]``)
+    the output error :func:`output_error` gives for their clusters."""
+    factors = None
+    if canonical:
+        sub, factors = canonicalise(sub)
+    rows, full = sub.rows(), sub.width
     widths = sorted({1, full, *(max(1, round(full * r)) for r in GRID)})
     errors = []
     for width in widths:
@@ -47,10 +56,34 @@ def width_curve(sub: SubMlps, canonical: bool, seed: int) -> WidthCurve:
             errors.append(0.0)
             continue
         result = k_means(rows, width, max_iter=CURVE_ITERATIONS, hartigan_rounds=0, seed=seed)
-        errors.append(float(result.inertia.sum()))
+        if hidden is None:
+            errors.append(float(result.inertia.sum()))
+            continue
+        errors.append(
+            sum(
+                output_error(h if factors is None else h * factors[b, :, 0].to(h), sub.output[b], result.labels[b], width)
+                for b, h in enumerate(hidden)
+                if len(h)
+            )
+        )
     errors = torch.tensor(errors).flip(0).cummax(0).values.flip(0).tolist()
-    cost = sub.batch * (sum(t.shape[-1] for t in sub.inputs) + sub.output.shape[-1])
-    return WidthCurve(widths, errors, cost)
+    return WidthCurve(widths, errors, sub.batch * sub.row_length)
+
+
+def output_error(hidden: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, clusters: int) -> float:
+    """Squared error, summed over tokens, of an MLP output ``sum_i h_i d_i`` when each cluster's neurons are
+    replaced by their mean neuron taken as many times: ``|| sum_i (h_i - h_c) (d_i - d_c)^T ||^2`` with
+    ``h_c``, ``d_c`` the cluster means of the hidden activations ``hidden [n, D]`` and output rows
+    ``output [D, d_out]``. Exact when the hidden activations are linear in the neuron's weights (the mean
+    neuron's activation is then the mean activation); to first order otherwise.
+    """
+    h, d = hidden.double(), output.double()
+    members = torch.zeros(clusters, len(labels), dtype=torch.float64, device=h.device)
+    members[labels, torch.arange(len(labels), device=h.device)] = 1.0
+    counts = members.sum(1, keepdim=True).clamp_min(1)
+    h_spread = h - (h @ members.T / counts.T)[:, labels]
+    d_spread = d - (members @ d / counts)[labels]
+    return float((h_spread @ d_spread).pow(2).sum())
 
 
 def allocate_widths(curves: list[WidthCurve], budget: int) -> list[int]:

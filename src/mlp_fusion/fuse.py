@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .adapters import find_sites
-from .budget import allocate_widths, width_curve
-from .calibration import calibrate_site, refit_output
+from .budget import WidthCurve, allocate_widths, width_curve
+from .calibration import calibrate_hidden, calibrate_site, refit_output
 from .config import FusionConfig, names_site
 from .errors import UserError
 from .memory import check_fits, experts_per_chunk
@@ -106,7 +106,7 @@ def fuse(
     check_calibration_batch(calibration)
     start = time.perf_counter()
     sites = find_sites(model)
-    plans = _plan(model, sites, config)
+    plans = _plan(model, sites, config, calibration)
     report = FusionReport(method=config.method, params_before=count_parameters(model))
     report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
     records = fusion_records(model)
@@ -240,7 +240,9 @@ def working_copy(site: MlpSite) -> SubMlps:
     return sub.map_rows(lambda t: t.float()) if sub.output.dtype in (torch.float16, torch.bfloat16) else sub
 
 
-def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[tuple[MlpSite, int]]:
+def _plan(
+    model: nn.Module, sites: list[MlpSite], config: FusionConfig, calibration: dict | None
+) -> list[tuple[MlpSite, int]]:
     done = {record.name for record in fusion_records(model)}
     plans = []
     for site in select_sites(sites, config.layers):
@@ -257,7 +259,7 @@ def _plan(model: nn.Module, sites: list[MlpSite], config: FusionConfig) -> list[
             raise UserError(f"{site.describe()} has NaN or infinite weights; fusion needs finite weights")
         plans.append((site, width))
     if config.budget is not None:
-        plans = _plan_budget(plans, config)
+        plans = _plan_budget(model, plans, config, calibration)
     for site, width in plans:
         check_memory(site, width, config, site.read().output.device)
     return plans
@@ -285,15 +287,29 @@ def kernel_friendly_width(site: MlpSite, width: int) -> int:
     return rounded if rounded <= site.width and abs(rounded - width) <= width / 8 else width
 
 
-def _plan_budget(plans: list[tuple[MlpSite, int]], config: FusionConfig) -> list[tuple[MlpSite, int]]:
-    """Widths that keep ``config.budget`` of the chosen sites' parameters, spread by sensitivity."""
-    curves = [width_curve(working_copy(site), config.canonical, config.seed) for site, _ in plans]
+def _plan_budget(
+    model: nn.Module, plans: list[tuple[MlpSite, int]], config: FusionConfig, calibration: dict | None
+) -> list[tuple[MlpSite, int]]:
+    """Widths that keep ``config.budget`` of the chosen sites' parameters, spread by sensitivity: each site's
+    output error on the calibration inputs when there are some (measured on the unfused model), else the
+    data-free inertia."""
+    curves = [_sensitivity(model, site, config, calibration) for site, _ in plans]
     total = sum(curve.neuron_cost * site.width for curve, (site, _) in zip(curves, plans))
     budget = int(config.budget * total)
     if budget < sum(curve.neuron_cost for curve in curves):
         raise UserError(f"a budget of {config.budget} cannot keep one neuron in every chosen MLP; raise it")
     widths = allocate_widths(curves, budget)
     return [(site, width) for (site, _), width in zip(plans, widths)]
+
+
+def _sensitivity(model: nn.Module, site: MlpSite, config: FusionConfig, calibration: dict | None) -> WidthCurve:
+    sub = working_copy(site)
+    if calibration is None:
+        return width_curve(sub, config.canonical, config.seed)
+    statistics, hidden = calibrate_hidden(model, site, calibration)
+    if config.weighting:
+        sub = sub.scale_inputs(statistics.input_weights(sub))
+    return width_curve(sub, config.canonical, config.seed, hidden)
 
 
 def _ranges(values: list[int]) -> str:

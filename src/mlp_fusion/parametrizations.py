@@ -5,7 +5,7 @@ The stored tensors are what the optimizer updates; the effective weight is compu
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 from torch import nn
@@ -26,8 +26,9 @@ class NeuronScale(nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        # Computed on every access, in inference too: keeping the product between calls measured slower
-        # in greedy decoding (benchmarks/inference.py), and computing it costs no more than the exported twin.
+        # Computed on every access: keeping the product between calls measured slower in greedy decoding
+        # (benchmarks/inference.py). Linear and Conv1D layers scale their input instead when that is cheaper
+        # (scaled_forward); stacked expert tensors and code that reads ``.weight`` get this product.
         return weight * self.scale.to(weight.dtype)
 
 
@@ -60,9 +61,10 @@ def factored_forward(module: nn.Module) -> None:
 
     ``x (A B)^T = (x B^T) A^T``: two thin products of ``r (m + n)`` multiply-adds per token instead of
     building the ``m x n`` weight on every call and multiplying by it. The forward is set on the instance, so
-    the module keeps its class (and ``weight`` still gives the full matrix to whoever reads it).
+    the module keeps its class (and ``weight`` still gives the full matrix to whoever reads it); a partial of
+    a module-level function, which deep copies of the model rebind to the copy.
     """
-    module.forward = types.MethodType(
+    module.forward = functools.partial(
         _conv1d_factored if isinstance(module, Conv1D) else _linear_factored, module
     )
 
@@ -74,7 +76,7 @@ def scaled_forward(module: nn.Module) -> None:
     weight costs one multiply per weight entry, scaling the input one per input entry; with fewer tokens
     than output features (decoding, small batches) the input is the smaller of the two.
     """
-    module.forward = types.MethodType(
+    module.forward = functools.partial(
         _conv1d_scaled if isinstance(module, Conv1D) else _linear_scaled, module
     )
 

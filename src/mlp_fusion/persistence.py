@@ -333,6 +333,17 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
     """
     _check_fused_format(model)
     widths = export_widths(model)
+    plain = folded_copy(model)
+    set_widths(plain.config, widths)
+    return save_plain(plain, directory, tokenizer, overwrite=overwrite, notes=export_notes(model))
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of a fused model: scales and factors folded into the weights, the caller's model intact.
+
+    It computes the same function with the stock modules only (any widths; :func:`export` also needs one
+    width per config field to save it).
+    """
     plain = copy.deepcopy(model)
     for module in plain.modules():
         if parametrize.is_parametrized(module):
@@ -340,11 +351,10 @@ def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite
             plain_forward(module)
             for name in list(module.parametrizations):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    set_widths(plain.config, widths)
     if hasattr(plain, RECORD_ATTR):
         delattr(plain, RECORD_ATTR)
     plain.__dict__.pop("save_pretrained", None)  # the plain copy saves as any transformers model
-    return save_plain(plain, directory, tokenizer, overwrite=overwrite, notes=export_notes(model))
+    return plain
 
 
 def export_widths(model: nn.Module) -> dict[str, int]:
