@@ -186,7 +186,7 @@ def main() -> None:
         "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
     )
     parser.add_argument(
-        "--rows", help="perplexity: comma-separated variants to (re)run, keeping the results file's other rows"
+        "--rows", help="perplexity: variants to (re)run, separated by ;, keeping the results file's other rows"
     )
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results" / f"decoder-{args.part}-smollm2.json"
@@ -213,7 +213,7 @@ def main() -> None:
     if args.part == "ntk":
         results = ntk(loaded, calibration, record, seeds)
     else:
-        only = set(args.rows.split(",")) if args.rows else None
+        only = set(args.rows.split(";")) if args.rows else None
         saved = json.loads(out.read_text())["results"] if only and out.is_file() else {}
         results = perplexities(loaded, calibration, record, only, saved)
     print(record(results))

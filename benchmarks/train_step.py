@@ -108,7 +108,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument(
+        "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
+    )
     args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(RESULTS.read_text())))
+        return
     rows = []
     for label, (alias, head, layers, batch_size) in CASES.items():
         models = build(alias, head, layers)
@@ -135,29 +141,36 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    """The results as a Markdown table with its provenance, written into BENCHMARKS.md."""
     lines = [
         "| case | fused layers | s / step: full | fused | plain twin | speed-up: fused | plain twin | FLOP-ideal | fused / FLOP-ideal |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in results["rows"]:
         s = r["seconds"]
         lines.append(
             f"| {r['case']} | {r['layers']} at 0.25 | {s['full']:.3f} | {s['fused']:.3f} | {s['plain twin']:.3f} "
             f"| {r['speed_up']:.2f}x ({r['best_speed_up']:.2f}x) | {r['twin_speed_up']:.2f}x ({r['best_twin_speed_up']:.2f}x) "
             f"| {r['flop_ideal']:.2f}x | {100 * r['speed_up'] / r['flop_ideal']:.0f}% ({100 * r['best_speed_up'] / r['flop_ideal']:.0f}%) |"
         )
+    spread = max(max(v) / min(v) for r in results["rows"] for v in r["every_round"].values())
     body = (
         "One optimisation step (forward, loss, backward, AdamW step) on a fixed batch of random tokens, "
-        f"float32 on the CPU; the models take turns, {args.rounds} rounds of {args.steps} steps; times are each "
-        "model's median round, speed-ups from the medians and, in brackets, from each model's fastest round "
-        "(this machine's speed varied by up to 3x between rounds). FLOP-ideal: linear-layer multiply-adds per "
-        "token, full over fused; the last column is the fused speed-up over the FLOP-ideal one.\n\n"
+        f"float32 on the CPU; the models take turns, {results['rounds']} rounds of {results['steps_per_round']} "
+        "steps; times are each model's median round, speed-ups from the medians and, in brackets, from each "
+        f"model's fastest round (one model's rounds differed by up to {100 * (spread - 1):.0f}% in this run). "
+        "FLOP-ideal: linear-layer multiply-adds per token, full over fused; the last column is the fused "
+        "speed-up over the FLOP-ideal one.\n\n"
         + "\n".join(lines)
         + "\n\n"
         + provenance(results, RESULTS, ROOT)
     )
     write_section(ROOT / "BENCHMARKS.md", "train-step", body)
-    print(body)
+    return body
 
 
 if __name__ == "__main__":

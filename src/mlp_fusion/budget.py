@@ -58,16 +58,27 @@ def width_curve(
         result = k_means(rows, width, max_iter=CURVE_ITERATIONS, hartigan_rounds=0, seed=seed)
         if hidden is None:
             errors.append(float(result.inertia.sum()))
-            continue
-        errors.append(
-            sum(
-                output_error(h if factors is None else h * factors[b, :, 0].to(h), sub.output[b], result.labels[b], width)
-                for b, h in enumerate(hidden)
-                if len(h)
-            )
-        )
+        else:
+            errors.append(_output_errors(hidden, factors, sub.output, result.labels, width))
     errors = torch.tensor(errors).flip(0).cummax(0).values.flip(0).tolist()
     return WidthCurve(widths, errors, sub.batch * sub.row_length)
+
+
+def _output_errors(
+    hidden: list[torch.Tensor],
+    factors: torch.Tensor | None,
+    output: torch.Tensor,
+    labels: torch.Tensor,
+    width: int,
+) -> float:
+    """:func:`output_error` summed over batch elements; canonical factors scale each neuron's activation as
+    they scale its last input row (and divide its output row)."""
+    total = 0.0
+    for b, h in enumerate(hidden):
+        if len(h):  # an expert no calibration token reached adds nothing
+            h = h if factors is None else h * factors[b, :, 0].to(h)
+            total += output_error(h, output[b], labels[b], width)
+    return total
 
 
 def output_error(hidden: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, clusters: int) -> float:
