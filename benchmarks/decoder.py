@@ -186,7 +186,8 @@ def main() -> None:
         "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
     )
     parser.add_argument(
-        "--rows", help="perplexity: variants to (re)run, separated by ;, keeping the results file's other rows"
+        "--rows",
+        help="perplexity: variants to (re)run, separated by ;, keeping the results file's other rows",
     )
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results" / f"decoder-{args.part}-smollm2.json"

@@ -36,6 +36,8 @@ ROWS = {
     "full": ["--method", "full"],
     "fusion": ["--method", "fusion"],
     "fusion+distill": ["--method", "fusion", "--distill-epochs", "1"],
+    "fusion+calibration": ["--method", "fusion", "--calibrate"],
+    "fusion+calibration+budget": ["--method", "fusion", "--calibrate", "--budget", "0.25"],
     "fold": ["--method", "fold"],
     "cluster": ["--method", "cluster"],
     "prune": ["--method", "prune"],
@@ -64,6 +66,8 @@ def run_finetune(arguments: list[str], label: str) -> dict:
 
 def run_row(row: str, seed: int, settings: list[str], out: Path) -> dict:
     fusion = FUSED if not row.startswith("full") else []
+    if "--budget" in ROWS[row]:
+        fusion = [option for option in FUSED if option not in ("--ratio", "0.25")]  # the budget replaces it
     # the row's options come last, so that its own learning rate (LoRA rows) wins
     arguments = ["minilm", "--task", "sst2", "--data", str(DATA), *fusion, *settings, *ROWS[row]]
     return run_finetune([*arguments, "--seed", str(seed), "--out", str(out)], f"{row} seed {seed}")
@@ -156,12 +160,14 @@ def main() -> None:
         f"max length {args.max_length}; dev accuracy of the best epoch on all 872 dev examples; seeds "
         f"{args.seeds} (mean ± std; time and memory from seeds {','.join(map(str, timing_seeds))}). Compressed rows fuse layers 2-5 at ratio 0.25 (1536 -> 384); "
         "fusion+distill adds one epoch of layer-wise task-specific tuning first (its time is in the "
-        "fine-tuning seconds); +calibration fuses with 128 training inputs as calibration; +lora trains "
+        "fine-tuning seconds); +calibration fuses with 128 training inputs as calibration; +budget keeps the "
+        "same parameter count (--budget 0.25) with widths spread over the four layers from calibrated error "
+        "curves; +lora trains "
         "rank-8 LoRA adapters on every linear layer and the new head (lr 1e-3) instead of the whole model, "
         "merged exactly after training. s / step is the time inside optimisation steps; fine-tuning s is the whole "
         "Trainer run with its per-epoch evaluation and checkpoints. Peak MB: the process's resident memory "
         "during training. FLOP-ideal: encoder linear-layer multiply-adds per token, full over the row (svd "
-        "counted as its factors, though it materialises the full weight at each step).\n\n"
+        "counted as its factors; runs before 2026-12-02 built its full weight at each step).\n\n"
         + summarise(runs, list(ROWS), seeds, timing_seeds, linear_weights())
         + "\n\n"
         + provenance(results, RESULTS, ROOT)

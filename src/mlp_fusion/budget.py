@@ -97,17 +97,25 @@ def output_error(hidden: torch.Tensor, output: torch.Tensor, labels: torch.Tenso
     return float((h_spread @ d_spread).pow(2).sum())
 
 
-def allocate_widths(curves: list[WidthCurve], budget: int) -> list[int]:
+SPREAD = 2  # a site's width stays within this factor of the width one uniform ratio would give it
+
+
+def allocate_widths(curves: list[WidthCurve], budget: int, ratio: float | None = None) -> list[int]:
     """Widths with ``sum(width x neuron_cost) <= budget`` that greedily minimise the summed error.
 
-    Every site keeps at least one neuron. Neurons are added one at a time where the error falls most per
-    parameter, until no site that is not yet full can take another neuron within the budget.
+    Every site starts at its floor (one neuron; with ``ratio``, the uniform width ``ratio x D`` divided by
+    :data:`SPREAD`) and may grow to its cap (``D``; with ``ratio``, the uniform width times SPREAD).
+    Neurons are added one at a time where the error falls most per parameter, until no site below its cap
+    can take another neuron within the budget. The band keeps one rough error curve from emptying a layer
+    whose errors would only show in the layers after it.
     """
-    widths = [1] * len(curves)
-    spent = sum(curve.neuron_cost for curve in curves)
+    floors = [_bounded(curve, ratio, 1 / SPREAD) if ratio else 1 for curve in curves]
+    caps = [_bounded(curve, ratio, SPREAD) if ratio else curve.widths[-1] for curve in curves]
+    widths = list(floors)
+    spent = sum(w * curve.neuron_cost for w, curve in zip(widths, curves))
     if spent > budget:
-        raise ValueError(f"a budget of {budget} parameters cannot keep one neuron per site ({spent})")
-    heap = [(-_gain(curve, 1), index) for index, curve in enumerate(curves) if curve.widths[-1] > 1]
+        raise ValueError(f"a budget of {budget} parameters cannot keep the floor widths ({spent})")
+    heap = [(-_gain(curves[i], widths[i]), i) for i in range(len(curves)) if widths[i] < caps[i]]
     heapq.heapify(heap)
     while heap:
         _, index = heapq.heappop(heap)
@@ -116,9 +124,14 @@ def allocate_widths(curves: list[WidthCurve], budget: int) -> list[int]:
             continue  # this site can never grow again: the remaining budget only shrinks
         widths[index] += 1
         spent += curve.neuron_cost
-        if widths[index] < curve.widths[-1]:
+        if widths[index] < caps[index]:
             heapq.heappush(heap, (-_gain(curve, widths[index]), index))
     return widths
+
+
+def _bounded(curve: WidthCurve, ratio: float, factor: float) -> int:
+    full = curve.widths[-1]
+    return min(full, max(1, round(ratio * full * factor)))
 
 
 def _gain(curve: WidthCurve, width: int) -> float:

@@ -61,7 +61,9 @@ def calibrate_site(model: nn.Module, site: MlpSite, batch: dict) -> SiteCalibrat
 
 
 @torch.no_grad()
-def calibrate_hidden(model: nn.Module, site: MlpSite, batch: dict) -> tuple[SiteCalibration, list[torch.Tensor]]:
+def calibrate_hidden(
+    model: nn.Module, site: MlpSite, batch: dict
+) -> tuple[SiteCalibration, list[torch.Tensor]]:
     """As :func:`calibrate_site`, plus the hidden activations ``[n_e, D]`` (the output projection's input)."""
     inputs, hidden = _run_to_site(model, site, batch)
     targets = [_output_of(site, index, h) for index, h in enumerate(hidden)]

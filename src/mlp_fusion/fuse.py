@@ -298,11 +298,13 @@ def _plan_budget(
     budget = int(config.budget * total)
     if budget < sum(curve.neuron_cost for curve in curves):
         raise UserError(f"a budget of {config.budget} cannot keep one neuron in every chosen MLP; raise it")
-    widths = allocate_widths(curves, budget)
+    widths = allocate_widths(curves, budget, config.budget)
     return [(site, width) for (site, _), width in zip(plans, widths)]
 
 
-def _sensitivity(model: nn.Module, site: MlpSite, config: FusionConfig, calibration: dict | None) -> WidthCurve:
+def _sensitivity(
+    model: nn.Module, site: MlpSite, config: FusionConfig, calibration: dict | None
+) -> WidthCurve:
     sub = working_copy(site)
     if calibration is None:
         return width_curve(sub, config.canonical, config.seed)
