@@ -226,9 +226,8 @@ def fuse_checkpoint(
     groups = _layer_groups(select_sites(sites, config.layers))
     for group in groups:
         for site in group:
-            check_memory(
-                site, planned_width(site, config), config, device
-            )  # refused before anything is written
+            width = planned_width(site, config)  # refused here, before anything is written,
+            check_memory(site, width, config, device)  # and so is a site that would not fit
     check_writable(out, overwrite)
     start = time.perf_counter()
     report = FusionReport(method=config.method, params_before=count_parameters(model))
