@@ -202,8 +202,9 @@ def main() -> None:
     calibration = calibration_batch(loaded.tokenizer, webnlg_texts("train", 0, 128), max_length=64)
     info = machine()
     command = "python benchmarks/decoder.py " + " ".join(sys.argv[1:])
-    if args.rows and out.is_file():  # a partial rerun: say which rows are newer than the rest
-        earlier = json.loads(out.read_text())
+    only = set(args.rows.split(";")) if args.rows else None
+    earlier = json.loads(out.read_text()) if only and out.is_file() else None
+    if earlier is not None:  # a partial rerun: say which rows are newer than the rest
         command = f"{earlier['command']}` ({earlier['date']}, {earlier['machine']['cpu']}), then `{command}"
 
     def record(results: dict) -> str:
@@ -214,9 +215,7 @@ def main() -> None:
     if args.part == "ntk":
         results = ntk(loaded, calibration, record, seeds)
     else:
-        only = set(args.rows.split(";")) if args.rows else None
-        saved = json.loads(out.read_text())["results"] if only and out.is_file() else {}
-        results = perplexities(loaded, calibration, record, only, saved)
+        results = perplexities(loaded, calibration, record, only, earlier["results"] if earlier else {})
     print(record(results))
 
 

@@ -55,9 +55,7 @@ class _SiteDone(Exception):
 @torch.no_grad()
 def calibrate_site(model: nn.Module, site: MlpSite, batch: dict) -> SiteCalibration:
     """The site's inputs and original outputs on ``batch``, the model run up to the site."""
-    inputs, hidden = _run_to_site(model, site, batch)
-    targets = [_output_of(site, index, h) for index, h in enumerate(hidden)]
-    return SiteCalibration(inputs, targets)
+    return calibrate_hidden(model, site, batch)[0]
 
 
 @torch.no_grad()

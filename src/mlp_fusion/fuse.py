@@ -191,10 +191,12 @@ def run_method(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     return join_results([method(part, width, config) for part in chunks])
 
 
-def check_memory(site: MlpSite, width: int, config: FusionConfig, device: torch.device) -> None:
+def check_memory(
+    site: MlpSite, row_length: int, width: int, config: FusionConfig, device: torch.device
+) -> None:
     """Refuse a site whose clustering would not fit in the free memory of ``device`` even one MLP at a time."""
     if config.method in CLUSTERING_METHODS:
-        check_fits(site.describe(), site.width, site.read().row_length, width, device)
+        check_fits(site.describe(), site.width, row_length, width, device)
 
 
 def check_calibration_batch(batch: dict | None) -> None:
@@ -244,7 +246,7 @@ def _plan(
     model: nn.Module, sites: list[MlpSite], config: FusionConfig, calibration: dict | None
 ) -> list[tuple[MlpSite, int]]:
     done = {record.name for record in fusion_records(model)}
-    plans = []
+    plans, shapes = [], {}
     for site in select_sites(sites, config.layers):
         if site.name in done:
             raise UserError(f"{site.name} is already fused; start again from the original model")
@@ -258,10 +260,12 @@ def _plan(
         if not all(bool(torch.isfinite(t).all()) for t in (*sub.inputs, sub.output)):
             raise UserError(f"{site.describe()} has NaN or infinite weights; fusion needs finite weights")
         plans.append((site, width))
+        shapes[site.name] = (sub.row_length, sub.output.device)
     if config.budget is not None:
         plans = _plan_budget(model, plans, config, calibration)
     for site, width in plans:
-        check_memory(site, width, config, site.read().output.device)
+        row_length, device = shapes[site.name]
+        check_memory(site, row_length, width, config, device)
     return plans
 
 

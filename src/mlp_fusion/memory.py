@@ -21,10 +21,9 @@ DISTANCE_COPIES = 3
 USABLE = 0.8  # of the free memory: the rest is left to the allocator, the OS and the model's other tensors
 
 
-def working_bytes(width: int, row_length: int, clusters: int, experts: int = 1) -> int:
-    """Estimated working memory of k-means fusion on ``experts`` MLPs clustered together."""
-    per_expert = width * row_length * FLOAT32 * SUB_MLP_COPIES + width * clusters * FLOAT32 * DISTANCE_COPIES
-    return experts * per_expert
+def working_bytes(width: int, row_length: int, clusters: int) -> int:
+    """Estimated working memory of k-means fusion on one MLP (one expert)."""
+    return width * row_length * FLOAT32 * SUB_MLP_COPIES + width * clusters * FLOAT32 * DISTANCE_COPIES
 
 
 def available_bytes(device: torch.device | str) -> int:

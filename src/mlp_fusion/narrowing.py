@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.nn.utils import parametrize
-from transformers.pytorch_utils import Conv1D
 
 from .methods import MethodResult
-from .parametrizations import LowRank, NeuronScale, factored_forward, scaled_forward
+from .parametrizations import LowRank, NeuronScale, direct_forward
 from .sites import MlpSite, StackedExperts, WeightSlot
 
 
@@ -29,8 +27,7 @@ def attach_scale(site: MlpSite, scale: torch.Tensor) -> None:
             weight = getattr(slot.module, slot.attr)
             shaped = values.to(device=weight.device, dtype=torch.float32).reshape(_scale_shape(slot, weight))
             parametrize.register_parametrization(slot.module, slot.attr, NeuronScale(shaped.clone()))
-            if slot.attr == "weight" and isinstance(slot.module, (nn.Linear, Conv1D)):
-                scaled_forward(slot.module)
+            direct_forward(slot.module)
 
 
 def attach_low_rank(site: MlpSite, rank: int, *, decompose: bool = True) -> None:
@@ -38,8 +35,7 @@ def attach_low_rank(site: MlpSite, rank: int, *, decompose: bool = True) -> None
     weight, or (``decompose=False``, for factors about to be loaded) empty factors of the right shapes."""
     for slot in site.slots():
         parametrize.register_parametrization(slot.module, slot.attr, LowRank(rank, decompose=decompose))
-        if slot.attr == "weight" and isinstance(slot.module, (nn.Linear, Conv1D)):
-            factored_forward(slot.module)  # stacked experts: the experts' own forward reads the full weight
+        direct_forward(slot.module)  # stacked experts: the experts' own forward reads the full weight
 
 
 def use_compatible_experts_kernel(model: torch.nn.Module, sites: list[MlpSite]) -> None:

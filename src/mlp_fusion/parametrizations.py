@@ -28,7 +28,7 @@ class NeuronScale(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         # Computed on every access: keeping the product between calls measured slower in greedy decoding
         # (benchmarks/inference.py). Linear and Conv1D layers scale their input instead when that is cheaper
-        # (scaled_forward); stacked expert tensors and code that reads ``.weight`` get this product.
+        # (direct_forward); stacked expert tensors and code that reads ``.weight`` get this product.
         return weight * self.scale.to(weight.dtype)
 
 
@@ -56,39 +56,29 @@ class LowRank(nn.Module):
         return left.to(weight.dtype).contiguous(), right.to(weight.dtype).contiguous()
 
 
-def factored_forward(module: nn.Module) -> None:
-    """Make a Linear or Conv1D whose ``weight`` is :class:`LowRank` compute with its two factors.
+def direct_forward(module: nn.Module) -> None:
+    """Make a Linear or Conv1D whose ``weight`` is parametrized compute from its stored tensors directly.
 
-    ``x (A B)^T = (x B^T) A^T``: two thin products of ``r (m + n)`` multiply-adds per token instead of
-    building the ``m x n`` weight on every call and multiplying by it. The forward is set on the instance, so
-    the module keeps its class (and ``weight`` still gives the full matrix to whoever reads it); a partial of
-    a module-level function, which deep copies of the model rebind to the copy.
+    - :class:`NeuronScale`: ``x (W s)^T = (x s) W^T``, the same function and stored-weight gradients; the
+      input is scaled instead of the weight when a call has fewer tokens than output features (decoding),
+      since each costs one multiply per entry.
+    - :class:`LowRank`: ``x (A B)^T = (x B^T) A^T``, two thin products of ``r (m + n)`` multiply-adds per
+      token instead of building the ``m x n`` weight on every call.
+    Anything else keeps the module's own forward. The forward is set on the instance (a partial of a
+    module-level function, which deep copies rebind to the copy), so the module keeps its class and
+    ``weight`` still gives the full matrix to whoever reads it.
     """
-    module.forward = functools.partial(
-        _conv1d_factored if isinstance(module, Conv1D) else _linear_factored, module
-    )
-
-
-def scaled_forward(module: nn.Module) -> None:
-    """Make a Linear or Conv1D whose ``weight`` is :class:`NeuronScale` apply the scale where it is cheaper.
-
-    ``x (W s)^T = (x s) W^T``: the same function and the same gradients for the stored weight. Scaling the
-    weight costs one multiply per weight entry, scaling the input one per input entry; with fewer tokens
-    than output features (decoding, small batches) the input is the smaller of the two.
-    """
-    module.forward = functools.partial(
-        _conv1d_scaled if isinstance(module, Conv1D) else _linear_scaled, module
-    )
+    if not isinstance(module, (nn.Linear, Conv1D)) or not parametrize.is_parametrized(module, "weight"):
+        return
+    kind = type(module.parametrizations["weight"][0])
+    forward = _FORWARDS.get((kind, isinstance(module, Conv1D)))
+    if forward is not None:
+        module.forward = functools.partial(forward, module)
 
 
 def plain_forward(module: nn.Module) -> None:
-    """Undo :func:`factored_forward` or :func:`scaled_forward` (before the parametrization is removed)."""
+    """Undo :func:`direct_forward` (before the parametrization is removed)."""
     module.__dict__.pop("forward", None)
-
-
-def _linear_factored(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    chain = self.parametrizations["weight"]  # weight [out, in] = A [out, r] @ B [r, in]
-    return F.linear(F.linear(x, chain.original1), chain.original0, self.bias)
 
 
 def _linear_scaled(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -100,20 +90,31 @@ def _linear_scaled(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _conv1d_scaled(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     chain = self.parametrizations["weight"]  # weight [in, out] = stored * scale [in, 1]
-    shape = (*x.shape[:-1], chain.original.shape[-1])
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] > chain.original.shape[-1]:
-        return torch.addmm(self.bias, flat, self.weight).reshape(shape)
-    return torch.addmm(self.bias, flat * chain[0].scale.reshape(-1).to(x.dtype), chain.original).reshape(
-        shape
-    )
+        out = torch.addmm(self.bias, flat, self.weight)
+    else:
+        out = torch.addmm(self.bias, flat * chain[0].scale.reshape(-1).to(x.dtype), chain.original)
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def _linear_factored(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    chain = self.parametrizations["weight"]  # weight [out, in] = A [out, r] @ B [r, in]
+    return F.linear(F.linear(x, chain.original1), chain.original0, self.bias)
 
 
 def _conv1d_factored(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     chain = self.parametrizations["weight"]  # weight [in, out] = A [in, r] @ B [r, out]
-    shape = (*x.shape[:-1], chain.original1.shape[-1])
     flat = x.reshape(-1, x.shape[-1]) @ chain.original0 @ chain.original1
-    return (flat + self.bias).reshape(shape)
+    return (flat + self.bias).reshape(*x.shape[:-1], -1)
+
+
+_FORWARDS = {  # (parametrization, is Conv1D) -> forward
+    (NeuronScale, False): _linear_scaled,
+    (NeuronScale, True): _conv1d_scaled,
+    (LowRank, False): _linear_factored,
+    (LowRank, True): _conv1d_factored,
+}
 
 
 # The same fixed scale, applied to a layer's input instead of its weight. ``y = (W * s) x = W (s * x)``: the
@@ -151,7 +152,7 @@ def scales_to_weights(model: nn.Module) -> None:
             delattr(module, _HOOK_ATTR)
             scale = module._buffers.pop(INPUT_SCALE)
             parametrize.register_parametrization(module, "weight", NeuronScale(scale))
-            scaled_forward(module)
+            direct_forward(module)
 
 
 def has_input_scales(model: nn.Module) -> bool:

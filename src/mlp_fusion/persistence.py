@@ -125,7 +125,6 @@ def fused_skeleton(
     """The fused checkpoint's model on the meta device: stock architecture, MLPs narrowed and scales or
     factors attached as ``fusion.json`` says, fusion records set; shapes only, nothing loaded."""
     fusion = read_fusion_file(directory)
-    weight_files(directory)  # refused here when incomplete
     model_class, config = _architecture(directory, fusion)
     dtype = _stored_dtype(directory, fusion) if dtype is None else resolve_dtype(dtype)
     model = meta_model(model_class, config, dtype, directory)

@@ -227,7 +227,7 @@ def fuse_checkpoint(
     for group in groups:
         for site in group:
             width = planned_width(site, config)  # refused here, before anything is written,
-            check_memory(site, width, config, device)  # and so is a site that would not fit
+            check_memory(site, site.read().row_length, width, config, device)  # and one that cannot fit
     check_writable(out, overwrite)
     start = time.perf_counter()
     report = FusionReport(method=config.method, params_before=count_parameters(model))
@@ -348,22 +348,20 @@ def export_checkpoint(
     widths = export_widths(model)  # refused here, before anything is written
     check_writable(out, overwrite)
     reader = CheckpointReader(weight_files(source))
-    chains = {
-        f"{name}.parametrizations.{attr}": f"{name}.{attr}"
-        for name, module in model.named_modules()
-        for attr in getattr(module, "parametrizations", {})
-    }
     folded: set[str] = set()
 
     def write(tmp: Path) -> None:
         shards = ShardWriter(tmp, shard_bytes)
         for name in _stored_names(model, reader):
-            chain = next((c for c in chains if name.startswith(c + ".")), None)
-            if chain is None:
+            owner, parametrized, rest = name.partition(".parametrizations.")
+            if not parametrized:
                 shards.add(name, reader.read(name, torch.device("cpu"), None))
-            elif chain not in folded:
+                continue
+            attr = rest.split(".")[0]  # "weight" of "weight.original", "weight.0.scale", ...
+            chain = f"{owner}.parametrizations.{attr}"
+            if chain not in folded:
                 folded.add(chain)
-                shards.add(chains[chain], _folded(model.get_submodule(chain), chain, reader))
+                shards.add(f"{owner}.{attr}", _folded(model.get_submodule(chain), chain, reader))
         shards.close()
         set_widths(model.config, widths)
         model.config.save_pretrained(tmp)
