@@ -1,8 +1,9 @@
 """What each compression keeps of a gated decoder (SmolLM2-135M), before any fine-tuning.
 
-1. ``ntk``: layers 25-29 and 10-29, ratios 0.25 and 0.5, 16 WebNLG dev texts as probes, seed 0 (``--seeds
-   0,1,2`` for more): final output error, mean fused-layer output error, Adam-kernel error
-   over the fused MLPs' tensors, for every variant below.
+1. ``ntk``: layers 25-29 and 10-29, ratios 0.25 and 0.5, 32 WebNLG dev texts as probes, seeds 0, 1 and 2 of
+   the methods that draw random numbers (``--seeds 0`` for one): final output error, mean fused-layer
+   output error, Adam-kernel error over the fused MLPs' tensors, for every variant below (``--rows`` and
+   ``--settings`` rerun some of them, keeping the results file's other rows).
 2. ``perplexity``: perplexity of held-out WebNLG dev texts (200, none of them probes) for the original model
    and every variant at layers 20-29 / ratio 0.5 and layers 10-29 / ratio 0.25 (the WebNLG fine-tuning
    settings), plus budget allocation at the same parameter count.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -40,16 +42,21 @@ from mlp_fusion.probes import probe_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"
-PROBES = 16
+PROBES = 32
 NTK_SETTINGS = (("25-29", 0.25), ("10-29", 0.25), ("25-29", 0.5), ("10-29", 0.5))  # most telling first
 # the two settings of the WebNLG fine-tuning benchmark, which keep the same number of MLP parameters
 PERPLEXITY_SETTINGS = (("20-29", 0.5), ("10-29", 0.25))
 SLOW = {"mmd"}  # variants run on the first (smaller) layer set only
+KEEP_SHARES = (0.25, 0.5, 0.75)  # --keep-fraction: the top-scored share of the width kept exactly
 # label -> (method, extra FusionConfig fields, calibrated, depends on the seed)
 VARIANTS = {
     "fusion": ("fusion", {}, False, True),
     "fusion (raw)": ("fusion", {"canonical": False}, False, True),
     "fusion+calibration": ("fusion", {}, True, True),
+    **{
+        f"fusion+calibration+keep {share}": ("fusion", {"keep_fraction": share}, True, True)
+        for share in KEEP_SHARES
+    },
     "fold": ("fold", {}, False, True),
     "cluster": ("cluster", {}, False, True),
     "mmd": ("mmd", {}, False, True),
@@ -70,13 +77,14 @@ def webnlg_texts(split: str, start: int, count: int) -> list[str]:
     return [row["lex"][0]["text"] for row in rows[start : start + count]]
 
 
-def ntk(loaded, calibration: dict, record: callable, seeds: tuple[int, ...]) -> dict:
+def ntk(loaded, calibration: dict, record: callable, seeds: tuple[int, ...], only, settings, saved) -> dict:
+    """Every variant in every setting; with ``only``, just those variants, the other rows kept from ``saved``."""
     batch = probe_batch(loaded.model, loaded.tokenizer, count=PROBES, texts=webnlg_texts("dev", 0, PROBES))
-    results = {}
-    for layers, ratio in NTK_SETTINGS:
+    results = dict(saved)
+    for layers, ratio in settings:
         reference = None
         for label, (method, options, calibrated, seeded) in VARIANTS.items():
-            if label in SLOW and layers != "25-29":
+            if label in SLOW and layers != "25-29" or only and label not in only:
                 continue
             runs = []
             for seed in seeds if seeded else seeds[:1]:
@@ -86,7 +94,7 @@ def ntk(loaded, calibration: dict, record: callable, seeds: tuple[int, ...]) -> 
                     calibration=calibration if calibrated else None, reference=reference,
                 )  # fmt: skip
                 reference = result["reference"]
-                runs.append(result["rows"][0])
+                runs.append({**result["rows"][0], "probes": PROBES, "seed": seed})
             key = f"{label} | {layers} | {ratio}"
             results[key] = runs
             record(results)  # every finished row is kept, so a stopped run still reports
@@ -100,17 +108,17 @@ def summary(runs: list[dict]) -> dict:
     out.update(
         {f"{key}_std": statistics.stdev(run[key] for run in runs) if len(runs) > 1 else 0.0 for key in keys}
     )
-    return {**out, "runs": len(runs), "params": runs[0]["params"]}
+    return {**out, "runs": len(runs), "probes": runs[0]["probes"], "params": runs[0]["params"]}
 
 
-def perplexities(loaded, calibration: dict, record: callable, only: set[str] | None, saved: dict) -> dict:
+def perplexities(loaded, calibration: dict, record: callable, only: set[str] | None, settings, saved) -> dict:
     """Every variant's perplexity; with ``only``, just those variants, the other rows kept from ``saved``."""
     texts = webnlg_texts("dev", 100, 200)
-    scores = dict(saved) if only else {}
+    scores = dict(saved)
     if "original" not in scores:
         scores["original"] = {**perplexity(loaded.model, loaded.tokenizer, texts), "seconds": 0.0}
         print("original", scores["original"]["perplexity"], file=sys.stderr, flush=True)
-    for layers, ratio in PERPLEXITY_SETTINGS:
+    for layers, ratio in settings:
         rows = [(label, spec, {"ratio": ratio}) for label, spec in VARIANTS.items()]
         rows += [(label, spec, {"budget": ratio}) for label, spec in BUDGET_VARIANTS.items()]
         for label, (method, options, calibrated, _), size in rows:
@@ -138,8 +146,8 @@ def perplexities(loaded, calibration: dict, record: callable, only: set[str] | N
 
 def ntk_table(results: dict) -> str:
     lines = [
-        "| method | layers | ratio | output error | mean layer error | Adam-kernel error | runs | s per run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | layers | ratio | output error | mean layer error | Adam-kernel error | runs | probes | s per run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, runs in results.items():
         label, layers, ratio = key.split(" | ")
@@ -149,7 +157,7 @@ def ntk_table(results: dict) -> str:
         lines.append(
             f"| {label} | {layers} | {ratio} | "
             + " | ".join(cells)
-            + f" | {s['runs']} | {s['seconds']:.0f} |"
+            + f" | {s['runs']} | {s['probes']} | {s['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -161,7 +169,8 @@ def perplexity_table(scores: dict) -> str:
     ]
     original = scores["original"]
     lines.append(f"| original | - | - | {original['perplexity']:.2f} | - | - | - |")
-    for key, s in scores.items():
+    settings = list(dict.fromkeys(key.partition(" | ")[2] for key in scores))  # in order of first run
+    for key, s in sorted(scores.items(), key=lambda item: settings.index(item[0].partition(" | ")[2])):
         if key == "original":
             continue
         label, layers, ratio = key.split(" | ")
@@ -176,18 +185,26 @@ def perplexity_table(scores: dict) -> str:
     return "\n".join(lines)
 
 
+def pairs(settings: tuple) -> str:
+    return ";".join(f"{layers}:{ratio}" for layers, ratio in settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("part", choices=("ntk", "perplexity"))
-    parser.add_argument("--seeds", default="0", help="ntk: comma-separated seeds of the seeded methods")
+    parser.add_argument("--seeds", default="0,1,2", help="ntk: comma-separated seeds of the seeded methods")
     parser.add_argument(
         "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
     )
     parser.add_argument(
-        "--rows",
-        help="perplexity: variants to (re)run, separated by ;, keeping the results file's other rows",
+        "--rows", help="variants to (re)run, separated by ;, keeping the results file's other rows"
+    )
+    parser.add_argument(
+        "--settings",
+        help=f"layers:ratio pairs separated by ; (default: {pairs(NTK_SETTINGS)} for ntk, "
+        f"{pairs(PERPLEXITY_SETTINGS)} for perplexity)",
     )
     args = parser.parse_args()
     out = ROOT / "benchmarks" / "results" / f"decoder-{args.part}-smollm2.json"
@@ -201,9 +218,10 @@ def main() -> None:
     loaded = load_model("smollm2")
     calibration = calibration_batch(loaded.tokenizer, webnlg_texts("train", 0, 128), max_length=64)
     info = machine()
-    command = "python benchmarks/decoder.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/decoder.py " + shlex.join(sys.argv[1:])
     only = set(args.rows.split(";")) if args.rows else None
-    earlier = json.loads(out.read_text()) if only and out.is_file() else None
+    partial = only or args.settings
+    earlier = json.loads(out.read_text()) if partial and out.is_file() else None
     if earlier is not None:  # a partial rerun: say which rows are newer than the rest
         command = f"{earlier['command']}` ({earlier['date']}, {earlier['machine']['cpu']}), then `{command}"
 
@@ -212,10 +230,14 @@ def main() -> None:
         out.write_text(json.dumps(saved, indent=2) + "\n")
         return write_report(args.part, saved, out)
 
+    settings = NTK_SETTINGS if args.part == "ntk" else PERPLEXITY_SETTINGS
+    if args.settings:
+        settings = tuple((s.split(":")[0], float(s.split(":")[1])) for s in args.settings.split(";"))
+    saved = earlier["results"] if earlier else {}
     if args.part == "ntk":
-        results = ntk(loaded, calibration, record, seeds)
+        results = ntk(loaded, calibration, record, seeds, only, settings, saved)
     else:
-        results = perplexities(loaded, calibration, record, only, earlier["results"] if earlier else {})
+        results = perplexities(loaded, calibration, record, only, settings, saved)
     print(record(results))
 
 

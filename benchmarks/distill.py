@@ -13,14 +13,13 @@ import copy
 import json
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from kmeans import run_header, write_section  # noqa: E402
 
 from mlp_fusion import FusionConfig, distill, fuse  # noqa: E402
 from mlp_fusion.models import load_model  # noqa: E402
@@ -51,9 +50,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     dev_after = hidden_state_error(original, fused, dev)
     results = {
-        "command": "python benchmarks/distill.py",
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "train": train_errors,
         "dev": {"before": dev_before, "after": dev_after},
         "seconds": seconds,

@@ -15,13 +15,12 @@ import json
 import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, provenance, write_section  # noqa: E402
+from kmeans import provenance, run_header, write_section  # noqa: E402
 from streaming import CLI, MEASURED, size_gb, write_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,9 +73,7 @@ def main() -> None:
         fused_gb, out_gb = size_gb(tmp / "fused"), size_gb(tmp / "a")
         equal = same_tensors(tmp / "a", tmp / "b")
     results = {
-        "command": "python benchmarks/export.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "fused_gb": fused_gb,
         "output_gb": out_gb,
         "same_tensors": equal,

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, provenance, write_section  # noqa: E402
+from kmeans import provenance, run_header, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fusion-memory.json"
@@ -48,9 +47,7 @@ def main() -> None:
     p, k = 3 * HIDDEN, WIDTH // 4
     formula_mb = (WIDTH * p * 4 * 6 + WIDTH * k * 4 * 3) / 2**20
     results = {
-        "command": "python benchmarks/fusion_memory.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "measured": measured,
         "formula_mb": formula_mb,
     }

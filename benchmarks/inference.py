@@ -17,13 +17,12 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, provenance, write_section  # noqa: E402
+from kmeans import provenance, run_header, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "inference-smollm2.json"
@@ -78,9 +77,7 @@ def main() -> None:
         print(round_number, {name: f"{values[-1]:.1f}" for name, values in timings.items()}, flush=True)
     rows = {name: statistics.median(values) for name, values in timings.items()}
     results = {
-        "command": "python benchmarks/inference.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "tokens_per_prompt": args.tokens,
         "prompts": len(PROMPTS),
         "rounds": args.rounds,

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,15 @@ def time_demo_job() -> float:
         ]
         _, seconds = timed(lambda: subprocess.run(args, check=True, capture_output=True))
     return seconds
+
+
+def run_header() -> dict:
+    """The start of a results file: the command as typed from the project's root, today's date, this machine."""
+    return {
+        "command": f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]),
+        "date": date.today().isoformat(),
+        "machine": machine(),
+    }
 
 
 def machine() -> dict:
@@ -206,9 +216,7 @@ def main() -> None:
         layers = [int(i) for i in args.mpnet_layers.split(",")] if model == "mpnet" else None
         rows += benchmark_model(model, layers, not args.no_sklearn_30)
     results = {
-        "command": "python benchmarks/kmeans.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "ratio": RATIO,
         "rows": rows,
         "demo_seconds": time_demo_job(),

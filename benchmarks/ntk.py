@@ -16,14 +16,13 @@ import json
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from kmeans import run_header, write_section  # noqa: E402
 
 from mlp_fusion.diagnostics import compare_methods, empirical_kernels, kernel_error  # noqa: E402
 from mlp_fusion.diagnostics.parameters import kernel_modules, module_tensors  # noqa: E402
@@ -120,9 +119,7 @@ def main() -> None:
     minilm = load_model("minilm")
     batch = probe_batch(minilm.model, minilm.tokenizer, count=len(texts), texts=texts)
     results = {
-        "command": "python benchmarks/ntk.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "probes": len(texts),
         "seeds": seeds,
         "layers": {},

@@ -19,13 +19,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, provenance, write_section  # noqa: E402
+from kmeans import provenance, run_header, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("..") / "shared" / "data" / "sst2"  # relative to ROOT, where every run starts
@@ -136,9 +135,7 @@ def main() -> None:
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     runs = saved.get("runs", {}) if saved.get("settings") == settings else {}
     results = {
-        "command": "python benchmarks/sst2.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "settings": settings,
         "runs": runs,
     }

@@ -19,13 +19,12 @@ import json
 import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, provenance, write_section  # noqa: E402
+from kmeans import provenance, run_header, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "streaming.json"
@@ -139,9 +138,7 @@ def main() -> None:
             for mode in measured:
                 subprocess.run(["rm", "-rf", str(tmp / mode)], check=True)
     results = {
-        "command": "python benchmarks/streaming.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "rows": rows,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")

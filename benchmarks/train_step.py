@@ -21,13 +21,12 @@ import json
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, provenance, write_section  # noqa: E402
+from kmeans import provenance, run_header, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "train-step.json"
@@ -132,9 +131,7 @@ def main() -> None:
         })  # fmt: skip
         del models
     results = {
-        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "rows": rows,

@@ -14,11 +14,10 @@ import json
 import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from kmeans import run_header, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "upcycled-moe-smollm2.json"
@@ -40,9 +39,7 @@ def main() -> None:
         moe = json.loads(cli("ntk", f"{tmp}/moe", *NTK))
     dense = json.loads(cli("ntk", "smollm2", *NTK))
     results = {
-        "command": "python benchmarks/upcycled_moe.py",
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        **run_header(),
         "moe": moe["rows"],
         "dense": dense["rows"],
     }

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decoder import KEEP_SHARES  # noqa: E402
 from kmeans import machine, provenance, write_section  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
 
@@ -35,12 +37,29 @@ ROWS = {
     "fusion+calibration": ["--method", "fusion", "--calibrate"],
     "fusion+calibration+distill": ["--method", "fusion", "--calibrate", "--distill-epochs", "1"],
     "prune": ["--method", "prune"],
+    **{
+        f"fusion+calibration+keep {share}": [
+            "--method",
+            "fusion",
+            "--calibrate",
+            "--keep-fraction",
+            str(share),
+        ]
+        for share in KEEP_SHARES
+    },
     "prune+calibration": ["--method", "prune", "--calibrate"],
     "fold": ["--method", "fold"],
+    "fold+calibration": ["--method", "fold", "--calibrate"],
     "svd": ["--method", "svd"],
     "full+lora": ["--method", "full", *LORA],
     "fusion+calibration+lora": ["--method", "fusion", "--calibrate", *LORA],
 }
+
+
+def setting_order(row: str, runs: dict) -> int:
+    """Rows grouped by their fused layers and ratio, the unfused ones first, groups in order of first run."""
+    settings = list(dict.fromkeys(key.partition(", layers ")[2] for key in runs))
+    return settings.index(row.partition(", layers ")[2])
 
 
 def main() -> None:
@@ -58,6 +77,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--layers", default="10-29", help="fused layers (default: the last two thirds)")
     parser.add_argument("--ratio", default="0.25", help="kept fraction of each fused MLP")
+    parser.add_argument(
+        "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
+    )
     args = parser.parse_args()
     settings = [
         "--data", str(DATA), "--max-train-samples", str(args.train), "--max-eval-samples", str(args.eval),
@@ -68,14 +90,15 @@ def main() -> None:
     runs = saved.get("runs", {}) if saved.get("settings") == settings else {}
     results = {
         "commands": sorted(
-            {*saved.get("commands", []), "python benchmarks/webnlg.py " + " ".join(sys.argv[1:])}
+            {*saved.get("commands", [])}
+            | (set() if args.report else {"python benchmarks/webnlg.py " + shlex.join(sys.argv[1:])})
         ),
         "date": date.today().isoformat(),
         "machine": machine(),
         "settings": settings,
         "runs": runs,
     }
-    rows = args.rows.split(",")
+    rows = [] if args.report else args.rows.split(",")
     for row in rows:
         unfused = row.startswith("full")
         key = row if unfused else f"{row}, layers {args.layers} at {args.ratio}"
@@ -92,7 +115,7 @@ def main() -> None:
         "| row | BLEU | chrF | TER | ROUGE-L | s / step | fine-tuning s | peak MB | parameters | trainable |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row, r in runs.items():
+    for row, r in sorted(runs.items(), key=lambda item: setting_order(item[0], runs)):
         m = r["metrics"]
         total = r["train_seconds"] + ((r.get("distill") or {}).get("seconds") or 0.0)
         lines.append(
@@ -106,7 +129,8 @@ def main() -> None:
         "their references (sacrebleu BLEU / chrF / TER, ROUGE-L). Compressed rows name their fused layers (of "
         "0-29) and kept fraction; fusion is symmetry-aware (canonical) clustering, (raw) the paper's clustering "
         "of raw weights; +calibration fuses with 128 training inputs as calibration (input weighting and "
-        "least-squares output refit); +distill adds one epoch of layer-wise task-specific tuning (its time "
+        "least-squares output refit); +keep S gives the share S of each fused width to the top-scored neurons, "
+        "kept exactly, and clusters the others into the rest (--keep-fraction S); +distill adds one epoch of layer-wise task-specific tuning (its time "
         "is in the fine-tuning seconds); +lora trains rank-8 LoRA adapters on every linear layer but the head "
         "(lr 1e-3) instead of the whole model, merged exactly after training. One seed; every run of these settings kept in the results file.\n\n"
         + "\n".join(lines)

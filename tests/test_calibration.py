@@ -29,6 +29,19 @@ def test_full_width_with_calibration_keeps_outputs(family):
     assert float((outputs(model, batch) - before).abs().max()) <= 1e-4
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_kept_neurons_with_calibration_are_the_original_ones(family):
+    original, batch = build(family), calibration_batch()
+    model = copy.deepcopy(original)
+    fuse(model, FusionConfig(ratio=0.5, keep_fraction=0.5, refit=False), calibration=batch)
+    rows = find_sites(original)[0].read().rows()
+    fused = find_sites(model)[0].read()
+    kept = fused.rows()[:, : fused.width // 2]
+    # every kept row is one of the original rows, unchanged (distance 0 to its nearest original)
+    nearest = torch.cdist(kept.double(), rows.double()).min(dim=-1).values
+    assert float(nearest.max()) <= 1e-5
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "mixtral", "switch"])
 def test_refit_lowers_the_layer_errors_on_calibration_inputs(family):
     original, batch = build(family), calibration_batch()

@@ -28,6 +28,14 @@ def test_full_width_reproduces_outputs(family, canonical):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_full_width_with_kept_neurons_reproduces_outputs(family):
+    model, batch = build(family), inputs()
+    before = outputs(model, batch)
+    fuse(model, FusionConfig(method="fusion", ratio=1.0, keep_fraction=0.5))
+    assert max_diff(outputs(model, batch), before) <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_duplicated_neurons_fuse_exactly(family):
     model, batch = build(family), inputs()
     half = duplicate_neurons(model)

@@ -270,6 +270,8 @@ def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(capsys, base_di
         (["--task", "sst2", "--text-column", "x"], "are for --task csv"),
         (["--task", "sst2", "--calibrate", "--calibration-samples", "0"], "--calibration-samples"),
         (["--task", "sst2", "--method", "full", "--calibrate"], "--method full"),
+        (["--task", "sst2", "--method", "full", "--keep-fraction", "0.5"], "--method full"),
+        (["--task", "sst2", "--keep-fraction", "1"], "keep_fraction must be in [0, 1)"),
         (["--task", "sst2", "--ridge", "-1"], "ridge"),
         (["--task", "sst2", "--lora-rank", "4"], "add --peft lora"),
         (["--task", "sst2", "--peft", "lora", "--lora-rank", "0"], "--lora-rank"),

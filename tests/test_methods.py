@@ -136,6 +136,30 @@ def test_full_width_fusion_gives_back_the_original_tensors(make):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("method", ["fusion", "fold", "cluster"])
+@pytest.mark.parametrize("make", [gated, plain])
+def test_kept_share_holds_the_top_scored_neurons_exactly(method, make):
+    sub = make(width=20)
+    result = run(method, sub, 8, keep_fraction=0.5)
+    top = sub.neuron_scores().topk(4, dim=-1).indices.sort(dim=-1).values
+    want = sub.rows().gather(1, top.unsqueeze(-1).expand(-1, -1, sub.rows().shape[-1]))
+    torch.testing.assert_close(result.sub.rows()[:, :4], want)  # clusters of one: no scale to fold in
+    plain_result = run(method, sub, 8)
+    assert not torch.allclose(plain_result.sub.rows()[:, :4], want)
+
+
+def test_kept_share_leaves_every_other_neuron_to_k_means():
+    sub = gated(width=20)
+    result = run("fusion", sub, 8, keep_fraction=0.5)
+    assert torch.equal(result.scale[:, :4], torch.ones(sub.batch, 4))
+    assert torch.equal(result.scale.sum(-1), torch.full((sub.batch,), 20.0))
+    assert result.scale[:, 4:].min() >= 1
+    full = run("fusion", sub, 20, keep_fraction=0.5)  # at full width every neuron is its own cluster
+    assert sorted(full.sub.rows()[0].sum(-1).tolist()) == pytest.approx(
+        sorted(sub.rows()[0].sum(-1).tolist())
+    )
+
+
 def test_cluster_on_gated_mlps_leaves_the_gate_alone():
     sub = gated(width=20)
     sub.symmetry = "gated"

@@ -47,3 +47,14 @@ def test_smollm2_fuse_generate_save_load(tmp_path):
     mlp_fusion.save_pretrained(model, tmp_path / "smollm2-fused", tokenizer=tokenizer)
     reloaded = mlp_fusion.from_pretrained(tmp_path / "smollm2-fused")
     assert torch.equal(reloaded.generate(**prompt, max_new_tokens=5, do_sample=False), generated)
+
+
+def test_canonical_clustering_leaves_gelu_minilm_unchanged(minilm):
+    """GELU has no exact symmetry (METHOD.md, section 9), so the default clustering is the paper's there."""
+    assert {site.read().symmetry for site in find_sites(minilm.model)} == {"none"}
+    canonical, raw = load_model("minilm").model, load_model("minilm").model
+    fuse(canonical, FusionConfig(ratio=0.25, layers="4-5"))
+    fuse(raw, FusionConfig(ratio=0.25, layers="4-5", canonical=False))
+    left, right = canonical.state_dict(), raw.state_dict()
+    assert left.keys() == right.keys()
+    assert all(torch.equal(left[key], right[key]) for key in left)

@@ -42,7 +42,13 @@ class FusionConfig:
     n_init: int = field(default=1, metadata={"help": "k-means restarts (the lowest inertia is kept)"})
     max_iter: int = field(default=100, metadata={"help": "Lloyd iterations per restart"})
     hartigan_rounds: int = field(default=50, metadata={"help": "rounds of Hartigan refinement (0: off)"})
-    keep_fraction: float = field(default=0.0, metadata={"help": "sketch: share of the width kept exactly"})
+    keep_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "sketch and the k-means methods: share of the width given to the top-scored neurons "
+            "(||w_in|| ||w_out||, activation-weighted with calibration), kept exactly; the method fills the rest"
+        },
+    )
     canonical: bool = field(
         default=True,
         metadata={

@@ -62,7 +62,7 @@ def add_parser(commands) -> None:
     )
     size = fusion.add_mutually_exclusive_group()
     add_config_options(size, FusionConfig, ("ratio", "width", "budget"))
-    add_config_options(fusion, FusionConfig, ("layers", "n_init", "canonical"))
+    add_config_options(fusion, FusionConfig, ("layers", "n_init", "keep_fraction", "canonical"))
     add_calibration_options(fusion, from_file=False)
     add_config_options(fusion, FusionConfig, ("weighting", "refit", "ridge"))
     fusion.add_argument(
@@ -130,13 +130,14 @@ def run_finetune(args: argparse.Namespace) -> int:
         or args.budget
         or args.layers != "all"
         or args.distill_epochs
+        or args.keep_fraction
         or not args.canonical
         or args.calibrate
     )
     if fused_input and (args.method or fusion_options):
         raise UserError(
-            f"{args.model} is already fused; --method, --ratio, --width, --budget, --layers, --no-canonical, "
-            "--calibrate and --distill-epochs are for a base model"
+            f"{args.model} is already fused; --method, --ratio, --width, --budget, --layers, --keep-fraction, "
+            "--no-canonical, --calibrate and --distill-epochs are for a base model"
         )
     method = None if fused_input else (args.method or "fusion")
     config = None
@@ -144,8 +145,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         config = FusionConfig(**{**config_values(args, FusionConfig), "method": method})
     elif method == "full" and fusion_options:
         raise UserError(
-            "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, --no-canonical, "
-            "--calibrate, --distill-epochs"
+            "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, "
+            "--keep-fraction, --no-canonical, --calibrate, --distill-epochs"
         )
     lora = _lora_settings(args)
     device = load_settings(args).torch_device()

@@ -61,6 +61,11 @@ class SubMlps:
         """New tensors, the same layout, symmetry and stream."""
         return replace(self, inputs=inputs, output=output)
 
+    def joined(self, other: SubMlps) -> SubMlps:
+        """These neurons followed by ``other``'s, batch element by batch element."""
+        inputs = [torch.cat(pair, dim=1) for pair in zip(self.inputs, other.inputs)]
+        return self.with_tensors(inputs, torch.cat([self.output, other.output], dim=1))
+
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SubMlps:
         return self.with_tensors([fn(t) for t in self.inputs], fn(self.output))
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..kmeans import KMeansResult, k_means
+import torch
+
+from ..kmeans import k_means
 from .base import MethodResult, SubMlps, register
+from .pruning import kept_count, split_top
 from .symmetry import canonicalise, restore
 
 if TYPE_CHECKING:
@@ -16,8 +19,20 @@ if TYPE_CHECKING:
 CLUSTERING_METHODS = ("fusion", "fold", "cluster")
 
 
-def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[SubMlps, KMeansResult]:
-    """k-means on the sub-MLP vectors (canonical ones unless ``config.canonical`` is off); centroids split back."""
+def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+    """Fusion's result: k-means centroids (of canonical sub-MLPs unless ``config.canonical`` is off) with
+    the cluster sizes as their scale. With ``config.keep_fraction``, that share of the width goes to the
+    top-scored neurons, kept exactly (clusters of one), and k-means fills the rest from the other neurons."""
+    keep = kept_count(width, config.keep_fraction)
+    if not keep:
+        return _k_means_fusion(sub, width, config)
+    kept, rest = split_top(sub, keep)
+    fused = _k_means_fusion(rest, width - keep, config)
+    ones = fused.scale.new_ones(sub.batch, keep)
+    return MethodResult(kept.joined(fused.sub), torch.cat([ones, fused.scale], dim=1), inertia=fused.inertia)
+
+
+def _k_means_fusion(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     factors, first_expert = None, sub.first_expert
     if config.canonical:
         sub, factors = canonicalise(sub)
@@ -36,21 +51,20 @@ def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> tuple[Su
     centroids = layout.from_rows(result.centers.to(rows.dtype))
     if factors is not None:
         centroids = restore(centroids, factors, result.labels)
-    return centroids, result
+    return MethodResult(centroids, scale=result.counts, inertia=result.inertia)
 
 
 @register("fusion", "k-means centroids with the cluster sizes as a fixed, separate scale (the paper)")
 def fusion(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
-    centroids, result = cluster_sub_mlps(sub, width, config)
-    return MethodResult(centroids, scale=result.counts, inertia=result.inertia)
+    return cluster_sub_mlps(sub, width, config)
 
 
 @register("fold", "k-means centroids, cluster sizes folded into the output weights")
 def fold(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
-    centroids, result = cluster_sub_mlps(sub, width, config)
-    sizes = result.counts.to(centroids.output.dtype).unsqueeze(-1)
+    fused = cluster_sub_mlps(sub, width, config)
+    sizes = fused.scale.to(fused.sub.output.dtype).unsqueeze(-1)
     return MethodResult(
-        centroids.with_tensors(centroids.inputs, centroids.output * sizes), inertia=result.inertia
+        fused.sub.with_tensors(fused.sub.inputs, fused.sub.output * sizes), inertia=fused.inertia
     )
 
 
@@ -58,9 +72,10 @@ def fold(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     "cluster", "k-means centroids, sqrt(cluster size) folded into the last input and the output projection"
 )
 def cluster(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
-    centroids, result = cluster_sub_mlps(sub, width, config)
+    fused = cluster_sub_mlps(sub, width, config)
+    centroids = fused.sub
     # sqrt(n) on (w_in, b_in) and w_out, or on up and down of a gated MLP (never inside the gate's
     # activation): exact on n duplicated neurons when the activation is ReLU, and always when gated.
-    root = result.counts.to(centroids.output.dtype).sqrt().unsqueeze(-1)
+    root = fused.scale.to(centroids.output.dtype).sqrt().unsqueeze(-1)
     inputs = [*centroids.inputs[:-1], centroids.inputs[-1] * root]
-    return MethodResult(centroids.with_tensors(inputs, centroids.output * root), inertia=result.inertia)
+    return MethodResult(centroids.with_tensors(inputs, centroids.output * root), inertia=fused.inertia)

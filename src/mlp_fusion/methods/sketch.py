@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .base import MethodResult, SubMlps, register
-from .pruning import gather_neurons
+from .pruning import kept_count, split_top
 
 if TYPE_CHECKING:
     from ..config import FusionConfig
@@ -15,21 +15,12 @@ if TYPE_CHECKING:
 
 @register("sketch", "Gaussian sketch S (D x c, N(0, 1/c)): W_in' = S^T W_in, W_out' = W_out S")
 def sketch(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
-    keep = min(width - 1, round(config.keep_fraction * width)) if config.keep_fraction > 0 else 0
-    order = sub.neuron_scores().argsort(dim=-1, descending=True)
-    kept = gather_neurons(sub, order[:, :keep].sort(dim=-1).values)
-    rest = gather_neurons(sub, order[:, keep:].sort(dim=-1).values)
+    keep = kept_count(width, config.keep_fraction)
+    kept, rest = split_top(sub, keep)
     columns = width - keep
     # A different matrix for every site: the same one everywhere would correlate the layers' errors.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + sub.stream)
     projection = torch.randn(sub.batch, rest.width, columns, generator=generator) / columns**0.5
     projection = projection.to(device=sub.output.device, dtype=sub.output.dtype)
     sketched = rest.map_rows(lambda t: projection.transpose(1, 2) @ t)
-    return MethodResult(_concat(kept, sketched) if keep else sketched)
-
-
-def _concat(first: SubMlps, second: SubMlps) -> SubMlps:
-    return first.with_tensors(
-        [torch.cat(pair, dim=1) for pair in zip(first.inputs, second.inputs)],
-        torch.cat([first.output, second.output], dim=1),
-    )
+    return MethodResult(kept.joined(sketched) if keep else sketched)
