@@ -51,7 +51,7 @@ def main() -> None:
         print(report(json.loads(RESULTS.read_text())))
         return
     results = {**run_header(), "layers": args.layers, "ratio": args.ratio, "rows": {}}
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         texts = Path(tmp) / "calibration.txt"
         texts.write_text("\n".join(webnlg_texts("train", 0, 128)) + "\n")
         calibration = ["--calibration", str(texts), "--max-length", "64"]
