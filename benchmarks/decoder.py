@@ -30,7 +30,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from kmeans import in_setting_order, machine, write_section  # noqa: E402
 
 from mlp_fusion import FusionConfig, fuse  # noqa: E402
 from mlp_fusion.calibration import calibration_batch  # noqa: E402
@@ -169,8 +169,7 @@ def perplexity_table(scores: dict) -> str:
     ]
     original = scores["original"]
     lines.append(f"| original | - | - | {original['perplexity']:.2f} | - | - | - |")
-    settings = list(dict.fromkeys(key.partition(" | ")[2] for key in scores))  # in order of first run
-    for key, s in sorted(scores.items(), key=lambda item: settings.index(item[0].partition(" | ")[2])):
+    for key, s in in_setting_order(scores, lambda key: key.partition(" | ")[2]):
         if key == "original":
             continue
         label, layers, ratio = key.split(" | ")

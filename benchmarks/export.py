@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import provenance, run_header, write_section  # noqa: E402
+from kmeans import publish, run_header  # noqa: E402
 from streaming import CLI, MEASURED, size_gb, write_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,17 +82,13 @@ def main() -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     lines = ["| export | peak resident MB | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {r['peak_mb']:.0f} | {r['seconds']:.1f} |" for name, r in rows.items()]
-    body = (
+    intro = (
         f"Exporting a fused checkpoint of {fused_gb:.2f} GB (the synthetic TinyLlama-shaped bfloat16 LLaMA of "
         f"`benchmarks/streaming.py`, every MLP fused to width {args.width}) into a plain checkpoint of "
         f"{out_gb:.2f} GB, each way in a fresh process; peak memory is the process's VmHWM. Same tensors "
-        f"(both exports loaded with transformers and compared): {equal}.\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + provenance(results, RESULTS, ROOT)
+        f"(both exports loaded with transformers and compared): {equal}."
     )
-    write_section(ROOT / "BENCHMARKS.md", "export", body)
-    print(body)
+    print(publish("export", intro, lines, results, RESULTS))
 
 
 if __name__ == "__main__":

@@ -188,6 +188,19 @@ def provenance(results: dict, raw: Path, root: Path) -> str:
     )
 
 
+def publish(name: str, intro: str, table: list[str], results: dict, raw: Path) -> str:
+    """A benchmark's section of BENCHMARKS.md (its introduction, its table, the provenance line), written."""
+    body = f"{intro}\n\n" + "\n".join(table) + "\n\n" + provenance(results, raw, ROOT)
+    write_section(ROOT / "BENCHMARKS.md", name, body)
+    return body
+
+
+def in_setting_order(rows: dict, setting) -> list:
+    """``rows.items()`` grouped by ``setting(key)``, the groups in the order their first row was added."""
+    order = list(dict.fromkeys(setting(key) for key in rows))
+    return sorted(rows.items(), key=lambda item: order.index(setting(item[0])))
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"

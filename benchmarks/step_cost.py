@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decoder import webnlg_texts  # noqa: E402
-from kmeans import provenance, run_header, write_section  # noqa: E402
+from kmeans import publish, run_header  # noqa: E402
 from streaming import compress  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,16 +75,12 @@ def report(results: dict) -> str:
         f"| {r['peak_mb'] - base['peak_mb']:+.0f} |"
         for name, r in rows.items()
     ]
-    body = (
+    intro = (
         f"`mlp-fusion compress smollm2 --in-memory --layers {results['layers']}` at ratio {results['ratio']} "
         f"(or `--budget {results['ratio']}`), one fresh process per variant; seconds for the whole command, "
-        "peak memory the process's VmHWM.\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + provenance(results, RESULTS, ROOT)
+        "peak memory the process's VmHWM."
     )
-    write_section(ROOT / "BENCHMARKS.md", "step-cost-smollm2", body)
-    return body
+    return publish("step-cost-smollm2", intro, lines, results, RESULTS)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import provenance, run_header, write_section  # noqa: E402
+from kmeans import publish, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "train-step.json"
@@ -155,19 +155,15 @@ def report(results: dict) -> str:
             f"| {r['flop_ideal']:.2f}x | {100 * r['speed_up'] / r['flop_ideal']:.0f}% ({100 * r['best_speed_up'] / r['flop_ideal']:.0f}%) |"
         )
     spread = max(max(v) / min(v) for r in results["rows"] for v in r["every_round"].values())
-    body = (
+    intro = (
         "One optimisation step (forward, loss, backward, AdamW step) on a fixed batch of random tokens, "
         f"float32 on the CPU; the models take turns, {results['rounds']} rounds of {results['steps_per_round']} "
         "steps; times are each model's median round, speed-ups from the medians and, in brackets, from each "
         f"model's fastest round (one model's rounds differed by up to {100 * (spread - 1):.0f}% in this run). "
         "FLOP-ideal: linear-layer multiply-adds per token, full over fused; the last column is the fused "
-        "speed-up over the FLOP-ideal one.\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + provenance(results, RESULTS, ROOT)
+        "speed-up over the FLOP-ideal one."
     )
-    write_section(ROOT / "BENCHMARKS.md", "train-step", body)
-    return body
+    return publish("train-step", intro, lines, results, RESULTS)
 
 
 if __name__ == "__main__":

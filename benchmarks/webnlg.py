@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decoder import KEEP_SHARES  # noqa: E402
-from kmeans import machine, provenance, write_section  # noqa: E402
+from kmeans import in_setting_order, machine, provenance, write_section  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,12 +54,6 @@ ROWS = {
     "full+lora": ["--method", "full", *LORA],
     "fusion+calibration+lora": ["--method", "fusion", "--calibrate", *LORA],
 }
-
-
-def setting_order(row: str, runs: dict) -> int:
-    """Rows grouped by their fused layers and ratio, the unfused ones first, groups in order of first run."""
-    settings = list(dict.fromkeys(key.partition(", layers ")[2] for key in runs))
-    return settings.index(row.partition(", layers ")[2])
 
 
 def main() -> None:
@@ -115,7 +109,7 @@ def main() -> None:
         "| row | BLEU | chrF | TER | ROUGE-L | s / step | fine-tuning s | peak MB | parameters | trainable |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row, r in sorted(runs.items(), key=lambda item: setting_order(item[0], runs)):
+    for row, r in in_setting_order(runs, lambda key: key.partition(", layers ")[2]):
         m = r["metrics"]
         total = r["train_seconds"] + ((r.get("distill") or {}).get("seconds") or 0.0)
         lines.append(

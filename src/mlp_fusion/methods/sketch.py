@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 @register("sketch", "Gaussian sketch S (D x c, N(0, 1/c)): W_in' = S^T W_in, W_out' = W_out S")
 def sketch(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     keep = kept_count(width, config.keep_fraction)
-    kept, rest = split_top(sub, keep)
+    kept, rest = split_top(sub, keep) if keep else (None, sub)
     columns = width - keep
     # A different matrix for every site: the same one everywhere would correlate the layers' errors.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + sub.stream)
