@@ -36,9 +36,10 @@ PLOT = ROOT / "benchmarks" / "results" / "recovery-smollm2.png"
 SETTINGS = {"S1": ("20-29", "0.5"), "S2": ("10-29", "0.25")}
 DEFAULT_ROWS = (
     "full",
-    "full+lora",
     "fusion+calibration+keep 0.5",
+    "fusion+calibration+keep 0.5+teacher 0.5",
     "prune+calibration",
+    "full+lora",
     "fusion (paper)",
 )
 CURVE_ROWS = ("full", "fusion+calibration+keep 0.5", "prune+calibration")
@@ -46,6 +47,11 @@ CURVE_PAIRS = (200, 1000, 4000)
 RECOVERY_ROWS = {
     **ROWS,
     "fusion (paper)": ["--method", "fusion"],
+    "fusion+calibration+keep 0.5+teacher 0.5": [
+        *ROWS["fusion+calibration+keep 0.5"],
+        "--teacher-weight",
+        "0.5",
+    ],
 }
 TRAINING = {"lr": "1e-4", "batch-size": "8", "max-length": "64", "max-new-tokens": "32", "epochs": "1"}
 
@@ -232,7 +238,7 @@ def report(results: dict, pairs: int, evals: int) -> str:
         f"{evals} dev inputs scored against all their references (sacrebleu BLEU, chrF); mean ± std over "
         "the seeds run. S1: layers 20-29 at ratio 0.5; S2: layers 10-29 at 0.25. `fusion+calibration+keep "
         "0.5`: fusion calibrated on 128 training inputs, half of each fused width kept as the top-scored "
-        "neurons; `prune+calibration`: calibrated pruning; `fusion (paper)`: the paper's data-free fusion. "
+        "neurons; `+teacher W`: the training loss mixes the task loss with weight 1 - W and the KL divergence to the unfused model's next-token distribution on every real token with weight W (`--teacher-weight W`); `prune+calibration`: calibrated pruning; `fusion (paper)`: the paper's data-free fusion. "
         "Seconds per step and peak memory are the mean over the row's runs; the runs shared the CPU with other "
         "work, so they are indicative only. Decoding speed: greedy batch-1 decoding of each setting's shapes "
         "(untrained models of the same shapes), the models taking turns on every prompt, median round."

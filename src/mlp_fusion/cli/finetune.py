@@ -33,13 +33,14 @@ RUN_KEYS = (
     "method", "ratio", "width", "budget", "layers", "n_init", "canonical", "calibrate", "calibration_samples", "weighting",
     "refit", "ridge", "distill_epochs", "peft", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
+    "teacher_weight", "teacher_temperature",
 )  # fmt: skip
 
 
 def add_parser(commands) -> None:
     from ..methods import METHODS
     from ..models import BUNDLED, DEFAULT_MODEL, LoadSettings
-    from ..training.finetune import SCHEDULERS
+    from ..training.finetune import SCHEDULERS, TrainSettings
     from ..training.generation import GENERATION_TASKS
     from ..training.lora import LoraSettings
     from ..training.tasks import TASK_NAMES
@@ -92,6 +93,7 @@ def add_parser(commands) -> None:
     training.add_argument("--scheduler", default="linear", choices=SCHEDULERS, help="learning-rate decay")
     training.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps to warm up (0.06)")
     training.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
+    add_config_options(training, TrainSettings, ("teacher_weight", "teacher_temperature"))
     finetune.add_argument("--out", type=Path, help="output directory (default runs/TASK-METHOD-seedN)")
     run_mode = finetune.add_mutually_exclusive_group()
     run_mode.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -104,6 +106,7 @@ def add_parser(commands) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from ..fuse import count_parameters, fuse, fusion_records
     from ..models import is_fused, resolve
+    from ..training.distill import Teacher
     from ..training.finetune import TrainSettings, distill_on_task, finetune, training_arguments
     from ..training.generation import GENERATION_TASKS
     from ..training.lora import add_lora, merge_lora
@@ -120,6 +123,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay,
+        teacher_weight=args.teacher_weight,
+        teacher_temperature=args.teacher_temperature,
     )
     path = resolve(args.model)
     fused_input = path is not None and is_fused(path)
@@ -148,6 +153,11 @@ def run_finetune(args: argparse.Namespace) -> int:
             "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, "
             "--keep-fraction, --no-canonical, --calibrate, --distill-epochs"
         )
+    if settings.teacher_weight and (method in (None, "full") or not generation):
+        raise UserError(
+            "--teacher-weight distils the unfused model into the fused one on a generation task: "
+            "it needs a base model, a fusion method and a generation task"
+        )
     lora = _lora_settings(args)
     device = load_settings(args).torch_device()
     if device.index:
@@ -167,7 +177,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     log(f"{job.task}: {job.train_count} training examples, {job.eval_count} for evaluation")
     model = job.loaded.model
     params_before = count_parameters(model)
-    original = copy.deepcopy(model) if args.distill_epochs else None
+    original = copy.deepcopy(model) if args.distill_epochs or settings.teacher_weight else None
     if config is not None:
         texts, pairs = job.distill_texts if args.calibrate else (None, None)
         calibration = calibration_inputs(args, job.loaded.tokenizer, texts, pairs)
@@ -181,7 +191,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         start_out(out, run_record, args.resume, args.overwrite)
     _barrier()
     distilled = None
-    if original is not None and not (args.resume and has_checkpoint(checkpoint_dir)):
+    if args.distill_epochs and not (args.resume and has_checkpoint(checkpoint_dir)):
         log(f"layer-wise task-specific tuning: {args.distill_epochs} epoch(s)")
         texts, pairs = job.distill_texts
         distilled = distill_on_task(
@@ -191,6 +201,9 @@ def run_finetune(args: argparse.Namespace) -> int:
             f"hidden-state error {distilled['hidden_state_error_before']:.4f} -> "
             f"{distilled['hidden_state_error_after']:.4f}"
         )
+    teacher = None
+    if settings.teacher_weight:
+        teacher = Teacher(original, settings.teacher_weight, settings.teacher_temperature)
     del original
     trained = add_lora(model, lora.peft_config(_peft_task(model, generation))) if lora else model
     outcome = finetune(
@@ -200,6 +213,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         job.final_scores if main else lambda _: {},
         resume=args.resume,
         progress=main and not args.json,
+        teacher=teacher,
     )
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     if lora:

@@ -103,3 +103,55 @@ def _states(model: nn.Module, batch: dict) -> tuple:
     if getattr(out, "hidden_states", None) is not None:
         return out.hidden_states
     return out.encoder_hidden_states  # encoder-decoder: the encoder's states share the input's mask
+
+
+def next_token_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(student / T))`` per position, averaged over ``mask``.
+
+    The ``T^2`` factor keeps the gradient's size independent of the temperature (Hinton et al., 2015), so
+    one weight serves every temperature. Positions where ``mask`` is 0 (padding) do not count.
+    """
+    teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    per_position = (teacher.exp() * (teacher - student)).sum(-1)
+    keep = mask.bool()
+    return per_position[keep].mean() * temperature**2
+
+
+class Teacher:
+    """The frozen unfused model whose next-token distribution a fused model is pulled toward while it trains.
+
+    ``loss(model, inputs)`` returns ``(1 - weight) * task loss + weight * next_token_kl`` over every real
+    token of the batch (the prompt's too: it is text the original model knows). The teacher runs in eval
+    mode without gradients; it is never saved with the student.
+    """
+
+    def __init__(self, model: nn.Module, weight: float, temperature: float = 1.0):
+        if not 0 < weight <= 1:
+            raise UserError(f"the distillation weight must be in (0, 1], not {weight}")
+        if not temperature > 0:
+            raise UserError(f"the distillation temperature must be above 0, not {temperature}")
+        self.model = model.eval().requires_grad_(False)
+        self.weight = weight
+        self.temperature = temperature
+
+    def loss(self, student: nn.Module, inputs: dict, num_items_in_batch=None) -> tuple[torch.Tensor, object]:
+        outputs = student(**inputs)
+        with torch.no_grad():
+            target = self.model(**inputs).logits
+        kl = next_token_kl(outputs.logits, target, _output_mask(student, inputs), self.temperature)
+        return (1 - self.weight) * outputs.loss + self.weight * kl, outputs
+
+
+def _output_mask(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """Which output positions are real tokens: the decoder's for an encoder-decoder, else the input's."""
+    if not getattr(model.config, "is_encoder_decoder", False):
+        return inputs["attention_mask"]
+    if "decoder_attention_mask" in inputs:
+        return inputs["decoder_attention_mask"]
+    return inputs["labels"] != -100

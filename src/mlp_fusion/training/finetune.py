@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..probes import model_inputs
 from .data import EncodedDataset, TaskData
-from .distill import distill
+from .distill import Teacher, distill
 from .memory import PeakMemory
 from .metrics import score
 
@@ -45,6 +45,16 @@ class TrainSettings:
     weight_decay: float = 0.1
     adam_beta2: float = 0.98
     adam_epsilon: float = 1e-6
+    teacher_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "generation tasks on a fused base model: weight of the KL divergence to the unfused "
+            "model's next-token distribution in the training loss (0: task loss only)"
+        },
+    )
+    teacher_temperature: float = field(
+        default=1.0, metadata={"help": "softmax temperature of that KL divergence"}
+    )
 
     def __post_init__(self) -> None:
         checks = (
@@ -58,6 +68,14 @@ class TrainSettings:
             ),
             (0 <= self.warmup_ratio < 1, f"the warm-up ratio must be in [0, 1), not {self.warmup_ratio}"),
             (self.weight_decay >= 0, f"weight decay must be at least 0, not {self.weight_decay}"),
+            (
+                0 <= self.teacher_weight <= 1,
+                f"the teacher weight must be in [0, 1], not {self.teacher_weight}",
+            ),
+            (
+                self.teacher_temperature > 0,
+                f"the teacher temperature must be above 0, not {self.teacher_temperature}",
+            ),
         )
         for ok, message in checks:
             if not ok:
@@ -127,10 +145,18 @@ def finetune(
     *,
     resume: bool = False,
     progress: bool = True,
+    teacher: Teacher | None = None,
 ) -> dict:
-    """Fine-tune ``model``; returns ``final_scores`` of the best epoch's weights and the run's cost."""
+    """Fine-tune ``model``; returns ``final_scores`` of the best epoch's weights and the run's cost.
+
+    With a ``teacher``, the training loss mixes the task loss with the KL divergence to the teacher's
+    next-token distribution (its forward pass is part of every step's time)."""
     timer = _Progress(progress)
-    trainer = transformers.Trainer(model=model, args=args, callbacks=[timer], **trainer_inputs)
+    trainer_class = transformers.Trainer if teacher is None else _TeacherTrainer
+    trainer = trainer_class(model=model, args=args, callbacks=[timer], **trainer_inputs)
+    if teacher is not None:
+        trainer.teacher = teacher
+        teacher.model.to(args.device)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     last = transformers.trainer_utils.get_last_checkpoint(args.output_dir) if resume else None
     if resume and last is None:
@@ -220,6 +246,18 @@ def _every(steps: int):
             print(message, file=sys.stderr, flush=True)
 
     return show
+
+
+class _TeacherTrainer(transformers.Trainer):
+    """The Trainer with the teacher's mixed loss in training; evaluation keeps the plain task loss."""
+
+    teacher: Teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = self.teacher.loss(model, inputs)
+        return (loss, outputs) if return_outputs else loss
 
 
 class _Progress(transformers.TrainerCallback):
