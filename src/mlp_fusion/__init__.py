@@ -1,6 +1,7 @@
 """mlp-fusion: fuse the MLP blocks of pre-trained transformers (MLP Fusion, ICML 2023) for cheaper fine-tuning."""
 
 from .adapters import find_sites
+from .compression import Compressed, compress
 from .config import FusionConfig
 from .errors import UserError
 from .fuse import FusionReport, fuse
@@ -26,11 +27,13 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 __all__ = [
     "METHODS",
+    "Compressed",
     "FusionConfig",
     "FusionReport",
     "KMeans",
     "UserError",
     "add_lora",
+    "compress",
     "distill",
     "export",
     "find_sites",

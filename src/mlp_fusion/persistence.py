@@ -28,6 +28,7 @@ from .errors import UserError, first_line
 from .fuse import AFTER_FUSE, RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
 from .parametrizations import has_input_scales, plain_forward
+from .recipes import RECIPE_ATTR, SAMPLES_FILE
 from .sites import MlpSite
 
 FORMAT_VERSION = 1
@@ -89,6 +90,11 @@ def write_description(model: nn.Module, directory: Path, tokenizer) -> None:
         "methods": sorted({record.method for record in records}),
         "sites": [asdict(record) for record in records],
     }
+    recipe = getattr(model, RECIPE_ATTR, None)
+    if recipe is not None:
+        fusion["recipe"] = {key: value for key, value in recipe.items() if key != "samples"}
+        if recipe.get("samples"):
+            (directory / SAMPLES_FILE).write_text("\n".join(recipe["samples"]) + "\n")
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)

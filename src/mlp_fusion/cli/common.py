@@ -131,3 +131,21 @@ def calibration_inputs(
         raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
     count = args.calibration_samples
     return calibration_batch(tokenizer, texts[:count], pairs[:count] if pairs else None, args.max_length)
+
+
+def add_recipe_option(target) -> None:
+    """``--recipe``; it also makes ``--keep-fraction`` default to the recipe's (None until a recipe decides)."""
+    from ..recipes import RECIPE_CHOICES
+
+    target.add_argument(
+        "--recipe",
+        choices=RECIPE_CHOICES,
+        default="auto",
+        help="auto (default): 'calibrated' for causal language models (calibration inputs, sampled from the "
+        "model when none are given, and half of each fused width kept as its top neurons), 'paper' "
+        "otherwise; 'paper': the paper's data-free fusion",
+    )
+    target.set_defaults(keep_fraction=None)
+    for action in target._actions:
+        if action.dest == "keep_fraction":
+            action.help = action.help.replace("(default 0.0)", "(default: the recipe's, 0.5 or 0)")

@@ -11,11 +11,10 @@ from .common import (
     add_calibration_options,
     add_config_options,
     add_load_options,
+    add_recipe_option,
     add_shard_option,
-    calibration_inputs,
     calibration_texts,
     config_values,
-    load_settings,
     log,
     shard_bytes,
 )
@@ -67,78 +66,32 @@ def add_parser(commands) -> None:
         help="load the whole model before fusing (default for a local safetensors checkpoint: one layer at "
         "a time, reading and writing the files as it goes)",
     )
+    add_recipe_option(compress)
     add_shard_option(compress)
     compress.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
     compress.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..fuse import fuse
-    from ..models import load_model
-    from ..persistence import check_writable, from_pretrained, save_pretrained
-    from ..probes import compare, main_output, probe_batch
+    from ..compression import compress
 
-    config = FusionConfig(**config_values(args, FusionConfig))
-    settings = load_settings(args)
-    shard_bytes(args)  # checked before any work
-    texts = calibration_texts(args)
-    if args.out is not None:
-        check_writable(args.out, args.overwrite)
-    streamed = _streamed(args, config, settings)
-    if streamed is not None:
-        return _print_result(*streamed, config, args.json)
-    log(f"loading {args.model}")
-    loaded = load_model(args.model, settings)
-    model = loaded.model
-    if args.verify:
-        batch = probe_batch(model, loaded.tokenizer)
-        original = main_output(model, batch)
-    calibration = calibration_inputs(args, loaded.tokenizer, texts)
-    report = fuse(model, config, progress=log, calibration=calibration)
-    result = {"model": loaded.source, **report.to_dict(), "out": str(args.out) if args.out else None}
-    result["streamed"] = False
-    if args.verify:
-        fused = main_output(model, batch)
-        result["verify"] = {"fused_vs_original": compare(original, fused, batch["attention_mask"])}
-    if args.out is not None:
-        save_pretrained(model, args.out, loaded.tokenizer, overwrite=args.overwrite)
-        if args.verify:
-            reloaded = main_output(from_pretrained(args.out, device=settings.torch_device()), batch)
-            result["verify"]["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
-    return _print_result(result, report, config, args.json)
+    fields = config_values(args, FusionConfig)
+    if fields["keep_fraction"] is None:
+        del fields["keep_fraction"]  # the recipe's
+    done = compress(
+        args.model, args.out, recipe=args.recipe, calibration_texts=calibration_texts(args),
+        calibration_samples=args.calibration_samples, max_length=args.max_length, dtype=args.dtype,
+        device=args.device, in_memory=args.in_memory, overwrite=args.overwrite,
+        shard_bytes=shard_bytes(args), verify=args.verify, progress=log, **fields,
+    )  # fmt: skip
+    return _print_result(done.to_dict(), done.report, args.json)
 
 
-def _streamed(args: argparse.Namespace, config: FusionConfig, settings) -> tuple[dict, object] | None:
-    """Fuse a local checkpoint layer by layer when it can be: (result, report); None when the caller
-    must load it whole."""
-    from ..models import is_fused, load_tokenizer, resolve
-    from ..streaming import NotStreamable, fuse_checkpoint
-
-    path = resolve(args.model)
-    if args.in_memory or args.out is None or path is None or is_fused(path):
-        return None
-    held = {"--calibration": args.calibration is not None, "--verify": args.verify}
-    if any(held.values()):
-        log(f"fusing in memory: {' and '.join(k for k, v in held.items() if v)} need(s) the whole model")
-        return None
-    try:
-        log(f"fusing {path} layer by layer into {args.out}")
-        report = fuse_checkpoint(
-            path, args.out, config, dtype=settings.torch_dtype(), device=settings.torch_device(),
-            tokenizer=load_tokenizer(path), overwrite=args.overwrite,
-            shard_bytes=shard_bytes(args), progress=log,
-        )  # fmt: skip
-    except NotStreamable as reason:
-        log(f"fusing in memory: this checkpoint cannot be streamed ({reason})")
-        return None
-    return {"model": str(path), **report.to_dict(), "out": str(args.out), "streamed": True}, report
-
-
-def _print_result(result: dict, report, config: FusionConfig, as_json: bool) -> int:
+def _print_result(result: dict, report, as_json: bool) -> int:
     if as_json:
         print(json.dumps(result))
         return 0
-    print(f"{result['model']}: {config.method}")
+    print(f"{result['model']}: {report.method}, recipe {result['recipe']}")
     print(report.format_table())
     for name, numbers in result.get("verify", {}).items():
         print(

@@ -1,0 +1,185 @@
+"""``compress(source, out, ...)``: load (or stream) a model, fuse it by a recipe, save it, optionally verify.
+
+The library verb behind ``mlp-fusion compress``. It decides what the command line does not: the recipe
+(``calibrated`` for causal language models, ``paper`` otherwise; see :mod:`mlp_fusion.recipes`), and whether
+a local checkpoint is fused one layer at a time (data-free fusion into ``out``) or loaded whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+
+from . import recipes
+from .config import FusionConfig
+from .errors import UserError
+from .fuse import FusionReport, fuse
+
+
+@dataclass
+class Compressed:
+    """What :func:`compress` did: the report, the recipe, whether it streamed, and the verification numbers."""
+
+    source: str
+    report: FusionReport
+    recipe: str
+    streamed: bool
+    out: Path | None
+    model: object = None  # the fused model when it was loaded whole (None when streamed)
+    tokenizer: object = None
+    verify: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.source,
+            **self.report.to_dict(),
+            "recipe": self.recipe,
+            "out": str(self.out) if self.out else None,
+            "streamed": self.streamed,
+            **({"verify": self.verify} if self.verify else {}),
+        }
+
+
+def compress(
+    source: str | Path,
+    out: str | Path | None = None,
+    config: FusionConfig | None = None,
+    *,
+    recipe: str = "auto",
+    calibration_texts: list[str] | None = None,
+    calibration_samples: int = 128,
+    max_length: int = 128,
+    dtype: str = "float32",
+    device: str = "cpu",
+    in_memory: bool = False,
+    overwrite: bool = False,
+    shard_bytes: int = 2 * 2**30,
+    verify: bool = False,
+    progress: Callable[[str], None] | None = None,
+    **config_fields,
+) -> Compressed:
+    """Fuse ``source`` (a bundled alias, directory or hub id) and save it to ``out`` when given.
+
+    Give either a whole ``config`` or its fields as keywords (``ratio=0.5, layers="20-29"``); with fields,
+    the recipe fills in the keep fraction. ``calibration_texts`` are used instead of the recipe's own
+    calibration source (samples from the model).
+    """
+    from .models import LoadSettings, is_fused, resolve
+
+    say = progress or (lambda message: None)
+    settings = LoadSettings(dtype=dtype, device=device)
+    path = resolve(str(source))
+    chosen = recipes.choose_recipe(recipe, _source_config(source, path))
+    if recipe == "auto" and chosen.calibrate and calibration_texts is None and not _has_tokenizer(path):
+        say("recipe paper: this model has no tokenizer to sample calibration texts with")
+        chosen = recipes.RECIPES["paper"]
+    if config is None:
+        method = config_fields.get("method", "fusion")
+        keep = recipes.keep_fraction(chosen, method, config_fields.pop("keep_fraction", None))
+        config = FusionConfig(**config_fields, keep_fraction=keep)
+    elif config_fields:
+        raise UserError("give a FusionConfig or its fields, not both")
+    if calibration_samples < 1 or max_length < 1:
+        raise UserError("calibration_samples and max_length must be at least 1")
+    if out is not None:
+        from .persistence import check_writable
+
+        check_writable(out, overwrite)
+    calibrate = calibration_texts is not None or chosen.calibrate
+    streamable = not (in_memory or out is None or path is None or is_fused(path) or calibrate or verify)
+    if streamable:
+        done = _streamed(path, Path(out), config, settings, overwrite, shard_bytes, say)
+        if done is not None:
+            return Compressed(str(path), done, chosen.name, True, Path(out))
+    elif path is not None and not (in_memory or out is None or is_fused(path)):
+        held = (
+            ("--calibration", calibration_texts is not None),
+            (f"the {chosen.name} recipe", calibration_texts is None and chosen.calibrate),
+            ("--verify", verify),
+        )
+        reasons = [name for name, holds in held if holds]
+        say(f"fusing in memory: {' and '.join(reasons)} need(s) the whole model")
+    return _in_memory(
+        source, out, config, chosen, settings, calibration_texts, calibration_samples, max_length,
+        overwrite=overwrite, verify=verify, say=say,
+    )  # fmt: skip
+
+
+def _source_config(source: str | Path, path: Path | None) -> transformers.PretrainedConfig:
+    """The model's config, read before anything is loaded; an empty one when it cannot be read (loading
+    then says why)."""
+    try:
+        return transformers.AutoConfig.from_pretrained(path if path is not None else str(source))
+    except (OSError, ValueError):
+        return transformers.PretrainedConfig()
+
+
+def _has_tokenizer(path: Path | None) -> bool:
+    from .models import TOKENIZER_FILES
+
+    return path is None or any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _streamed(path: Path, out: Path, config, settings, overwrite, shard_bytes, say) -> FusionReport | None:
+    from .models import load_tokenizer
+    from .streaming import NotStreamable, fuse_checkpoint
+
+    try:
+        say(f"fusing {path} layer by layer into {out}")
+        return fuse_checkpoint(
+            path, out, config, dtype=settings.torch_dtype(), device=settings.torch_device(),
+            tokenizer=load_tokenizer(path), overwrite=overwrite, shard_bytes=shard_bytes, progress=say,
+        )  # fmt: skip
+    except NotStreamable as reason:
+        say(f"fusing in memory: this checkpoint cannot be streamed ({reason})")
+        return None
+
+
+def _in_memory(
+    source, out, config, recipe, settings, texts, samples, max_length, *, overwrite, verify, say
+) -> Compressed:
+    from .calibration import calibration_batch
+    from .models import load_model
+    from .persistence import from_pretrained, save_pretrained
+    from .probes import compare, main_output, probe_batch
+
+    say(f"loading {source}")
+    loaded = load_model(str(source), settings)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if verify:
+        batch = probe_batch(model, tokenizer)
+        original = main_output(model, batch)
+    calibration, used = None, None
+    if texts is not None or recipe.calibrate:
+        if tokenizer is None:
+            raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
+        sampled = texts is None
+        if sampled:
+            say(f"recipe {recipe.name}: sampling {recipe.sampling.count} calibration texts from the model")
+            texts = recipes.sample_texts(model, tokenizer, recipe.sampling)
+        used = texts[:samples]
+        calibration = calibration_batch(tokenizer, used, None, max_length)
+        source_record = (
+            recipes.sampled_calibration(recipe.sampling, max_length, len(used))
+            if sampled
+            else {"source": "given", "max_length": max_length, "texts": len(used)}
+        )
+        recipes.record(model, recipe, source_record, used if sampled else None)
+    else:
+        recipes.record(model, recipe, None, None)
+    report = fuse(model, config, progress=say, calibration=calibration)
+    result = Compressed(
+        loaded.source, report, recipe.name, False, Path(out) if out else None, model, tokenizer
+    )
+    if verify:
+        fused = main_output(model, batch)
+        result.verify["fused_vs_original"] = compare(original, fused, batch["attention_mask"])
+    if out is not None:
+        save_pretrained(model, out, tokenizer, overwrite=overwrite)
+        if verify:
+            reloaded = main_output(from_pretrained(out, device=settings.torch_device()), batch)
+            result.verify["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
+    return result

@@ -1,0 +1,110 @@
+"""Recipes: the calibrated default for causal LMs (recorded, reproducible), the paper's fusion one flag away."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import build, save_tokenizer
+
+from mlp_fusion import FusionConfig, fuse
+from mlp_fusion.cli import main
+from mlp_fusion.fuse import fusion_records
+from mlp_fusion.persistence import FUSION_FILE
+from mlp_fusion.recipes import SAMPLES_FILE
+
+
+def compress(capsys, *args):
+    code = main(["compress", *[str(a) for a in args], "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out), captured.err
+
+
+def tensors(directory):
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.fixture
+def decoder_dir(tmp_path):
+    build("llama").save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_default_on_a_causal_lm_samples_calibration_keeps_neurons_and_records_it(
+    capsys, tmp_path, decoder_dir
+):
+    result, stderr = compress(capsys, decoder_dir, "--ratio", "0.5", "--out", tmp_path / "a")
+    assert result["recipe"] == "calibrated" and not result["streamed"]
+    assert "sampling 128 calibration texts" in stderr
+    fusion = json.loads((tmp_path / "a" / FUSION_FILE).read_text())
+    assert fusion["recipe"]["name"] == "calibrated"
+    recorded = fusion["recipe"]["calibration"]
+    assert recorded["source"] == "sampled" and recorded["file"] == SAMPLES_FILE
+    assert (recorded["count"], recorded["new_tokens"], recorded["top_p"]) == (128, 96, 0.95)
+    samples = (tmp_path / "a" / SAMPLES_FILE).read_text().splitlines()
+    assert len(samples) == recorded["texts"] > 0
+    assert all(site["settings"]["keep_fraction"] == 0.5 for site in fusion["sites"])
+    # the same command gives the same tensors (seeded sampling) ...
+    compress(capsys, decoder_dir, "--ratio", "0.5", "--out", tmp_path / "b")
+    # ... and so does fusing with the recorded samples as a calibration file
+    compress(
+        capsys, decoder_dir, "--ratio", "0.5", "--calibration", tmp_path / "a" / SAMPLES_FILE,
+        "--keep-fraction", "0.5", "--out", tmp_path / "c",
+    )  # fmt: skip
+    first = tensors(tmp_path / "a")
+    for other in ("b", "c"):
+        again = tensors(tmp_path / other)
+        assert all(torch.equal(first[name], again[name]) for name in first)
+    paper = tensors(_paper(capsys, decoder_dir, tmp_path / "p"))
+    assert any(not torch.equal(first[name], paper[name]) for name in first)
+
+
+def _paper(capsys, base, out):
+    result, _ = compress(capsys, base, "--ratio", "0.5", "--recipe", "paper", "--out", out)
+    assert result["recipe"] == "paper"
+    return out
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_paper_recipe_is_exactly_data_free_fusion(capsys, tmp_path, decoder_dir, in_memory):
+    out = tmp_path / "paper"
+    extra = ["--in-memory"] if in_memory else []
+    result, _ = compress(capsys, decoder_dir, "--ratio", "0.5", "--recipe", "paper", *extra, "--out", out)
+    assert result["streamed"] is not in_memory
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(decoder_dir)
+    fuse(model, FusionConfig(ratio=0.5))
+    expected = {name: t for name, t in model.state_dict().items()}
+    stored = tensors(out)
+    assert all(torch.equal(stored[name], expected[name]) for name in stored)
+    fusion = json.loads((out / FUSION_FILE).read_text())
+    assert all(site["settings"]["keep_fraction"] == 0.0 for site in fusion["sites"])
+    assert not (out / SAMPLES_FILE).exists()
+
+
+def test_encoders_and_models_without_a_tokenizer_keep_the_paper_recipe(capsys, tmp_path):
+    build("bert").save_pretrained(tmp_path / "bert")
+    save_tokenizer(tmp_path / "bert")
+    result, _ = compress(capsys, tmp_path / "bert", "--ratio", "0.5", "--out", tmp_path / "b")
+    assert result["recipe"] == "paper" and result["streamed"]
+    build("llama").save_pretrained(tmp_path / "bare")
+    result, stderr = compress(capsys, tmp_path / "bare", "--ratio", "0.5", "--out", tmp_path / "l")
+    assert result["recipe"] == "paper" and "no tokenizer" in stderr
+
+
+def test_explicit_calibrated_recipe_without_a_tokenizer_exits_2_writing_nothing(capsys, tmp_path):
+    build("llama").save_pretrained(tmp_path / "bare")
+    code = main(["compress", str(tmp_path / "bare"), "--recipe", "calibrated", "--out", str(tmp_path / "o")])
+    assert code == 2 and "tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_verb_applies_the_recipe_and_returns_the_model(tmp_path, decoder_dir):
+    from mlp_fusion import compress as library_compress
+
+    done = library_compress(decoder_dir, tmp_path / "lib", ratio=0.5, layers="1")
+    assert done.recipe == "calibrated" and done.model is not None
+    assert all(r.settings["keep_fraction"] == 0.5 for r in fusion_records(done.model))
