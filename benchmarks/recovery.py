@@ -46,7 +46,7 @@ CURVE_ROWS = ("full", "fusion+calibration+keep 0.5", "prune+calibration")
 CURVE_PAIRS = (200, 1000, 4000)
 RECOVERY_ROWS = {
     **ROWS,
-    "fusion (paper)": ["--method", "fusion"],
+    "fusion (paper)": ROWS["fusion"],
     "fusion+calibration+keep 0.5+teacher 0.5": [
         *ROWS["fusion+calibration+keep 0.5"],
         "--teacher-weight",

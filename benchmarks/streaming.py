@@ -80,7 +80,7 @@ def write_llama(directory: Path, layers: int) -> None:
 
 
 def compress(source: str, out: Path, options: list[str], in_memory: bool) -> dict:
-    arguments = ["compress", source, "--out", str(out), "--json", *options]
+    arguments = ["compress", source, "--out", str(out), "--json", "--recipe", "paper", *options]
     arguments += ["--in-memory"] if in_memory else []
     done = subprocess.run(
         [sys.executable, "-c", MEASURED, *arguments], capture_output=True, text=True, cwd=ROOT

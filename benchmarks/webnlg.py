@@ -29,7 +29,9 @@ DATA = Path("..") / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"  # r
 RESULTS = ROOT / "benchmarks" / "results" / "webnlg-smollm2.json"
 # LoRA rows: rank-8 adapters on every linear layer but the head, at a LoRA-sized learning rate.
 LORA = ["--peft", "lora", "--lora-rank", "8", "--lr", "1e-3"]
-ROWS = {
+# Every row names its options and pins --recipe paper, so that the default recipe of a causal LM
+# (calibration and kept neurons) adds nothing it does not name.
+_ROWS = {
     "full": ["--method", "full"],
     "fusion": ["--method", "fusion"],
     "fusion (raw)": ["--method", "fusion", "--no-canonical"],
@@ -54,6 +56,7 @@ ROWS = {
     "full+lora": ["--method", "full", *LORA],
     "fusion+calibration+lora": ["--method", "fusion", "--calibrate", *LORA],
 }
+ROWS = {row: [*options, "--recipe", "paper"] for row, options in _ROWS.items()}
 
 
 def main() -> None:

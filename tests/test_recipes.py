@@ -108,3 +108,22 @@ def test_library_verb_applies_the_recipe_and_returns_the_model(tmp_path, decoder
     done = library_compress(decoder_dir, tmp_path / "lib", ratio=0.5, layers="1")
     assert done.recipe == "calibrated" and done.model is not None
     assert all(r.settings["keep_fraction"] == 0.5 for r in fusion_records(done.model))
+
+
+def test_finetune_on_a_causal_lm_calibrates_on_the_task_and_keeps_neurons_by_default(capsys, tmp_path):
+    from test_generation import FAST, TASK, model_dir, run
+    from tiny_models import write_data_to_text_task
+
+    write_data_to_text_task(tmp_path / "d2t")
+    base = model_dir(tmp_path, "llama")
+    common = [*TASK, "--data", tmp_path / "d2t", "--ratio", "0.5", "--epochs", "1", *FAST]
+    for recipe, keep in (("auto", 0.5), ("paper", 0.0)):
+        out = tmp_path / recipe
+        code, _, stderr = run(capsys, "finetune", base, *common, "--recipe", recipe, "--out", out)
+        assert code == 0, stderr
+        run_record = json.loads((out / "run.json").read_text())
+        fusion = json.loads((out / FUSION_FILE).read_text())
+        assert run_record["keep_fraction"] == keep and run_record["calibrate"] is (keep > 0)
+        assert run_record["recipe"] == ("calibrated" if keep else "paper")
+        assert all(site["settings"]["keep_fraction"] == keep for site in fusion["sites"])
+        assert (fusion["recipe"]["calibration"] or {}).get("source") == ("task" if keep else None)

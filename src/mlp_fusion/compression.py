@@ -11,8 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
-
 from . import recipes
 from .config import FusionConfig
 from .errors import UserError
@@ -72,7 +70,7 @@ def compress(
     say = progress or (lambda message: None)
     settings = LoadSettings(dtype=dtype, device=device)
     path = resolve(str(source))
-    chosen = recipes.choose_recipe(recipe, _source_config(source, path))
+    chosen = recipes.choose_recipe(recipe, recipes.source_config(source, path))
     if recipe == "auto" and chosen.calibrate and calibration_texts is None and not _has_tokenizer(path):
         say("recipe paper: this model has no tokenizer to sample calibration texts with")
         chosen = recipes.RECIPES["paper"]
@@ -106,15 +104,6 @@ def compress(
         source, out, config, chosen, settings, calibration_texts, calibration_samples, max_length,
         overwrite=overwrite, verify=verify, say=say,
     )  # fmt: skip
-
-
-def _source_config(source: str | Path, path: Path | None) -> transformers.PretrainedConfig:
-    """The model's config, read before anything is loaded; an empty one when it cannot be read (loading
-    then says why)."""
-    try:
-        return transformers.AutoConfig.from_pretrained(path if path is not None else str(source))
-    except (OSError, ValueError):
-        return transformers.PretrainedConfig()
 
 
 def _has_tokenizer(path: Path | None) -> bool:

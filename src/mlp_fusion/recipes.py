@@ -11,6 +11,7 @@ next to the checkpoint. Encoders keep ``paper``: plain fusion measures best on S
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import transformers
@@ -56,6 +57,15 @@ def choose_recipe(name: str, config: transformers.PretrainedConfig) -> Recipe:
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPE_CHOICES)}")
     return RECIPES[name]
+
+
+def source_config(source: str | Path, path: Path | None) -> transformers.PretrainedConfig:
+    """A model's config, read before the model is loaded (``path``: its directory, None for a hub id); an
+    empty one when it cannot be read, so that loading says why."""
+    try:
+        return transformers.AutoConfig.from_pretrained(path if path is not None else str(source))
+    except (OSError, ValueError):
+        return transformers.PretrainedConfig()
 
 
 def is_causal_lm(config: transformers.PretrainedConfig) -> bool:

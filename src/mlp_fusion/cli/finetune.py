@@ -18,6 +18,7 @@ from ..errors import UserError
 from .common import (
     add_calibration_options,
     add_config_options,
+    add_recipe_option,
     calibration_inputs,
     calibration_texts,
     config_values,
@@ -30,7 +31,7 @@ from .run_dir import CHECKPOINTS, check_out, finish_out, has_checkpoint, start_o
 RUN_KEYS = (
     "model", "task", "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
     "source_column", "target_column", "max_new_tokens", "num_beams",
-    "method", "ratio", "width", "budget", "layers", "n_init", "canonical", "calibrate", "calibration_samples", "weighting",
+    "method", "recipe", "ratio", "width", "budget", "layers", "n_init", "keep_fraction", "canonical", "calibrate", "calibration_samples", "weighting",
     "refit", "ridge", "distill_epochs", "peft", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
     "teacher_weight", "teacher_temperature",
@@ -65,6 +66,7 @@ def add_parser(commands) -> None:
     add_config_options(size, FusionConfig, ("ratio", "width", "budget"))
     add_config_options(fusion, FusionConfig, ("layers", "n_init", "keep_fraction", "canonical"))
     add_calibration_options(fusion, from_file=False)
+    add_recipe_option(fusion)
     add_config_options(fusion, FusionConfig, ("weighting", "refit", "ridge"))
     fusion.add_argument(
         "--distill-epochs",
@@ -106,6 +108,8 @@ def add_parser(commands) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from ..fuse import count_parameters, fuse, fusion_records
     from ..models import is_fused, resolve
+    from ..recipes import choose_recipe, keep_fraction, source_config
+    from ..recipes import record as record_recipe
     from ..training.distill import Teacher
     from ..training.finetune import TrainSettings, distill_on_task, finetune, training_arguments
     from ..training.generation import GENERATION_TASKS
@@ -145,9 +149,14 @@ def run_finetune(args: argparse.Namespace) -> int:
             "--no-canonical, --calibrate and --distill-epochs are for a base model"
         )
     method = None if fused_input else (args.method or "fusion")
-    config = None
+    config, recipe = None, None
     if method not in (None, "full"):
-        config = FusionConfig(**{**config_values(args, FusionConfig), "method": method})
+        recipe = choose_recipe(args.recipe, source_config(args.model, path))
+        args.calibrate = args.calibrate or recipe.calibrate  # the task's inputs calibrate
+        keep = keep_fraction(recipe, method, args.keep_fraction)
+        config = FusionConfig(
+            **{**config_values(args, FusionConfig), "method": method, "keep_fraction": keep}
+        )
     elif method == "full" and fusion_options:
         raise UserError(
             "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, "
@@ -169,7 +178,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"{args.task}-{method or 'fused'}-seed{args.seed}"
     run_record = {key: _plain(getattr(args, key, None)) for key in RUN_KEYS}
     run_record.update(
-        model=str(path) if path is not None else args.model, method=method, ratio=config and config.ratio
+        model=str(path) if path is not None else args.model,
+        method=method,
+        ratio=config and config.ratio,
+        recipe=recipe and recipe.name,
+        keep_fraction=config and config.keep_fraction,
     )
     checkpoint_dir = out / CHECKPOINTS
     check_out(out, run_record, args.resume, args.overwrite)
@@ -181,6 +194,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if config is not None:
         texts, pairs = job.distill_texts if args.calibrate else (None, None)
         calibration = calibration_inputs(args, job.loaded.tokenizer, texts, pairs)
+        source = {"source": "task", "max_length": args.max_length, "texts": args.calibration_samples}
+        record_recipe(model, recipe, source if calibration else None, None)
         fuse(model, config, progress=log, calibration=calibration)
     training_args = training_arguments(
         settings, checkpoint_dir, job.main_metric, job.greater_is_better, use_cpu=device.type == "cpu"
