@@ -250,3 +250,21 @@ def test_svd_computes_with_its_two_factors_and_exports(family, tmp_path, monkeyp
     mlp_fusion.export(fuse_again, tmp_path / "plain")
     plain = getattr(transformers, type(model).__name__).from_pretrained(tmp_path / "plain").eval()
     assert max_diff(outputs(plain, batch), factored) <= 1e-5
+
+
+@pytest.mark.parametrize("zeroed", ["up_proj", "down_proj"])
+def test_full_width_keeps_a_half_dead_neuron_trainable(zeroed):
+    """A neuron with a zero up row (or down column) computes nothing, but its other row still gets gradient;
+    canonical clustering at full width must keep both rows, not zero them."""
+    model = build("llama")
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        if zeroed == "up_proj":
+            mlp.up_proj.weight[3] = 0
+        else:
+            mlp.down_proj.weight[:, 3] = 0
+    before = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T], 1).clone()
+    fuse(model, FusionConfig(method="fusion", ratio=1.0, layers="0"))
+    after = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T], 1)
+    nearest = torch.cdist(before, after).min(dim=1).values  # clustering may reorder the neurons
+    assert float(nearest.max()) <= 1e-5 * float(before.norm(dim=1).max())

@@ -25,12 +25,45 @@ def test_merge_and_unload_keeps_the_outputs(family):
     model = build(family)
     fuse(model, FusionConfig(ratio=0.5))
     batch = inputs()
+    fused = outputs(model, batch)  # before peft wraps the model in place
     wrapped = add_lora(model, LoraSettings(lora_rank=4).peft_config(None))
+    assert (outputs(wrapped, batch) - fused).abs().max() < 1e-5  # moving the scales kept the function
     _trained_adapters(wrapped)
     before = outputs(wrapped, batch)
-    assert (before - outputs(model, batch)).abs().max() == 0  # the same modules inside
+    assert (before - fused).abs().max() > 1e-4  # the adapters now change the outputs
     merged = wrapped.merge_and_unload()
     assert (outputs(merged, batch) - before).abs().max() < 1e-5
+
+
+def test_dora_on_a_fused_model_is_refused_and_leaves_it_unchanged():
+    model = build("llama")
+    fuse(model, FusionConfig(ratio=0.5))
+    batch = inputs()
+    before = outputs(model, batch)
+    with pytest.raises(UserError, match="DoRA"):
+        add_lora(model, peft.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    assert not has_input_scales(model) and torch.equal(outputs(model, batch), before)
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_peft_wrapping_a_fused_model_directly_fails_loudly(tmp_path, loaded):
+    model = build("llama")
+    fuse(model, FusionConfig(ratio=0.5, layers="0"))
+    if loaded:
+        mlp_fusion.save_pretrained(model, tmp_path / "fused")
+        model = mlp_fusion.from_pretrained(tmp_path / "fused")
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"])
+    )
+    with pytest.raises(UserError, match="add_lora"):
+        outputs(wrapped, inputs())
+
+
+def test_peft_on_an_unfused_model_or_unfused_layers_is_untouched():
+    model = build("llama")
+    fuse(model, FusionConfig(ratio=0.5, layers="0"))
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert torch.isfinite(outputs(wrapped, inputs())).all()
 
 
 def test_adapter_on_a_scaled_projection_has_the_fused_dynamics():

@@ -18,6 +18,7 @@ from .memory import check_fits, experts_per_chunk
 from .methods import METHODS, MethodResult, SubMlps, join_results
 from .methods.clustering import CLUSTERING_METHODS
 from .narrowing import apply_result, use_compatible_experts_kernel
+from .parametrizations import guard_against_plain_adapters
 from .sites import MlpSite, StackedExperts
 
 RECORD_ATTR = "mlp_fusion_record"
@@ -148,6 +149,7 @@ def fuse(
             )
         # Kept current, so that an interrupted call still says what it changed.
         setattr(model, RECORD_ATTR, records)
+    guard_against_plain_adapters(model, [record.name for record in records])
     for hook in AFTER_FUSE:
         hook(model)
     report.params_after = count_parameters(model)

@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
+from .errors import UserError
+
 
 class NeuronScale(nn.Module):
     """Effective weight = stored weight x a fixed per-neuron scale along the neuron (input) axis.
@@ -173,3 +175,31 @@ def _weight_scale(module: nn.Module) -> NeuronScale | None:
     if len(chain) != 1 or not isinstance(chain[0], NeuronScale) or chain.original.dim() != 2:
         return None
     return chain[0]
+
+
+_GUARD_ATTR = "_mlp_fusion_adapter_guard"
+
+
+def guard_against_plain_adapters(model: nn.Module, names: list[str]) -> None:
+    """Make the fused MLPs ``names`` refuse to run once a projection with a fixed scale or factors has been
+    wrapped by an adapter library directly (``peft.get_peft_model``).
+
+    Such a wrapper trains, but its in-place merge adds the delta to a weight that is computed, not stored, so
+    the merged model silently loses it; :func:`mlp_fusion.add_lora` moves the scales first and is exact.
+    """
+    for name in names:
+        module = model.get_submodule(name)
+        if not hasattr(module, _GUARD_ATTR):
+            setattr(module, _GUARD_ATTR, module.register_forward_pre_hook(_refuse_plain_adapters))
+
+
+def _refuse_plain_adapters(module: nn.Module, args: tuple) -> None:
+    for child in module.modules():
+        if hasattr(child, "lora_A") and hasattr(child, "get_base_layer"):
+            base = child.get_base_layer()
+            if parametrize.is_parametrized(base, "weight"):
+                raise UserError(
+                    "this fused model was wrapped by peft directly, and peft's merge would lose the "
+                    "adapters of its scaled projections; wrap it with mlp_fusion.add_lora(model, config) "
+                    "instead (exact, merged by mlp_fusion.merge_lora)"
+                )

@@ -24,7 +24,7 @@ def canonicalise(sub: SubMlps) -> tuple[SubMlps, torch.Tensor | None]:
     """The same sub-MLPs, each replaced by the representative of its symmetry orbit, and the factors used.
 
     Row ``i`` of the last input projection was multiplied by ``factors[:, i]`` (``[B, D, 1]``, float64;
-    negative where a gated neuron was flipped, 0 for a neuron that contributes nothing) and its output row
+    negative where a gated neuron was flipped, 1 for a neuron with a zero row) and its output row
     divided by it. ``None`` when the sub-MLPs have no symmetry.
     """
     if sub.symmetry == "none":
@@ -57,11 +57,15 @@ def restore(centroids: SubMlps, factors: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def _balancing_factors(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """``a_i > 0`` with ``||a_i f_i|| = ||s_i / a_i||``; 0 where a row is zero (the pair contributes nothing)."""
+    """``a_i > 0`` with ``||a_i f_i|| = ||s_i / a_i||``; 1 where either row is zero.
+
+    Such a neuron computes nothing now, but the non-zero row still receives gradient through the zero one;
+    no factor balances the pair, and a factor of 0 would zero both rows and so remove that gradient for good.
+    """
     first_norm = first.double().norm(dim=-1, keepdim=True)
     second_norm = second.double().norm(dim=-1, keepdim=True)
     alive = (first_norm > 0) & (second_norm > 0)
-    return torch.where(alive, (second_norm / first_norm.clamp_min(1e-300)).sqrt(), 0.0)
+    return torch.where(alive, (second_norm / first_norm.clamp_min(1e-300)).sqrt(), 1.0)
 
 
 def _move(sub: SubMlps, factors: torch.Tensor) -> SubMlps:

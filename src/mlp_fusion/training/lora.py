@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import UserError, first_line
+from ..fuse import fusion_records
 from ..parametrizations import INPUT_SCALE, scale_input, scales_to_inputs, scales_to_weights
 
 
@@ -64,6 +65,11 @@ def add_lora(model: nn.Module, config) -> nn.Module:
     targets whose weight is computed from factors (``svd`` sites): a merge could not land in them.
     """
     peft = require_peft()
+    if getattr(config, "use_dora", False) and fusion_records(model):
+        raise UserError(
+            "DoRA cannot be merged exactly into a fused model (its weight norm would see the fixed scales); "
+            "use plain LoRA (use_dora=False)"
+        )
     scales_to_inputs(model)
     try:
         wrapped = peft.get_peft_model(model, config)
