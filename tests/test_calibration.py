@@ -111,6 +111,10 @@ def test_weighting_changes_the_clusters_and_is_undone():
     a, b, c = (find_sites(m)[0].read().rows() for m in (weighted, unweighted, plain))
     assert torch.equal(b, c)  # without weighting or refit, calibration changes nothing
     assert not torch.allclose(a, c)
+    # undone: at full width every weighted cluster is one neuron, and the model computes what it did
+    full, probe = copy.deepcopy(original), inputs()
+    fuse(full, FusionConfig(ratio=1.0, refit=False), calibration=batch)
+    assert (outputs(full, probe) - outputs(original, probe)).abs().max() <= 1e-5
 
 
 def test_bad_calibration_batch_is_refused():

@@ -75,3 +75,27 @@ def test_perplexity_refuses_bad_input(cli, lm_dir, model_dir, tmp_path):
     build("bert").save_pretrained(tmp_path / "bert")
     code, _, stderr = cli("perplexity", tmp_path / "bert", "--data", text)
     assert code == 2 and "not a causal language model" in stderr
+
+
+def test_a_masked_lm_is_refused(cli, tmp_path):
+    text = tmp_path / "texts.txt"
+    text.write_text("\n".join(TEXTS))
+    save_tokenizer(tmp_path / "mlm")
+    tf.BertForMaskedLM(build("bert").config).save_pretrained(tmp_path / "mlm")
+    code, stdout, stderr = cli("perplexity", tmp_path / "mlm", "--data", text)
+    assert code == 2 and stdout == "" and "not a causal language model" in stderr
+
+
+def test_texts_longer_than_the_position_limit_are_cut_to_it(cli, tmp_path):
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(["the movie was good"] * 30) + "\n" + TEXTS[0] + "\n")
+    save_tokenizer(tmp_path / "gpt2")
+    model = build("gpt2")
+    limit = model.config.n_positions
+    model.save_pretrained(tmp_path / "gpt2")
+    code, stdout, stderr = cli("perplexity", tmp_path / "gpt2", "--data", text, "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["max_length"] == limit and "position limit" in stderr
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "gpt2")
+    assert result["tokens"] == (limit - 1) + len(tokenizer(TEXTS[0])["input_ids"]) - 1

@@ -135,3 +135,35 @@ def test_bad_dtype_is_refused(saved):
     _, path = saved
     with pytest.raises(UserError, match="unknown dtype 'float8'"):
         mlp_fusion.from_pretrained(path, dtype="float8")
+
+
+def _drop_tensor(path, name):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    del tensors[name]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_streamed_export_refuses_a_fused_checkpoint_missing_a_tensor(capsys, tmp_path):
+    from mlp_fusion.cli import main
+
+    model = build("llama")
+    fuse(model, FusionConfig(ratio=0.5))
+    mlp_fusion.save_pretrained(model, tmp_path / "fused")
+    _drop_tensor(tmp_path / "fused" / "model.safetensors", "model.norm.weight")
+    code = main(["export", str(tmp_path / "fused"), "--out", str(tmp_path / "plain")])
+    assert code == 2 and "model.norm.weight" in capsys.readouterr().err
+    assert not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_compress_refuses_a_checkpoint_missing_a_tensor(capsys, tmp_path, in_memory):
+    from mlp_fusion.cli import main
+
+    build("llama").save_pretrained(tmp_path / "base")
+    _drop_tensor(tmp_path / "base" / "model.safetensors", "model.norm.weight")
+    extra = ["--in-memory"] if in_memory else []
+    code = main(["compress", str(tmp_path / "base"), "--out", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.norm.weight" in err and not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .kmeans import k_means
 from .methods import SubMlps
 from .methods.symmetry import canonicalise
@@ -114,7 +115,10 @@ def allocate_widths(curves: list[WidthCurve], budget: int, ratio: float | None =
     widths = list(floors)
     spent = sum(w * curve.neuron_cost for w, curve in zip(widths, curves))
     if spent > budget:
-        raise ValueError(f"a budget of {budget} parameters cannot keep the floor widths ({spent})")
+        raise UserError(
+            f"a budget of {budget:,} parameters cannot keep every chosen MLP at its smallest width "
+            f"({spent:,} parameters): raise the budget or choose fewer layers"
+        )
     heap = [(-_gain(curves[i], widths[i]), i) for i in range(len(curves)) if widths[i] < caps[i]]
     heapq.heapify(heap)
     while heap:

@@ -75,8 +75,10 @@ def refit_output(
     """Refit the site's output projection and bias by ridge least squares against the original outputs.
 
     Minimises ``||Y - H' diag(n) W^T - b||^2 + lam ||W - W_0||^2`` for the stored weight ``W`` (the scale
-    ``n`` held fixed), with ``lam = ridge x`` the mean squared activation of ``H' diag(n)``. Returns the
-    relative error on the calibration tokens after the refit.
+    ``n`` held fixed), with ``lam = ridge x`` the mean activation energy: the mean diagonal entry of the
+    Gram matrix of ``H' diag(n)`` (centred when there is a bias), i.e. the squared activation of one hidden
+    coordinate summed over the calibration tokens, averaged over coordinates. Returns the relative error
+    on the calibration tokens after the refit.
     """
     _, hidden = _run_to_site(model, site, batch)
     errors, energy = 0.0, 0.0

@@ -229,11 +229,17 @@ def _from_pretrained(name: str, settings: LoadSettings) -> torch.nn.Module:
     architectures = getattr(config, "architectures", None) or []
     model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
     options = transformers_options(settings)
+    missing: list[str] = []
     if model_class is not None:
         model, info = model_class.from_pretrained(name, output_loading_info=True, **options)
         if not info["missing_keys"]:
             return model.eval()
-    return transformers.AutoModel.from_pretrained(name, **options).eval()
+        missing = sorted(info["missing_keys"])
+    bare, info = transformers.AutoModel.from_pretrained(name, output_loading_info=True, **options)
+    if info["missing_keys"]:  # not only the head is absent: refuse rather than start tensors at random
+        shown = ", ".join((missing or sorted(info["missing_keys"]))[:3])
+        raise UserError(f"the checkpoint in {name} lacks tensors the model needs: {shown}")
+    return bare.eval()
 
 
 TOKENIZER_FILES = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import types
 import uuid
@@ -445,14 +446,15 @@ def check_writable(directory: str | Path, overwrite: bool) -> None:
 
 def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
     """Write into a temporary sibling, then swap it in; a failure leaves ``target`` as it was."""
-    check_writable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    clean_interrupted(target)
+    check_writable(target, overwrite)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         write(tmp)
         if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             target.rename(old)
             tmp.rename(target)
             shutil.rmtree(old)
@@ -462,3 +464,27 @@ def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
+
+
+def clean_interrupted(target: Path) -> None:
+    """Remove what a killed write of ``target`` left: its unfinished temporary sibling, and the previous
+    version it was replacing (put back when the swap did not finish). Another live process's are kept."""
+    for leftover in sorted(target.parent.glob(f".{target.name}.*-*")):
+        kind, _, rest = leftover.name.removeprefix(f".{target.name}.").partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not target.exists():
+            leftover.rename(target)  # the swap stopped between its two renames: the old version is back
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

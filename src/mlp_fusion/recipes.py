@@ -70,14 +70,19 @@ def source_config(source: str | Path, path: Path | None) -> transformers.Pretrai
 
 def is_causal_lm(config: transformers.PretrainedConfig) -> bool:
     """Whether the checkpoint's architecture is a decoder-only language model (its head included)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if getattr(config, "is_encoder_decoder", False):
         return False
-    causal = set()
+    return any(is_causal_lm_class(name) for name in getattr(config, "architectures", None) or [])
+
+
+def is_causal_lm_class(name: str) -> bool:
+    """Whether a transformers model class name is a causal language model (``LlamaForCausalLM``, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        causal.update([names] if isinstance(names, str) else names)
-    return any(name in causal for name in getattr(config, "architectures", None) or [])
+        if name in ([names] if isinstance(names, str) else names):
+            return True
+    return False
 
 
 def keep_fraction(recipe: Recipe, method: str, given: float | None) -> float:

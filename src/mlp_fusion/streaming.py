@@ -286,10 +286,13 @@ def _meta_model(source: Path, reader: CheckpointReader, dtype: torch.dtype | Non
 
 
 def _names_match(model: nn.Module, reader: CheckpointReader) -> bool:
-    expected = set(model.state_dict())
-    stored = reader.names()
+    return reader.names() <= set(model.state_dict()) and not missing_tensors(model, reader.names())
+
+
+def missing_tensors(model: nn.Module, stored: set[str]) -> list[str]:
+    """The model's tensors that ``stored`` lacks, a tied weight counting as present under any of its names."""
     tied = {name: set(group) for group in shared_names(model) for name in group}
-    return stored <= expected and all(name in stored or tied.get(name, set()) & stored for name in expected)
+    return [name for name in model.state_dict() if name not in stored and not tied.get(name, set()) & stored]
 
 
 def _stored_names(model: nn.Module, reader: CheckpointReader) -> list[str]:
@@ -348,6 +351,9 @@ def export_checkpoint(
     widths = export_widths(model)  # refused here, before anything is written
     check_writable(out, overwrite)
     reader = CheckpointReader(weight_files(source))
+    missing = missing_tensors(model, reader.names())
+    if missing:
+        raise UserError(f"{source} lacks tensors the model needs: {', '.join(missing[:3])}; save it again")
     folded: set[str] = set()
 
     def write(tmp: Path) -> None:

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{loaded.source} is not a causal language model: perplexity needs one")
     log(f"scoring {len(texts)} texts")
     result = perplexity(loaded.model, loaded.tokenizer, texts, args.max_length, args.batch_size)
+    if result["max_length"] < args.max_length:
+        log(f"texts cut to {result['max_length']} tokens, the model's position limit")
     result = {"model": loaded.source, "data": str(args.data), **result}
     if args.json:
         print(json.dumps(result))

@@ -9,15 +9,26 @@ from torch import nn
 
 from ..errors import UserError
 from ..probes import pad_right
+from ..recipes import is_causal_lm_class
 
 
 def has_lm_head(model: nn.Module) -> bool:
-    """Whether ``model`` predicts next tokens (a causal LM with an output embedding)."""
-    config = getattr(model, "config", None)
-    decoder_only = not getattr(config, "is_encoder_decoder", False)
+    """Whether ``model`` predicts next tokens: a causal LM class (not a masked LM) with an output embedding."""
     return (
-        decoder_only and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+        is_causal_lm_class(type(model).__name__)
+        and hasattr(model, "get_output_embeddings")
+        and model.get_output_embeddings() is not None
     )
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest input the model's positions allow, where its config says (None: no fixed limit)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @torch.no_grad()
@@ -28,10 +39,13 @@ def perplexity(
 
     Each text is tokenised on its own with the tokenizer's default special tokens and cut to ``max_length``
     tokens; every token after the first is predicted from those before it. Returns ``perplexity``,
-    ``tokens`` (predicted tokens), ``nll`` (their total, in nats) and ``texts``.
+    ``tokens`` (predicted tokens), ``nll`` (their total, in nats), ``texts`` and ``max_length`` (lowered to
+    the model's position limit where that is shorter).
     """
     if not has_lm_head(model):
         raise UserError(f"{type(model).__name__} is not a causal language model: perplexity needs one")
+    limit = position_limit(model)
+    max_length = min(max_length, limit) if limit is not None else max_length
     encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
     encoded = sorted((ids for ids in encoded if len(ids) > 1), key=len)
     if not encoded:
@@ -47,4 +61,10 @@ def perplexity(
         log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         total -= float(log_probs[keep].sum())
         tokens += int(keep.sum())
-    return {"perplexity": math.exp(total / tokens), "tokens": tokens, "nll": total, "texts": len(encoded)}
+    return {
+        "perplexity": math.exp(total / tokens),
+        "tokens": tokens,
+        "nll": total,
+        "texts": len(encoded),
+        "max_length": max_length,
+    }
