@@ -91,3 +91,53 @@ def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+# finetune in a child that hangs right after its first checkpoint is written
+HANGING_FINETUNE = """
+import sys, time
+from mlp_fusion.training import finetune as module
+def hang(self, args, state, control, **kwargs):
+    print("saved", flush=True)
+    time.sleep(600)
+module._Progress.on_save = hang
+from mlp_fusion.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_a_killed_finetune_ends_where_an_uninterrupted_run_ends(capsys, tmp_path):
+    import json
+
+    import torch
+    from tiny_models import save_tokenizer, write_sentiment_task
+
+    from mlp_fusion import from_pretrained
+
+    build("bert").save_pretrained(tmp_path / "bert")
+    save_tokenizer(tmp_path / "bert")
+    write_sentiment_task(tmp_path / "data")
+    common = [
+        "finetune", str(tmp_path / "bert"), "--task", "sst2", "--data", str(tmp_path / "data"), "--ratio", "0.5",
+        "--epochs", "2", "--seed", "3", "--lr", "1e-2", "--batch-size", "16", "--max-length", "32",
+        "--warmup-ratio", "0", "--json",
+    ]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "reference")]) == 0
+    reference = json.loads(capsys.readouterr().out)
+    out = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, "-c", HANGING_FINETUNE, *common, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert child.stdout.readline().strip() == "saved"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out / "metrics.json").exists()  # nothing that looks finished
+    assert main([*common, "--out", str(out), "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["train_steps"] == reference["train_steps"]
+    final, expected = from_pretrained(out).state_dict(), from_pretrained(tmp_path / "reference").state_dict()
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=1e-4, atol=1e-5)

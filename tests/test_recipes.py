@@ -127,3 +127,10 @@ def test_finetune_on_a_causal_lm_calibrates_on_the_task_and_keeps_neurons_by_def
         assert run_record["recipe"] == ("calibrated" if keep else "paper")
         assert all(site["settings"]["keep_fraction"] == keep for site in fusion["sites"])
         assert (fusion["recipe"]["calibration"] or {}).get("source") == ("task" if keep else None)
+
+
+def test_info_prints_the_recipe_and_its_calibration(capsys, tmp_path, decoder_dir):
+    compress(capsys, decoder_dir, "--ratio", "0.5", "--layers", "1", "--out", tmp_path / "a")
+    assert main(["info", str(tmp_path / "a")]) == 0
+    shown = capsys.readouterr().out
+    assert "recipe calibrated: calibration sampled" in shown and "keep_fraction=0.5" in shown

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-SETTINGS_SHOWN = ("canonical", "weighting", "refit", "ridge", "budget", "n_init")
+SETTINGS_SHOWN = ("keep_fraction", "canonical", "weighting", "refit", "ridge", "budget", "n_init")
 
 
 def add_parser(commands) -> None:
@@ -35,6 +35,12 @@ def run(args: argparse.Namespace) -> int:
         f"format {fusion['format_version']}, written by mlp-fusion {fusion.get('library_version', '?')}, "
         f"dtype {fusion.get('dtype', '?')}, {fusion['parameters']:,} stored numbers (weights and scales)"
     )
+    recipe = fusion.get("recipe")
+    if recipe is not None:
+        source = recipe.get("calibration") or {}
+        shown = ", ".join(f"{k} {v}" for k, v in source.items() if k != "source")
+        calibration = f"calibration {source['source']} ({shown})" if source else "no calibration"
+        print(f"recipe {recipe['name']}: {calibration}")
     print(
         f"{'layer':>5} {'experts':>7} {'width':>13} {'method':>7} {'scale':>5} {'rank':>5}  settings / module"
     )
