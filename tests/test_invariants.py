@@ -48,7 +48,11 @@ def degenerate(family: str, kind: str, seed: int) -> torch.nn.Module:
                     weight[tuple(index)] *= 1e3
                     index[slot.neuron_axis] = picked[1:]
                     weight[tuple(index)] *= 1e-3
-    return model.to(torch.bfloat16) if kind == "bfloat16" else model
+    if kind != "bfloat16":
+        return model
+    if hasattr(model, "set_experts_implementation"):  # the tiny widths are too narrow for bf16 grouped_mm
+        model.set_experts_implementation("eager")
+    return model.to(torch.bfloat16)
 
 
 def tolerance(kind: str, reference: torch.Tensor) -> float:
@@ -110,8 +114,6 @@ def test_lora_merged_equals_unmerged(family, method, kind, seed):
 
 @pytest.mark.parametrize("family, method, kind, seed", CASES)
 def test_streamed_compress_equals_in_memory(capsys, tmp_path, family, method, kind, seed):
-    from safetensors.torch import load_file
-
     from mlp_fusion.cli import main
 
     degenerate(family, kind, seed).save_pretrained(tmp_path / "base")
@@ -119,7 +121,7 @@ def test_streamed_compress_equals_in_memory(capsys, tmp_path, family, method, ki
     for mode in ("streamed", "memory"):
         extra = ["--in-memory"] if mode == "memory" else []
         assert main([*common, *extra, "--out", str(tmp_path / mode)]) == 0, capsys.readouterr().err
-    streamed = load_file(str(tmp_path / "streamed" / "model.safetensors"))
-    in_memory = load_file(str(tmp_path / "memory" / "model.safetensors"))
+    streamed = mlp_fusion.from_pretrained(tmp_path / "streamed").state_dict()  # tied weights under every name
+    in_memory = mlp_fusion.from_pretrained(tmp_path / "memory").state_dict()
     assert streamed.keys() == in_memory.keys()
     assert all(torch.equal(streamed[name], in_memory[name]) for name in streamed)
