@@ -275,6 +275,8 @@ def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(capsys, base_di
         (["--task", "sst2", "--ridge", "-1"], "ridge"),
         (["--task", "sst2", "--lora-rank", "4"], "add --peft lora"),
         (["--task", "sst2", "--peft", "lora", "--lora-rank", "0"], "--lora-rank"),
+        (["--task", "sst2", "--scheduler", "cosine"], "unknown scheduler 'cosine'"),
+        (["--task", "sst2", "--warmup-ratio", "1"], "warm-up ratio"),
     ],
 )
 def test_bad_options_exit_2_before_writing(capsys, base_dir, task_dir, tmp_path, args, message):
@@ -307,3 +309,18 @@ def test_two_processes_train_with_distributed_data_parallel(base_dir, task_dir, 
     assert results[0]["metrics"]["accuracy"] > 0.7
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == 24
     assert from_pretrained(out) is not None
+
+
+def test_training_options_default_to_the_settings_dataclass():
+    from dataclasses import asdict
+
+    from mlp_fusion.cli import build_parser
+    from mlp_fusion.cli.common import config_values
+    from mlp_fusion.training.finetune import TrainSettings
+
+    args = build_parser().parse_args(["finetune", "--task", "sst2"])
+    assert TrainSettings(**config_values(args, TrainSettings)) == TrainSettings()
+    assert set(config_values(args, TrainSettings)) == set(asdict(TrainSettings())) - {
+        "adam_beta2",
+        "adam_epsilon",
+    }

@@ -38,10 +38,17 @@ RUN_KEYS = (
 )  # fmt: skip
 
 
+# TrainSettings fields that finetune takes as options (max_length is a task option, shared with evaluate).
+TRAIN_OPTIONS = (
+    "epochs", "lr", "batch_size", "seed", "scheduler", "warmup_ratio", "weight_decay", "teacher_weight",
+    "teacher_temperature",
+)  # fmt: skip
+
+
 def add_parser(commands) -> None:
     from ..methods import METHODS
     from ..models import BUNDLED, DEFAULT_MODEL, LoadSettings
-    from ..training.finetune import SCHEDULERS, TrainSettings
+    from ..training.finetune import TrainSettings
     from ..training.generation import GENERATION_TASKS
     from ..training.lora import LoraSettings
     from ..training.tasks import TASK_NAMES
@@ -85,17 +92,8 @@ def add_parser(commands) -> None:
     add_config_options(finetune, LoadSettings, ("device",))
     finetune.set_defaults(dtype="float32")  # training keeps float32 weights
     training = finetune.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=3, help="default 3")
-    training.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default 5e-5)")
-    training.add_argument("--batch-size", type=int, default=32, help="per process (default 32)")
     training.add_argument("--max-train-samples", type=int, help="train on the first N examples only")
-    training.add_argument(
-        "--seed", type=int, default=0, help="seed of fusion, head and data order (default 0)"
-    )
-    training.add_argument("--scheduler", default="linear", choices=SCHEDULERS, help="learning-rate decay")
-    training.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps to warm up (0.06)")
-    training.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (0.1)")
-    add_config_options(training, TrainSettings, ("teacher_weight", "teacher_temperature"))
+    add_config_options(training, TrainSettings, TRAIN_OPTIONS)
     finetune.add_argument("--out", type=Path, help="output directory (default runs/TASK-METHOD-seedN)")
     run_mode = finetune.add_mutually_exclusive_group()
     run_mode.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -118,18 +116,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     # Everything is checked before anything is written.
     generation = args.task in GENERATION_TASKS
     task = None if generation else classification_task(args)
-    settings = TrainSettings(
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        scheduler=args.scheduler,
-        warmup_ratio=args.warmup_ratio,
-        weight_decay=args.weight_decay,
-        teacher_weight=args.teacher_weight,
-        teacher_temperature=args.teacher_temperature,
-    )
+    settings = TrainSettings(**config_values(args, TrainSettings))
     path = resolve(args.model)
     fused_input = path is not None and is_fused(path)
     calibration_texts(args)  # checks the calibration options

@@ -35,14 +35,16 @@ SCHEDULERS = ("linear", "polynomial")
 class TrainSettings:
     """Hyper-parameters of one fine-tuning run (defaults: the paper's optimiser settings, 3 epochs)."""
 
-    epochs: int = 3
-    lr: float = 5e-5
-    batch_size: int = 32
-    max_length: int = 128
-    seed: int = 0
-    scheduler: str = "linear"
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.1
+    epochs: int = field(default=3, metadata={"help": "passes over the training data"})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=32, metadata={"help": "examples per step and process"})
+    max_length: int = 128  # a task option: the longest input in tokens
+    seed: int = field(default=0, metadata={"help": "seed of fusion, head and data order"})
+    scheduler: str = field(
+        default="linear", metadata={"help": f"learning-rate decay: {' or '.join(SCHEDULERS)}"}
+    )
+    warmup_ratio: float = field(default=0.06, metadata={"help": "share of steps to warm up"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
     adam_beta2: float = 0.98
     adam_epsilon: float = 1e-6
     teacher_weight: float = field(
