@@ -8,7 +8,8 @@ fusion, the old default); calibrated pruning on the same sampled texts; and, for
 recipe and calibrated pruning on 128 in-domain texts (the first WebNLG train texts). Rows are saved as they
 finish and a rerun skips them.
 
-    python benchmarks/default_recipe.py                  # about 40 minutes on 2 cores
+    python benchmarks/default_recipe.py                  # about an hour on 2 cores
+    python benchmarks/default_recipe.py --model gemma3   # Gemma-3-270M (layers 12-17 / 6-17)
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ from mlp_fusion.models import load_model  # noqa: E402
 from mlp_fusion.recipes import RECIPE_ATTR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "default-recipe-smollm2.json"
-SETTINGS = {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)}
+NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
+# per model: its settings (the last third at 0.5, the last two thirds at 0.25)
+MODELS = {
+    "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
+    "gemma3": {"S1": ("12-17", 0.5), "S2": ("6-17", 0.25)},
+}
 # label -> (recipe, method, calibration: "sampled" (the recipe's own), "in-domain" or None)
 ROWS = {
     "default (calibrated recipe, sampled texts)": ("auto", "fusion", "sampled"),
@@ -44,25 +49,33 @@ ROWS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", choices=MODELS)
+    parser.add_argument("--settings", default="S1,S2")
     parser.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md")
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": {}}
+    raw = results_file(args.model)
+    results = json.loads(raw.read_text()) if raw.exists() else {"rows": {}}
     results.update(run_header())
     texts = webnlg_texts("dev", 100, 200)
     in_domain = webnlg_texts("train", 0, 128)
     if not args.report:
-        measure(results, texts, in_domain)
-    print(report(results))
+        settings = {name: MODELS[args.model][name] for name in args.settings.split(",")}
+        measure(args.model, settings, results, texts, in_domain)
+    print(report(args.model, results))
 
 
-def measure(results: dict, texts: list[str], in_domain: list[str]) -> None:
+def results_file(model: str) -> Path:
+    return ROOT / "benchmarks" / "results" / f"default-recipe-{model}.json"
+
+
+def measure(model: str, settings: dict, results: dict, texts: list[str], in_domain: list[str]) -> None:
     rows = results["rows"]
     if "original" not in rows:
-        loaded = load_model("smollm2")
+        loaded = load_model(model)
         rows["original"] = perplexity(loaded.model, loaded.tokenizer, texts)
-        save(results)
+        save(model, results)
     sampled = None
-    for setting, (layers, ratio) in SETTINGS.items():
+    for setting, (layers, ratio) in settings.items():
         for label, (recipe, method, calibration) in ROWS.items():
             key = f"{label} | {setting}"
             if key in rows:
@@ -70,7 +83,7 @@ def measure(results: dict, texts: list[str], in_domain: list[str]) -> None:
             given = in_domain if calibration == "in-domain" else sampled if calibration == "sampled" else None
             start = time.perf_counter()
             done = compress(
-                "smollm2", recipe=recipe, method=method, layers=layers, ratio=ratio, calibration_texts=given
+                model, recipe=recipe, method=method, layers=layers, ratio=ratio, calibration_texts=given
             )
             seconds = time.perf_counter() - start
             if calibration == "sampled" and sampled is None:
@@ -81,16 +94,17 @@ def measure(results: dict, texts: list[str], in_domain: list[str]) -> None:
                 "params": done.report.params_after,
                 "keep_fraction": fusion_records(done.model)[0].settings["keep_fraction"],
             }
-            save(results)
+            save(model, results)
             print(key, rows[key]["perplexity"], file=sys.stderr, flush=True)
 
 
-def save(results: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+def save(model: str, results: dict) -> None:
+    raw = results_file(model)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def report(results: dict) -> str:
+def report(model: str, results: dict) -> str:
     rows = results["rows"]
     original = rows["original"]["perplexity"]
     lines = [
@@ -106,16 +120,18 @@ def report(results: dict) -> str:
             f"| {setting} | {label} | {row['perplexity']:.1f} | {row['perplexity'] / original:.2f} "
             f"| {row['keep_fraction']} | {row['seconds']:.0f} |"
         )
+    settings = "; ".join(
+        f"{name}: layers {layers} at {ratio}" for name, (layers, ratio) in MODELS[model].items()
+    )
     intro = (
-        "SmolLM2-135M compressed as `mlp_fusion.compress` (the library verb behind `mlp-fusion compress`) "
-        "does it, no fine-tuning: perplexity of 200 held-out WebNLG dev texts. S1: layers 20-29 at 0.5; S2: "
-        "layers 10-29 at 0.25. The default recipe samples 128 texts from the model (from its BOS token, "
+        f"{NAMES[model]} compressed as `mlp_fusion.compress` (the library verb behind `mlp-fusion compress`) "
+        f"does it, no fine-tuning: perplexity of 200 held-out WebNLG dev texts. {settings}. The default recipe samples 128 texts from the model (from its BOS token, "
         "top-p 0.95, 96 new tokens, seed 0) as calibration and keeps half of each fused width as its "
         "top-scored neurons; calibrated pruning uses the same sampled texts; the in-domain rows use the "
         "first 128 WebNLG train texts instead. Seconds include sampling and were measured while other "
         "benchmarks shared the CPU."
     )
-    return publish("default-recipe-smollm2", intro, lines, results, RESULTS)
+    return publish(f"default-recipe-{model}", intro, lines, results, results_file(model))
 
 
 if __name__ == "__main__":
