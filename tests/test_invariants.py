@@ -15,9 +15,6 @@ from tiny_models import FAMILIES, build, duplicate_neurons, inputs, outputs
 import mlp_fusion
 from mlp_fusion import METHODS, FusionConfig, UserError, find_sites, fuse
 
-# Methods that approximate on purpose even at full width (a random sketch; svd keeps the parameter count,
-# so its rank stays below full). Every other method, present or future, must reproduce the model there.
-APPROXIMATE_AT_FULL_WIDTH = {"sketch", "svd"}
 DEGENERATE = ("none", "zero rows", "duplicates", "norms", "bfloat16")
 SEEDS = range(int(os.environ.get("MLP_FUSION_INVARIANT_SEEDS", "1")))
 CASES = [
@@ -78,7 +75,7 @@ def test_full_width_refusal_and_save_load(tmp_path, family, method, kind, seed):
         fuse(model, FusionConfig(method=method, layers=[99]))
     assert all(torch.equal(state[name], t) for name, t in model.state_dict().items())
 
-    if method not in APPROXIMATE_AT_FULL_WIDTH and kind != "bfloat16":
+    if METHODS[method].exact_at_full_width and kind != "bfloat16":  # the registry says which must be
         full = copy.deepcopy(model)
         fuse(full, FusionConfig(method=method, ratio=1.0, seed=seed))
         assert (outputs(full, batch) - before).abs().max() <= tolerance(kind, before)

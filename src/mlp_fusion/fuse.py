@@ -16,7 +16,6 @@ from .config import FusionConfig, names_site
 from .errors import UserError
 from .memory import check_fits, experts_per_chunk
 from .methods import METHODS, MethodResult, SubMlps, join_results
-from .methods.clustering import CLUSTERING_METHODS
 from .narrowing import apply_result, use_compatible_experts_kernel
 from .parametrizations import guard_against_plain_adapters
 from .sites import MlpSite, StackedExperts
@@ -182,7 +181,7 @@ def run_method(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     memory (each expert is clustered on its own, so the result does not depend on the chunk size)."""
     method = METHODS[config.method]
     chunk = sub.batch
-    if config.method in CLUSTERING_METHODS:
+    if method.clusters:
         chunk = experts_per_chunk(sub.width, sub.row_length, width, sub.batch, sub.output.device)
     if chunk >= sub.batch:
         return method(sub, width, config)
@@ -197,7 +196,7 @@ def check_memory(
     site: MlpSite, row_length: int, width: int, config: FusionConfig, device: torch.device
 ) -> None:
     """Refuse a site whose clustering would not fit in the free memory of ``device`` even one MLP at a time."""
-    if config.method in CLUSTERING_METHODS:
+    if METHODS[config.method].clusters:
         check_fits(site.describe(), site.width, row_length, width, device)
 
 

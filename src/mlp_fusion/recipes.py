@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 from .errors import UserError
-from .methods.clustering import CLUSTERING_METHODS
+from .methods import METHODS
 
 RECIPE_ATTR = "mlp_fusion_recipe"  # the recipe a model was compressed with, written into fusion.json
 SAMPLES_FILE = "calibration-samples.txt"  # sampled calibration texts, one per line, next to the checkpoint
@@ -89,7 +89,7 @@ def keep_fraction(recipe: Recipe, method: str, given: float | None) -> float:
     """The keep fraction a run uses: the one given, else the recipe's for the methods that keep neurons."""
     if given is not None:
         return given
-    return recipe.keep_fraction if method in CLUSTERING_METHODS else 0.0
+    return recipe.keep_fraction if method in METHODS and METHODS[method].clusters else 0.0
 
 
 def sample_texts(model: nn.Module, tokenizer, sampling: Sampling) -> list[str]:

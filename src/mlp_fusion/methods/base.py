@@ -110,15 +110,32 @@ def join_results(parts: list[MethodResult]) -> MethodResult:
 
 
 Method = Callable[[SubMlps, int, "FusionConfig"], MethodResult]
-METHODS: dict[str, Method] = {}
-DESCRIPTIONS: dict[str, str] = {}
 
 
-def register(name: str, description: str) -> Callable[[Method], Method]:
-    """Add a method to the registry under ``name``."""
+@dataclass(frozen=True)
+class RegisteredMethod:
+    """A method and what callers need to know about it; calling it calls the method."""
+
+    fn: Method
+    description: str
+    clusters: bool = False  # runs k-means: keeps neurons, chunks a layer's experts to fit in memory
+    exact_at_full_width: bool = True  # at ratio 1.0 the model computes what it did
+
+    def __call__(self, sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+        return self.fn(sub, width, config)
+
+
+METHODS: dict[str, RegisteredMethod] = {}
+DESCRIPTIONS: dict[str, str] = {}  # the descriptions alone, as before METHODS held records
+
+
+def register(
+    name: str, description: str, *, clusters: bool = False, exact_at_full_width: bool = True
+) -> Callable[[Method], Method]:
+    """Add a method to the registry under ``name``, with its traits."""
 
     def add(fn: Method) -> Method:
-        METHODS[name] = fn
+        METHODS[name] = RegisteredMethod(fn, description, clusters, exact_at_full_width)
         DESCRIPTIONS[name] = description
         return fn
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 # The methods below: k-means on each expert's sub-MLPs on its own, so a layer's experts can be fused in chunks.
-CLUSTERING_METHODS = ("fusion", "fold", "cluster")
+CLUSTERING_METHODS = ("fusion", "fold", "cluster")  # kept for old imports: the registry's ``clusters`` trait
 
 
 def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
@@ -54,12 +54,14 @@ def _k_means_fusion(sub: SubMlps, width: int, config: FusionConfig) -> MethodRes
     return MethodResult(centroids, scale=result.counts, inertia=result.inertia)
 
 
-@register("fusion", "k-means centroids with the cluster sizes as a fixed, separate scale (the paper)")
+@register(
+    "fusion", "k-means centroids with the cluster sizes as a fixed, separate scale (the paper)", clusters=True
+)
 def fusion(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     return cluster_sub_mlps(sub, width, config)
 
 
-@register("fold", "k-means centroids, cluster sizes folded into the output weights")
+@register("fold", "k-means centroids, cluster sizes folded into the output weights", clusters=True)
 def fold(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     fused = cluster_sub_mlps(sub, width, config)
     sizes = fused.scale.to(fused.sub.output.dtype).unsqueeze(-1)
@@ -69,7 +71,9 @@ def fold(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
 
 
 @register(
-    "cluster", "k-means centroids, sqrt(cluster size) folded into the last input and the output projection"
+    "cluster",
+    "k-means centroids, sqrt(cluster size) folded into the last input and the output projection",
+    clusters=True,
 )
 def cluster(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     fused = cluster_sub_mlps(sub, width, config)

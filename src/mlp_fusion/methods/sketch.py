@@ -13,7 +13,11 @@ if TYPE_CHECKING:
     from ..config import FusionConfig
 
 
-@register("sketch", "Gaussian sketch S (D x c, N(0, 1/c)): W_in' = S^T W_in, W_out' = W_out S")
+@register(
+    "sketch",
+    "Gaussian sketch S (D x c, N(0, 1/c)): W_in' = S^T W_in, W_out' = W_out S",
+    exact_at_full_width=False,  # a random projection even at full width
+)
 def sketch(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     keep = kept_count(width, config.keep_fraction)
     kept, rest = split_top(sub, keep) if keep else (None, sub)

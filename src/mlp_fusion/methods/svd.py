@@ -25,6 +25,10 @@ def matched_rank(sub: SubMlps, width: int) -> int:
     return max(1, min(rank, full_width, min(t.shape[-1] for t in sub.inputs), sub.output.shape[-1]))
 
 
-@register("svd", "keep the width, factorise each weight matrix at the rank that matches fusion's parameters")
+@register(
+    "svd",
+    "keep the width, factorise each weight matrix at the rank that matches fusion's parameters",
+    exact_at_full_width=False,  # the matched rank stays below full rank
+)
 def svd(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     return MethodResult(sub, rank=matched_rank(sub, width))
