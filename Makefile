@@ -1,4 +1,4 @@
-# Set-up and the two everyday commands. `make setup` is idempotent: it reinstalls only when
+# Set-up and the two everyday commands. `make setup` is idempotent: it reinstalls only when this file,
 # pyproject.toml or constraints.txt change.
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
