@@ -25,27 +25,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _killed_compress(base, out, *extra):
+def kill_when(script: str, args: list[str], signal_line: str) -> None:
+    """Run ``script`` with ``args`` in a child, SIGKILL it once it prints ``signal_line``, and wait for it."""
     child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            HANGING_COMPRESS,
-            "compress",
-            str(base),
-            "--in-memory",
-            "--out",
-            str(out),
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        [sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
-    assert child.stdout.readline().strip() == "written"
+    assert child.stdout.readline().strip() == signal_line
     child.send_signal(signal.SIGKILL)
     child.wait()
-    return child.pid
+
+
+def _killed_compress(base, out, *extra):
+    kill_when(HANGING_COMPRESS, ["compress", str(base), "--in-memory", "--out", str(out), *extra], "written")
 
 
 def _leftovers(out):
@@ -125,15 +116,7 @@ def test_resume_after_a_killed_finetune_ends_where_an_uninterrupted_run_ends(cap
     assert main([*common, "--out", str(tmp_path / "reference")]) == 0
     reference = json.loads(capsys.readouterr().out)
     out = tmp_path / "run"
-    child = subprocess.Popen(
-        [sys.executable, "-c", HANGING_FINETUNE, *common, "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert child.stdout.readline().strip() == "saved"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_when(HANGING_FINETUNE, [*common, "--out", str(out)], "saved")
     assert not (out / "metrics.json").exists()  # nothing that looks finished
     assert main([*common, "--out", str(out), "--resume"]) == 0
     resumed = json.loads(capsys.readouterr().out)
