@@ -160,6 +160,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def shown(values: list[float]) -> str:
+    """``mean ± std`` over seeds; the value alone for one seed (no spread measured)."""
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
 def grouped(runs: dict, pairs: int) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for run in runs.values():
@@ -182,14 +188,14 @@ def table(results: dict, pairs: int) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for (setting, row), runs in grouped(results["runs"], pairs).items():
-        bleu = mean_std([r["metrics"]["bleu"] for r in runs])
-        chrf = mean_std([r["metrics"]["chrf"] for r in runs])
+        bleu = shown([r["metrics"]["bleu"] for r in runs])
+        chrf = shown([r["metrics"]["chrf"] for r in runs])
         step = statistics.mean(r["step_seconds"] / r["train_steps"] for r in runs)
         memory = statistics.mean(r["peak_memory_mb"] for r in runs)
         rate = speed_of(row, setting, speed)
         lines.append(
-            f"| {setting or 'unfused'} | {row} | {len(runs)} | {bleu[0]:.2f} ± {bleu[1]:.2f} "
-            f"| {chrf[0]:.2f} ± {chrf[1]:.2f} | {step:.2f} | {memory:.0f} | {runs[0]['params']:,} "
+            f"| {setting or 'unfused'} | {row} | {len(runs)} | {bleu} "
+            f"| {chrf} | {step:.2f} | {memory:.0f} | {runs[0]['params']:,} "
             f"| {'' if rate is None else f'{rate:.1f}'} |"
         )
     return lines
