@@ -124,3 +124,31 @@ def test_resume_after_a_killed_finetune_ends_where_an_uninterrupted_run_ends(cap
     final, expected = from_pretrained(out).state_dict(), from_pretrained(tmp_path / "reference").state_dict()
     for key in expected:
         torch.testing.assert_close(final[key], expected[key], rtol=1e-4, atol=1e-5)
+
+
+# export in a child that hangs after writing its first shard
+HANGING_EXPORT = """
+import sys, time
+import mlp_fusion.streaming as streaming
+close = streaming.ShardWriter.close
+def slow(self):
+    close(self)
+    print("written", flush=True)
+    time.sleep(600)
+streaming.ShardWriter.close = slow
+from mlp_fusion.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_export_leaves_no_output_and_the_next_run_cleans_up(tmp_path):
+    from mlp_fusion import FusionConfig, fuse, save_pretrained
+
+    model = build("llama")
+    fuse(model, FusionConfig(ratio=0.5))
+    save_pretrained(model, tmp_path / "fused")
+    out = tmp_path / "plain"
+    kill_when(HANGING_EXPORT, ["export", str(tmp_path / "fused"), "--out", str(out)], "written")
+    assert not out.exists() and len(_leftovers(out)) == 1
+    assert main(["export", str(tmp_path / "fused"), "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and _leftovers(out) == []
