@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     raw = results_file(args.model)
     results = json.loads(raw.read_text()) if raw.exists() else {"rows": {}}
-    results.update(run_header())
+    results.update({k: v for k, v in run_header().items() if not (args.report and k == "command")})
     texts = webnlg_texts("dev", 100, 200)
     in_domain = webnlg_texts("train", 0, 128)
     if not args.report:
