@@ -64,7 +64,9 @@ def test_gemma3_loads_and_fuses_exactly_at_full_width(tmp_path):
     loaded = load_model("gemma3")
     model, tokenizer = loaded.model, loaded.tokenizer
     sites = find_sites(model)
-    assert len(sites) == 18 and {site.read().symmetry for site in sites} == {"gated"}  # GeGLU: (u, d) scale freely
+    assert len(sites) == 18 and {site.read().symmetry for site in sites} == {
+        "gated"
+    }  # GeGLU: (u, d) scale freely
     batch = probe_batch(model, tokenizer)
     before = main_output(model, batch)
     fuse(model, FusionConfig(ratio=1.0, layers="15-17"))
