@@ -65,13 +65,18 @@ def compress(
     the recipe fills in the keep fraction. ``calibration_texts`` are used instead of the recipe's own
     calibration source (samples from the model).
     """
-    from .models import LoadSettings, is_fused, resolve
+    from .models import LoadSettings, has_tokenizer_files, is_fused, resolve
 
     say = progress or (lambda message: None)
     settings = LoadSettings(dtype=dtype, device=device)
     path = resolve(str(source))
     chosen = recipes.choose_recipe(recipe, recipes.source_config(source, path))
-    if recipe == "auto" and chosen.calibrate and calibration_texts is None and not _has_tokenizer(path):
+    if (
+        recipe == "auto"
+        and chosen.calibrate
+        and calibration_texts is None
+        and not (path is None or has_tokenizer_files(path))
+    ):
         say("recipe paper: this model has no tokenizer to sample calibration texts with")
         chosen = recipes.RECIPES["paper"]
     if config is None:
@@ -104,12 +109,6 @@ def compress(
         source, out, config, chosen, settings, calibration_texts, calibration_samples, max_length,
         overwrite=overwrite, verify=verify, say=say,
     )  # fmt: skip
-
-
-def _has_tokenizer(path: Path | None) -> bool:
-    from .models import TOKENIZER_FILES
-
-    return path is None or any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _streamed(path: Path, out: Path, config, settings, overwrite, shard_bytes, say) -> FusionReport | None:

@@ -287,9 +287,13 @@ TOKENIZER_FILES = (
 )
 
 
+def has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(source: Path | str):
     """The tokenizer saved with a model (a directory or a hub id), or None when there is none."""
-    if isinstance(source, Path) and not any((source / name).is_file() for name in TOKENIZER_FILES):
+    if isinstance(source, Path) and not has_tokenizer_files(source):
         return None
     try:
         return transformers.AutoTokenizer.from_pretrained(source)
