@@ -6,7 +6,7 @@ from tiny_models import build, inputs
 
 from mlp_fusion import FusionConfig, UserError, find_sites, fuse
 from mlp_fusion.budget import WidthCurve, allocate_widths, output_error, width_curve
-from mlp_fusion.calibration import calibrate_hidden
+from mlp_fusion.calibration import ModelRuns, calibrate_hidden
 
 
 def curve(full, steepness, cost):
@@ -89,7 +89,7 @@ def test_calibrated_curve_sees_the_data_and_the_budget_is_still_met():
     model, batch = build("llama"), inputs(seed=1, batch=16, length=12)
     site = find_sites(model)[1]
     sub = site.read()
-    _, hidden = calibrate_hidden(model, site, batch)
+    _, hidden = calibrate_hidden(ModelRuns(model, batch), site)
     measured = width_curve(sub, True, 0, hidden)
     assert measured.errors[-1] == 0.0 and measured.errors == sorted(measured.errors, reverse=True)
     silent = width_curve(sub, True, 0, [h * 0 for h in hidden])  # no activation: no output error

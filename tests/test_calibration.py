@@ -8,7 +8,7 @@ import torch
 from tiny_models import FAMILIES, FOODS, NAMES, build, inputs, outputs
 
 from mlp_fusion import FusionConfig, UserError, find_sites, fuse
-from mlp_fusion.calibration import _output_of, _run_to_site, calibrate_site, refit_output
+from mlp_fusion.calibration import ModelRuns, _output_of, _run_to_site, calibrate_site, refit_output
 from mlp_fusion.diagnostics import output_errors
 from mlp_fusion.parametrizations import NeuronScale
 
@@ -58,19 +58,19 @@ def test_refit_lowers_the_layer_errors_on_calibration_inputs(family):
 def test_refit_keeps_the_scale_and_lowers_the_site_error(family):
     original, batch = build(family), calibration_batch()
     model, last = copy.deepcopy(original), find_sites(original)[-1]
-    statistics = calibrate_site(original, last, batch)
+    statistics = calibrate_site(ModelRuns(original, batch), last)
     fuse(model, FusionConfig(ratio=0.5, layers=[last.layer], refit=False), calibration=batch)
     site = find_sites(model)[-1]
     scale_before = scales(model)
     error_before = site_error(model, site, batch, statistics.targets)
-    error = refit_output(model, site, statistics, batch, ridge=0.1)
+    error = refit_output(ModelRuns(model, batch), site, statistics, ridge=0.1)
     assert all(torch.equal(a, b) for a, b in zip(scale_before, scales(model)))
     assert error < error_before
     assert error == pytest.approx(site_error(model, site, batch, statistics.targets), rel=1e-4)
 
 
 def site_error(model, site, batch, targets):
-    _, hidden = _run_to_site(model, site, batch)
+    _, hidden = _run_to_site(ModelRuns(model, batch), site)
     fitted = [_output_of(site, index, h) for index, h in enumerate(hidden)]
     squared = sum(float((f - t).double().pow(2).sum()) for f, t in zip(fitted, targets))
     return (squared / sum(float(t.double().pow(2).sum()) for t in targets)) ** 0.5
@@ -80,10 +80,10 @@ def test_refit_without_ridge_is_the_least_squares_solution():
     original, batch = build("bert"), calibration_batch()
     model = copy.deepcopy(original)
     last = find_sites(original)[-1]
-    targets = calibrate_site(original, last, batch).targets[0].double()
+    targets = calibrate_site(ModelRuns(original, batch), last).targets[0].double()
     fuse(model, FusionConfig(ratio=0.5, layers=[last.layer], ridge=0.0), calibration=batch)
     site = find_sites(model)[-1]
-    _, hidden = _run_to_site(model, site, batch)
+    _, hidden = _run_to_site(ModelRuns(model, batch), site)
     scale = site.output.parametrizations.weight[0].scale.reshape(-1).double()
     design = torch.cat([hidden[0].double() * scale, torch.ones(len(targets), 1, dtype=torch.float64)], 1)
     solution = torch.linalg.lstsq(design, targets).solution
@@ -95,7 +95,7 @@ def test_refit_without_ridge_is_the_least_squares_solution():
 def test_experts_see_the_tokens_routed_to_them():
     model, batch = build("mixtral"), calibration_batch()
     site = find_sites(model)[0]
-    statistics = calibrate_site(model, site, batch)
+    statistics = calibrate_site(ModelRuns(model, batch), site)
     tokens = int(batch["attention_mask"].sum())
     assert sum(len(x) for x in statistics.inputs) == tokens * model.config.num_experts_per_tok
     assert all(len(x) == len(y) for x, y in zip(statistics.inputs, statistics.targets))

@@ -1,8 +1,10 @@
+import copy
 import json
 
 import pytest
 import torch
-from tiny_models import build, inputs
+import transformers
+from tiny_models import build, inputs, outputs
 
 import mlp_fusion
 from mlp_fusion import FusionConfig, UserError, fuse
@@ -167,3 +169,22 @@ def test_compress_refuses_a_checkpoint_missing_a_tensor(capsys, tmp_path, in_mem
     code = main(["compress", str(tmp_path / "base"), "--out", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert code == 2 and "model.norm.weight" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_loaded_half_precision_model_computes_its_derived_buffers_as_transformers_does(tmp_path, family):
+    """Rotary frequencies stay float32 and embedding scales take the model's dtype, as when transformers
+    loads the checkpoint; the fused model's unfused layers then compute exactly what the original's do."""
+    build(family).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    original = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    fused = copy.deepcopy(original)
+    mlp_fusion.fuse(fused, mlp_fusion.FusionConfig(ratio=0.5, layers=[2]))
+    mlp_fusion.save_pretrained(fused, tmp_path / "fused")
+    loaded = mlp_fusion.from_pretrained(tmp_path / "fused")
+    expected = dict(original.named_buffers())
+    for name, buffer in loaded.named_buffers():
+        if ".parametrizations." in name:
+            continue  # fusion's own scales
+        assert buffer.dtype == expected[name].dtype and torch.equal(buffer, expected[name]), name
+    batch = inputs()
+    assert torch.equal(outputs(loaded, batch), outputs(fused, batch))

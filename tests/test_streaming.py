@@ -133,3 +133,65 @@ def test_streamed_export_refuses_mixed_widths_and_writes_nothing(capsys, tmp_pat
     code, _, stderr = run(capsys, "export", tmp_path / "fused", "--out", tmp_path / "plain")
     assert code == 2 and "different widths" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "plain").exists()
+
+
+def calibration_inputs() -> dict:
+    batch = inputs(seed=3, batch=11, length=9)  # two micro-batches, the second partial
+    batch["attention_mask"][0, -3:] = 0  # and padding
+    return batch
+
+
+LAYERED = [family for family in FAMILIES if family != "switch"]
+
+
+@pytest.mark.parametrize("family", LAYERED)
+def test_calibrated_layer_by_layer_equals_calibrated_in_memory(tmp_path, family):
+    from mlp_fusion.streaming import fuse_checkpoint
+
+    build(family).save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    config = mlp_fusion.FusionConfig(ratio=0.5, layers="1-2", keep_fraction=0.5)
+    batch = calibration_inputs()
+    report = fuse_checkpoint(tmp_path / "base", tmp_path / "streamed", config, calibration=batch)
+    assert all(row.calibration_error is not None for row in report.layers)  # refitted on the layer runs
+    in_memory = build(family)
+    mlp_fusion.fuse(in_memory, config, calibration=batch)
+    loaded = mlp_fusion.from_pretrained(tmp_path / "streamed")
+    assert same_tensors(loaded, in_memory)
+    data_free = build(family)
+    mlp_fusion.fuse(data_free, config)
+    assert not same_tensors(loaded, data_free)  # the calibration reached every fused layer's MLPs
+
+
+def test_encoder_decoders_are_calibrated_in_memory_and_say_so(capsys, tmp_path):
+    from tiny_models import save_tokenizer
+
+    build("switch").save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good film\nbad food in the north\n")
+    options = ["--ratio", "0.5", "--calibration", texts]
+    result = compress(capsys, tmp_path / "base", tmp_path / "out", *options)
+    assert not result["streamed"]
+    code, _, stderr = run(capsys, "compress", tmp_path / "base", "--out", tmp_path / "again", *options)
+    assert code == 0 and "cannot be streamed (calibration layer by layer: an encoder-decoder" in stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_compress_with_a_calibration_file_streams_and_matches_in_memory(capsys, tmp_path, family):
+    from tiny_models import save_tokenizer
+
+    build(family).to(torch.bfloat16).save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    save_tokenizer(tmp_path / "base")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good film in the north\nbad food\nname : serves south\n" * 4)
+    options = ["--ratio", "0.5", "--layers", "0,2", "--calibration", texts, "--calibration-samples", "10"]
+    streamed = compress(capsys, tmp_path / "base", tmp_path / "streamed", *options)
+    in_memory = compress(capsys, tmp_path / "base", tmp_path / "memory", *options, "--in-memory")
+    assert streamed["streamed"] and not in_memory["streamed"]
+    assert streamed["recipe"] == in_memory["recipe"] == "calibrated"
+    loaded = mlp_fusion.from_pretrained(tmp_path / "streamed")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert same_tensors(loaded, mlp_fusion.from_pretrained(tmp_path / "memory"))
+    described = [json.loads((tmp_path / d / "fusion.json").read_text()) for d in ("streamed", "memory")]
+    assert described[0]["recipe"] == described[1]["recipe"]
+    assert described[0]["recipe"]["calibration"]["texts"] == 10

@@ -2,7 +2,10 @@
 
 Sites are calibrated one at a time, in model order, on the model as it is at that moment (earlier sites
 already fused), as sequential one-shot pruners do; each forward pass stops right after the site, so only
-that site's inputs and outputs are ever held. Two uses, neither of which the methods need to know about:
+that site's inputs and outputs are ever held. What a forward pass is comes from a :class:`Runs`: the whole
+model on a tokenised batch (:class:`ModelRuns`), or one layer on the hidden states that reach it when a
+checkpoint is fused layer by layer (:mod:`mlp_fusion.layer_runs`). Two uses, neither of which the methods
+need to know about:
 - input weighting: each input coordinate is scaled by its root-mean-square activation before the method
   runs and unscaled afterwards, so k-means (and prune's scores) measure distances where inputs really are;
 - output refit: the fused output projection (and output bias) is refitted by ridge least squares against
@@ -11,7 +14,10 @@ that site's inputs and outputs are ever held. Two uses, neither of which the met
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -52,26 +58,64 @@ class _SiteDone(Exception):
     """Raised by a hook once the site has run: the rest of the forward pass is not needed."""
 
 
-@torch.no_grad()
-def calibrate_site(model: nn.Module, site: MlpSite, batch: dict) -> SiteCalibration:
-    """The site's inputs and original outputs on ``batch``, the model run up to the site."""
-    return calibrate_hidden(model, site, batch)[0]
+class Runs(Protocol):
+    """The calibration forward passes, one per micro-batch: its attention mask ``[b, T]`` (which tokens are
+    real) and a call that runs it (at least as far as the site being calibrated). ``model`` is the model
+    the sites belong to."""
+
+    model: nn.Module
+
+    def parts(self) -> Iterator[tuple[torch.Tensor, Callable[[], object]]]: ...
+
+
+class ModelRuns:
+    """The whole model on a tokenised batch (``input_ids`` and ``attention_mask``, right-padded), in
+    micro-batches of :data:`MICRO_BATCH`, in eval mode."""
+
+    def __init__(self, model: nn.Module, batch: dict):
+        self.model, self.batch = model, batch
+
+    def parts(self) -> Iterator[tuple[torch.Tensor, Callable[[], object]]]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        try:
+            for start in range(0, len(self.batch["input_ids"]), MICRO_BATCH):
+                part = {k: v[start : start + MICRO_BATCH].to(device) for k, v in self.batch.items()}
+                yield (
+                    part["attention_mask"].bool(),
+                    lambda part=part: model(**calibration_inputs(model, part)),
+                )
+        finally:
+            model.train(was_training)
+
+
+def calibration_inputs(model: nn.Module, part: dict) -> dict:
+    """``part`` as keyword arguments for ``model``, without a key-value cache: calibration runs a layer more
+    than once on the same inputs, and keeping keys and values would only cost memory."""
+    inputs = model_inputs(model, part)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        inputs["use_cache"] = False
+    return inputs
 
 
 @torch.no_grad()
-def calibrate_hidden(
-    model: nn.Module, site: MlpSite, batch: dict
-) -> tuple[SiteCalibration, list[torch.Tensor]]:
+def calibrate_site(runs: Runs, site: MlpSite) -> SiteCalibration:
+    """The site's inputs and original outputs on the calibration runs (the model run up to the site)."""
+    return calibrate_hidden(runs, site)[0]
+
+
+@torch.no_grad()
+def calibrate_hidden(runs: Runs, site: MlpSite) -> tuple[SiteCalibration, list[torch.Tensor]]:
     """As :func:`calibrate_site`, plus the hidden activations ``[n_e, D]`` (the output projection's input)."""
-    inputs, hidden = _run_to_site(model, site, batch)
+    inputs, hidden = _run_to_site(runs, site)
     targets = [_output_of(site, index, h) for index, h in enumerate(hidden)]
     return SiteCalibration(inputs, targets), hidden
 
 
 @torch.no_grad()
-def refit_output(
-    model: nn.Module, site: MlpSite, calibration: SiteCalibration, batch: dict, ridge: float
-) -> float:
+def refit_output(runs: Runs, site: MlpSite, calibration: SiteCalibration, ridge: float) -> float:
     """Refit the site's output projection and bias by ridge least squares against the original outputs.
 
     Minimises ``||Y - H' diag(n) W^T - b||^2 + lam ||W - W_0||^2`` for the stored weight ``W`` (the scale
@@ -80,7 +124,7 @@ def refit_output(
     coordinate summed over the calibration tokens, averaged over coordinates. Returns the relative error
     on the calibration tokens after the refit.
     """
-    _, hidden = _run_to_site(model, site, batch)
+    _, hidden = _run_to_site(runs, site)
     errors, energy = 0.0, 0.0
     for index, (h, y) in enumerate(zip(hidden, calibration.targets)):
         if not len(h):
@@ -110,31 +154,24 @@ def _ridge(h: torch.Tensor, y: torch.Tensor, start: torch.Tensor, ridge: float, 
     return weight, y_mean - h_mean @ weight
 
 
-def _run_to_site(
-    model: nn.Module, site: MlpSite, batch: dict
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _run_to_site(runs: Runs, site: MlpSite) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Inputs and hidden activations (the output projection's input) of every batch element of the site."""
     experts = site.experts or 1
     inputs: list[list[torch.Tensor]] = [[] for _ in range(experts)]
     hidden: list[list[torch.Tensor]] = [[] for _ in range(experts)]
     mask: list[torch.Tensor] = []
-    handles = _hooks(model, site, inputs, hidden, mask)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    handles = _hooks(runs.model, site, inputs, hidden, mask)
     try:
         with torch.no_grad():
-            for start in range(0, len(batch["input_ids"]), MICRO_BATCH):
-                part = {k: v[start : start + MICRO_BATCH].to(device) for k, v in batch.items()}
-                mask[:] = [part["attention_mask"].bool()]
+            for keep, run in runs.parts():
+                mask[:] = [keep]
                 try:
-                    model(**model_inputs(model, part))
+                    run()
                 except _SiteDone:
                     pass
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return [_joined(x) for x in inputs], [_joined(h) for h in hidden]
 
 
@@ -246,6 +283,8 @@ def _output_of(site: MlpSite, index: int, hidden: torch.Tensor) -> torch.Tensor:
     """The original MLP's output for ``hidden`` activations: hidden @ W_out (+ bias)."""
     slot = _output_slot(site, index)
     weight = _stored_rows(slot, index).detach().double().cpu() * _scale(slot, index).unsqueeze(-1)
+    if not len(hidden):  # an expert no calibration token reached
+        return torch.zeros(0, weight.shape[1])
     out = hidden.double() @ weight
     bias = _bias(slot)
     if bias is not None:

@@ -91,18 +91,17 @@ def compress(
         from .persistence import check_writable
 
         check_writable(out, overwrite)
-    calibrate = calibration_texts is not None or chosen.calibrate
-    streamable = not (in_memory or out is None or path is None or is_fused(path) or calibrate or verify)
+    sampled = calibration_texts is None and chosen.calibrate
+    streamable = not (in_memory or out is None or path is None or is_fused(path) or sampled or verify)
     if streamable:
-        done = _streamed(path, Path(out), config, settings, overwrite, shard_bytes, say)
+        texts = calibration_texts[:calibration_samples] if calibration_texts is not None else None
+        done = _streamed(
+            path, Path(out), config, settings, chosen, texts, max_length, overwrite, shard_bytes, say
+        )
         if done is not None:
             return Compressed(str(path), done, chosen.name, True, Path(out))
     elif path is not None and not (in_memory or out is None or is_fused(path)):
-        held = (
-            ("--calibration", calibration_texts is not None),
-            (f"the {chosen.name} recipe", calibration_texts is None and chosen.calibrate),
-            ("--verify", verify),
-        )
+        held = ((f"the {chosen.name} recipe's sampled calibration texts", sampled), ("--verify", verify))
         reasons = [name for name, holds in held if holds]
         say(f"fusing in memory: {' and '.join(reasons)} need(s) the whole model")
     return _in_memory(
@@ -111,15 +110,26 @@ def compress(
     )  # fmt: skip
 
 
-def _streamed(path: Path, out: Path, config, settings, overwrite, shard_bytes, say) -> FusionReport | None:
+def _streamed(
+    path: Path, out: Path, config, settings, recipe, texts, max_length, overwrite, shard_bytes, say
+) -> FusionReport | None:
+    from .calibration import calibration_batch
     from .models import load_tokenizer
     from .streaming import NotStreamable, fuse_checkpoint
 
+    tokenizer = load_tokenizer(path)
+    batch, given = None, None
+    if texts is not None:
+        if tokenizer is None:
+            raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
+        batch = calibration_batch(tokenizer, texts, None, max_length)
+        given = {"source": "given", "max_length": max_length, "texts": len(texts)}
     try:
         say(f"fusing {path} layer by layer into {out}")
         return fuse_checkpoint(
             path, out, config, dtype=settings.torch_dtype(), device=settings.torch_device(),
-            tokenizer=load_tokenizer(path), overwrite=overwrite, shard_bytes=shard_bytes, progress=say,
+            tokenizer=tokenizer, overwrite=overwrite, shard_bytes=shard_bytes, progress=say, calibration=batch,
+            annotate=lambda model: recipes.record(model, recipe, given, None),
         )  # fmt: skip
     except NotStreamable as reason:
         say(f"fusing in memory: this checkpoint cannot be streamed ({reason})")

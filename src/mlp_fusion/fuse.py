@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import find_sites
 from .budget import WidthCurve, allocate_widths, width_curve
-from .calibration import calibrate_hidden, calibrate_site, refit_output
+from .calibration import ModelRuns, Runs, calibrate_hidden, calibrate_site, refit_output
 from .config import FusionConfig, names_site
 from .errors import UserError
 from .memory import check_fits, experts_per_chunk
@@ -93,17 +93,20 @@ def fuse(
     model: nn.Module,
     config: FusionConfig,
     progress: Callable[[str], None] | None = None,
-    calibration: dict | None = None,
+    calibration: dict | Runs | None = None,
 ) -> FusionReport:
     """Fuse the MLPs of ``model`` chosen by ``config``, in place, and report what changed.
 
     Every check (layers, widths, finite weights) runs before the first site is touched. ``progress``, when
     given, receives one line per site. ``calibration``, a tokenised batch (``input_ids`` and
-    ``attention_mask``, right-padded), turns on calibration-aware fusion (see :mod:`mlp_fusion.calibration`).
+    ``attention_mask``, right-padded), turns on calibration-aware fusion (see :mod:`mlp_fusion.calibration`);
+    layer-by-layer fusion passes its own :class:`~mlp_fusion.calibration.Runs` instead.
     """
     if not isinstance(config, FusionConfig):
         raise UserError(f"config must be a FusionConfig, got {type(config).__name__}")
-    check_calibration_batch(calibration)
+    if calibration is not None and not hasattr(calibration, "parts"):  # a batch, not Runs
+        check_calibration_batch(calibration)
+        calibration = ModelRuns(model, calibration)
     start = time.perf_counter()
     sites = find_sites(model)
     plans = _plan(model, sites, config, calibration)
@@ -158,10 +161,10 @@ def fuse(
 
 
 def _fuse_site(
-    model: nn.Module, site: MlpSite, sub: SubMlps, width: int, config: FusionConfig, calibration: dict | None
+    model: nn.Module, site: MlpSite, sub: SubMlps, width: int, config: FusionConfig, calibration: Runs | None
 ) -> tuple[MethodResult, float | None]:
     """Run the method on one site and write the result; with calibration inputs, weight and refit."""
-    statistics = calibrate_site(model, site, calibration) if calibration is not None else None
+    statistics = calibrate_site(calibration, site) if calibration is not None else None
     weights = statistics.input_weights(sub) if statistics is not None and config.weighting else None
     with torch.no_grad():
         if weights is None:
@@ -173,7 +176,7 @@ def _fuse_site(
     use_compatible_experts_kernel(model, [site])  # before the next forward pass, not only at the end
     if statistics is None or not config.refit or result.rank is not None:
         return result, None
-    return result, refit_output(model, site, statistics, calibration, config.ridge)
+    return result, refit_output(calibration, site, statistics, config.ridge)
 
 
 def run_method(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
@@ -244,7 +247,7 @@ def working_copy(site: MlpSite) -> SubMlps:
 
 
 def _plan(
-    model: nn.Module, sites: list[MlpSite], config: FusionConfig, calibration: dict | None
+    model: nn.Module, sites: list[MlpSite], config: FusionConfig, calibration: Runs | None
 ) -> list[tuple[MlpSite, int]]:
     done = {record.name for record in fusion_records(model)}
     plans, shapes = [], {}
@@ -293,7 +296,7 @@ def kernel_friendly_width(site: MlpSite, width: int) -> int:
 
 
 def _plan_budget(
-    model: nn.Module, plans: list[tuple[MlpSite, int]], config: FusionConfig, calibration: dict | None
+    model: nn.Module, plans: list[tuple[MlpSite, int]], config: FusionConfig, calibration: Runs | None
 ) -> list[tuple[MlpSite, int]]:
     """Widths that keep ``config.budget`` of the chosen sites' parameters, spread by sensitivity: each site's
     output error on the calibration inputs when there are some (measured on the unfused model), else the
@@ -308,12 +311,12 @@ def _plan_budget(
 
 
 def _sensitivity(
-    model: nn.Module, site: MlpSite, config: FusionConfig, calibration: dict | None
+    model: nn.Module, site: MlpSite, config: FusionConfig, calibration: Runs | None
 ) -> WidthCurve:
     sub = working_copy(site)
     if calibration is None:
         return width_curve(sub, config.canonical, config.seed)
-    statistics, hidden = calibrate_hidden(model, site, calibration)
+    statistics, hidden = calibrate_hidden(calibration, site)
     if config.weighting:
         sub = sub.scale_inputs(statistics.input_weights(sub))
     return width_curve(sub, config.canonical, config.seed, hidden)

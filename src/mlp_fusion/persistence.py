@@ -119,7 +119,7 @@ def from_pretrained(
     directory = Path(directory)
     model, sites = fused_skeleton(directory, dtype)
     device = torch.device(device if device is not None else "cpu")
-    _materialise_derived_buffers(model, device)
+    materialise_derived_buffers(model, device)
     _load_stored_tensors(model, weight_files(directory), device)
     follow_native_save(model)
     use_compatible_experts_kernel(model, sites)
@@ -158,8 +158,17 @@ def fused_skeleton(
 def meta_model(build: Callable, config, dtype: torch.dtype, directory: Path) -> nn.Module:
     """``build(config)`` on the meta device (shapes only, no storage) in ``dtype``, with the generation
     config ``directory`` holds."""
-    with torch.device("meta"):
-        model = build(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as transformers builds it: derived buffers get the dtypes it gives them
+    try:
+        with torch.device("meta"):
+            model = build(config)
+    finally:
+        torch.set_default_dtype(default)
+    derived = _derived_buffers(model)
+    model.to(dtype)
+    for module, name, buffer in derived:  # rotary frequencies stay float32, as in a loaded model
+        module._buffers[name] = module._buffers[name].to(buffer.dtype)
     if (directory / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
     return model
@@ -223,21 +232,30 @@ def shared_names(model: nn.Module) -> list[list[str]]:
     return [group for group in names.values() if len(group) > 1]
 
 
-def _materialise_derived_buffers(model: nn.Module, device: torch.device) -> None:
-    """Buffers that checkpoints do not store (rotary frequencies, position ids) are computed, not loaded:
-    give them storage and let the model's own initialiser fill them. Its owner's parameters are still on
-    the meta device here, so whatever it does to them is discarded when the stored tensors arrive."""
+def _derived_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """The buffers checkpoints do not store (rotary frequencies, position ids, embedding scales)."""
+    return [
+        (module, name, module._buffers[name])
+        for module in model.modules()
+        for name in module._non_persistent_buffers_set
+        if module._buffers.get(name) is not None
+    ]
+
+
+def materialise_derived_buffers(
+    model: nn.Module, device: torch.device, modules: list[nn.Module] | None = None
+) -> None:
+    """Buffers that checkpoints do not store are computed, not loaded: give those of ``modules`` (default:
+    all) storage and let the model's own initialiser fill them. Their owners' parameters are still on the
+    meta device here, so whatever it does to them is discarded when the stored tensors arrive."""
+    chosen = None if modules is None else {id(module) for module in modules}
     owners = []
-    for module in model.modules():
-        derived = [
-            name for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None
-        ]
-        for name in derived:
-            module._buffers[name] = torch.empty_like(module._buffers[name], device=device)
-        if derived:
+    for module, name, buffer in _derived_buffers(model):
+        if chosen is None or id(module) in chosen:
+            module._buffers[name] = torch.empty_like(buffer, device=device)
             owners.append(module)
     with torch.no_grad():
-        for module in owners:
+        for module in dict.fromkeys(owners):
             model._init_weights(module)
 
 

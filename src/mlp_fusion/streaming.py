@@ -35,6 +35,7 @@ from .config import FusionConfig
 from .errors import UserError
 from .fuse import (
     FusionReport,
+    check_calibration_batch,
     check_memory,
     count_parameters,
     fuse,
@@ -57,6 +58,7 @@ from .persistence import (
     weight_files,
     write_description,
 )
+from .layer_runs import LayerStackError, LayerWalk, stack_index
 from .sites import MlpSite
 
 SHARD_BYTES = 2 << 30  # output shard size (shards are written as they fill, never held in memory)
@@ -205,12 +207,16 @@ def fuse_checkpoint(
     overwrite: bool = False,
     shard_bytes: int = SHARD_BYTES,
     progress: Callable[[str], None] | None = None,
+    calibration: dict | None = None,
+    annotate: Callable[[nn.Module], None] | None = None,
 ) -> FusionReport:
     """Fuse the local checkpoint ``source`` into the fused format in ``out``, one layer at a time.
 
     Gives the same tensors as loading ``source`` in ``dtype`` (default: its own), :func:`fuse` with
-    ``config`` and :func:`save_pretrained`. Raises :class:`NotStreamable` before writing anything when the
-    checkpoint cannot be read this way.
+    ``config`` (and the tokenised ``calibration`` batch, see :mod:`mlp_fusion.layer_runs`) and
+    :func:`save_pretrained`. ``annotate`` is called on the model before its description is written (the
+    recipe records itself there). Raises :class:`NotStreamable` before writing anything when the checkpoint
+    cannot be read this way.
     """
     if config.budget is not None:
         raise NotStreamable("--budget compares every layer before fusing any")
@@ -229,29 +235,42 @@ def fuse_checkpoint(
             width = planned_width(site, config)  # refused here, before anything is written,
             check_memory(site, site.read().row_length, width, config, device)  # and one that cannot fit
     check_writable(out, overwrite)
+    if calibration is not None:
+        check_calibration_batch(calibration)
     start = time.perf_counter()
     report = FusionReport(method=config.method, params_before=count_parameters(model))
     report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
+    walk = _walk(model, reader, groups, calibration, device) if calibration is not None else None
 
     def write(tmp: Path) -> None:
         shards = ShardWriter(tmp, shard_bytes)
         owners = {site.name: group for group in groups for site in group}
         done: set[int] = set()
+        entered: set[int] = set()
         for name in _stored_names(model, reader):
+            layer = walk.layer_of(name) if walk is not None else None
+            if layer is not None and layer not in entered:  # read, calibrate and fuse, carry on
+                entered.add(layer)
+                report.layers += walk.enter(layer, config, progress)
             group = next((g for prefix, g in owners.items() if name.startswith(prefix + ".")), None)
             if group is None:
                 shards.add(name, reader.read(name, torch.device("cpu"), dtype))
             elif id(group) not in done:
                 done.add(id(group))
-                report.layers += _fuse_group(model, group, reader, config, device, progress).layers
+                if walk is None:
+                    report.layers += _fuse_group(model, group, reader, config, device, progress).layers
                 for site in group:
                     module = model.get_submodule(site.name)
                     for key, tensor in module.state_dict(prefix=site.name + ".").items():
                         shards.add(key, tensor)
                     module.to("meta")  # released
+        if walk is not None:
+            walk.release()
         shards.close()
         for record in fusion_records(model):
             record.settings = {**record.settings, "layers": config.layers}
+        if annotate is not None:
+            annotate(model)
         write_description(model, tmp, tokenizer)
 
     atomic_directory(out, overwrite, write)
@@ -259,6 +278,27 @@ def fuse_checkpoint(
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _walk(model, reader: CheckpointReader, groups, calibration: dict, device: torch.device) -> LayerWalk:
+    """The calibrated walk over the layers of ``groups`` (refused as :class:`NotStreamable` when the chosen
+    MLPs are not in one list of layers)."""
+    aliases = {name: group for group in shared_names(model) for name in group}
+    stored = reader.names()
+
+    def read(name: str, where: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if name not in stored:
+            name = next(alias for alias in aliases.get(name, ()) if alias in stored)
+        return reader.read(name, where, dtype)
+
+    by_layer = {}
+    try:
+        for group in groups:
+            walk_index = stack_index(model, group[0].name)
+            by_layer[walk_index] = group
+        return LayerWalk(model, read, by_layer, calibration, device)
+    except LayerStackError as reason:
+        raise NotStreamable(f"calibration layer by layer: {reason}") from None
 
 
 def _return_large_blocks() -> None:

@@ -1,0 +1,223 @@
+"""Calibration one layer at a time, for fusing a checkpoint on disk without loading the whole model.
+
+Only what lies outside the layer stack (embeddings, rotary tables, final norm, head) is read whole: it is
+small. The model's own forward pass runs once per calibration micro-batch with every layer replaced by a
+recorder, which keeps the arguments the model gives that layer (attention masks, rotary positions, sliding
+windows, routing flags) and passes its input on. Then each layer, read from the checkpoint when its turn
+comes, runs on the hidden states the layer before it produced, with its recorded arguments: the model's
+layers run as the model runs them, and attention is never re-implemented. A layer whose MLPs are chosen is
+fused on those runs (:func:`mlp_fusion.fuse`, exactly as in memory), and its fused outputs are what the next
+layer sees, as they are when the whole model is fused in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .calibration import MICRO_BATCH, calibration_inputs
+from .config import FusionConfig
+from .fuse import LayerReport, fuse
+from .persistence import materialise_derived_buffers
+from .sites import MlpSite
+
+
+class LayerStackError(Exception):
+    """Why the chosen layers cannot be calibrated one at a time (the caller then fuses in memory)."""
+
+
+class _Recorded(Exception):
+    """Raised by the last recorder: the rest of the model is not needed."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for layer ``index``: keeps its arguments and hands its input on unchanged."""
+
+    def __init__(self, index: int, calls: dict, last: int):
+        super().__init__()
+        self.index, self.calls, self.last = index, calls, last
+
+    def forward(self, *args, **kwargs):
+        self.calls[self.index] = (args, kwargs)
+        if self.index == self.last:
+            raise _Recorded
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@dataclass
+class _Part:
+    """One micro-batch: which tokens are real, each layer's recorded arguments, and the hidden states that
+    reach the current layer."""
+
+    mask: torch.Tensor
+    calls: dict[int, tuple[tuple, dict]]
+    hidden: torch.Tensor | None = None
+
+    def arguments(self, index: int) -> tuple[tuple, dict]:
+        args, kwargs = self.calls[index]
+        if args:
+            return (self.hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.hidden}
+
+
+class LayerRuns:
+    """The calibration runs (:class:`mlp_fusion.calibration.Runs`) of one layer: the layer on the hidden
+    states that reach it."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module, index: int, parts: list[_Part]):
+        self.model, self.layer, self.index, self._parts = model, layer, index, parts
+
+    def parts(self) -> Iterator[tuple[torch.Tensor, Callable[[], object]]]:
+        for part in self._parts:
+            args, kwargs = part.arguments(self.index)
+            yield part.mask, lambda args=args, kwargs=kwargs: self.layer(*args, **kwargs)
+
+
+def layer_stack(model: nn.Module, sites: list[MlpSite]) -> tuple[str, nn.ModuleList]:
+    """The one list of layers that holds every chosen site, by name."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise LayerStackError("an encoder-decoder's decoder layers need the encoder's outputs")
+    stacks = {_stack_of(model, site.name) for site in sites}
+    if len(stacks) != 1 or None in stacks:
+        raise LayerStackError("the chosen MLPs are not in one list of layers")
+    name = stacks.pop()
+    return name, model.get_submodule(name)
+
+
+def stack_index(model: nn.Module, name: str) -> int:
+    """The index, in its list of layers, of the layer that holds module ``name``."""
+    stack = _stack_of(model, name)
+    if stack is None:
+        raise LayerStackError(f"{name} is not in a list of layers")
+    return int(name[len(stack) + 1 :].split(".")[0])
+
+
+def _stack_of(model: nn.Module, name: str) -> str | None:
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if parts[end].isdigit() and isinstance(model.get_submodule(".".join(parts[:end])), nn.ModuleList):
+            return ".".join(parts[:end])
+    return None
+
+
+class LayerWalk:
+    """Walks the layer stack of a meta-device ``model`` in order, reading each layer with ``read`` (name,
+    device, dtype -> tensor), fusing its chosen sites on the calibration runs and carrying its outputs on.
+
+    ``groups`` maps a layer index to its chosen sites; layers after the last of them are never run.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        read: Callable[[str, torch.device, torch.dtype], torch.Tensor],
+        groups: dict[int, list[MlpSite]],
+        batch: dict,
+        device: torch.device,
+    ):
+        self.model, self.read, self.groups, self.device = model, read, groups, device
+        self.stack_name, self.stack = layer_stack(model, [s for group in groups.values() for s in group])
+        self.last = max(groups)
+        self.current: int | None = None
+        outside = [n for n, _ in model.named_modules() if not _under(n, self.stack_name)]
+        _materialize(model, outside, read, device)
+        self.parts = self._record(batch)
+
+    def layer_of(self, name: str) -> int | None:
+        """The stack index of the tensor ``name`` when it lies in a layer this walk runs, else None."""
+        if not _under(name, self.stack_name) or name == self.stack_name:
+            return None
+        index = int(name[len(self.stack_name) + 1 :].split(".")[0])
+        return index if index <= self.last else None
+
+    def enter(self, index: int, config: FusionConfig, progress) -> list[LayerReport]:
+        """Read layer ``index`` (releasing the one before), fuse its chosen sites, and run it on to the next."""
+        if self.current is not None:
+            self.stack[self.current].to("meta")
+        self.current = index
+        prefix = f"{self.stack_name}.{index}"
+        _materialize(
+            self.model,
+            [n for n, _ in self.model.named_modules() if _under(n, prefix)],
+            self.read,
+            self.device,
+        )
+        layer = self.stack[index]
+        rows = []
+        if index in self.groups:
+            site = self.groups[index][0]
+            reference = f"{site.stack}:{site.layer}" if site.stack else site.layer
+            runs = LayerRuns(self.model, layer, index, self.parts)
+            rows = fuse(
+                self.model, replace(config, layers=[reference]), progress=progress, calibration=runs
+            ).layers
+        if index < self.last:
+            self._carry(layer, index)
+        return rows
+
+    def release(self) -> None:
+        if self.current is not None:
+            self.stack[self.current].to("meta")
+
+    @torch.no_grad()
+    def _carry(self, layer: nn.Module, index: int) -> None:
+        for part in self.parts:
+            args, kwargs = part.arguments(index)
+            out = layer(*args, **kwargs)
+            part.hidden = out[0] if isinstance(out, tuple) else out
+            del part.calls[index]
+
+    @torch.no_grad()
+    def _record(self, batch: dict) -> list[_Part]:
+        model, stack = self.model, self.stack
+        layers = list(stack)
+        parts = []
+        try:
+            for start in range(0, len(batch["input_ids"]), MICRO_BATCH):
+                piece = {k: v[start : start + MICRO_BATCH].to(self.device) for k, v in batch.items()}
+                calls: dict = {}
+                for index in range(self.last + 1):
+                    stack[index] = _Recorder(index, calls, self.last)
+                try:
+                    model(**calibration_inputs(model, piece))
+                except _Recorded:
+                    pass
+                first_args, first_kwargs = calls[0]
+                hidden = first_args[0] if first_args else first_kwargs["hidden_states"]
+                parts.append(_Part(piece["attention_mask"].bool(), calls, hidden))
+        finally:
+            for index, layer in enumerate(layers):
+                stack[index] = layer
+        return parts
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _materialize(
+    model: nn.Module,
+    names: list[str],
+    read: Callable[[str, torch.device, torch.dtype], torch.Tensor],
+    device: torch.device,
+) -> None:
+    """Give the named modules real tensors: parameters and saved buffers read from the checkpoint (a tied
+    parameter once, under whichever name the file has), buffers the checkpoint does not hold (rotary
+    tables, embedding scales) computed by the model's own initialisation, as when it is loaded whole."""
+    modules = [model.get_submodule(name) for name in names]
+    materialise_derived_buffers(model, device, modules)
+    done: dict[int, nn.Parameter] = {}
+    for name, module in zip(names, modules):
+        prefix = f"{name}." if name else ""
+        for key, parameter in list(module._parameters.items()):
+            if parameter is not None and id(parameter) not in done:
+                tensor = read(prefix + key, device, parameter.dtype)
+                done[id(parameter)] = nn.Parameter(tensor, requires_grad=parameter.requires_grad)
+            if parameter is not None:
+                module._parameters[key] = done[id(parameter)]
+        for key, buffer in list(module._buffers.items()):
+            if buffer is not None and key not in module._non_persistent_buffers_set:
+                module._buffers[key] = read(prefix + key, device, buffer.dtype)
