@@ -43,6 +43,7 @@ from .fuse import (
     planned_width,
     select_sites,
 )
+from .layer_runs import LayerStackError, LayerWalk, stack_index
 from .persistence import (
     DTYPES,
     INDEX_FILE,
@@ -58,7 +59,6 @@ from .persistence import (
     weight_files,
     write_description,
 )
-from .layer_runs import LayerStackError, LayerWalk, stack_index
 from .sites import MlpSite
 
 SHARD_BYTES = 2 << 30  # output shard size (shards are written as they fill, never held in memory)
