@@ -125,6 +125,8 @@ class LayerWalk:
         outside = [n for n, _ in model.named_modules() if not _under(n, self.stack_name)]
         _materialize(model, outside, read, device)
         self.parts = self._record(batch)
+        for name in outside:  # the embeddings' work is done: released before any layer is read
+            _release(model.get_submodule(name))
 
     def layer_of(self, name: str) -> int | None:
         """The stack index of the tensor ``name`` when it lies in a layer this walk runs, else None."""
@@ -192,6 +194,18 @@ class LayerWalk:
             for index, layer in enumerate(layers):
                 stack[index] = layer
         return parts
+
+
+def _release(module: nn.Module) -> None:
+    """Put ``module``'s own tensors (not its children's) back on the meta device."""
+    for store in (module._parameters, module._buffers):
+        for key, tensor in store.items():
+            if tensor is not None:
+                store[key] = (
+                    tensor.to("meta")
+                    if not isinstance(tensor, nn.Parameter)
+                    else nn.Parameter(tensor.to("meta"), requires_grad=tensor.requires_grad)
+                )
 
 
 def _under(name: str, prefix: str) -> bool:
