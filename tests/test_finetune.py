@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build, save_tokenizer, write_sentiment_task
+from tiny_models import build, inputs, outputs, save_tokenizer, write_sentiment_task
 
 from mlp_fusion import from_pretrained
 from mlp_fusion.cli import main
@@ -309,6 +309,79 @@ def test_two_processes_train_with_distributed_data_parallel(base_dir, task_dir, 
     assert results[0]["metrics"]["accuracy"] > 0.7
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == 24
     assert from_pretrained(out) is not None
+
+
+def finetune_processes(processes: int, out, arguments: list, port: int) -> dict:
+    """``mlp-fusion finetune ARGUMENTS`` under torchrun (one process: plain), its one JSON result."""
+    script = Path(sys.executable).parent / "mlp-fusion"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    launch += ["--master_port", str(port)] if processes > 1 else []
+    command = [
+        *(launch if processes > 1 else [sys.executable]),
+        str(script),
+        "finetune",
+        *map(str, arguments),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [*command, "--out", str(out), "--json"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1  # only the main process reports
+    return results[0]
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_two_sharded_processes_train_as_one_process_does(model, task_dir, tmp_path):
+    """FSDP2 over 2 CPU processes (gloo), 8 examples each per step, against one process with 16: the same
+    loss step by step, and one gathered fused checkpoint that reloads with the same outputs. Dropout is off
+    (the processes draw their own masks)."""
+    source = tmp_path / f"tiny-{model}"
+    base = build(model)
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout"):
+        if hasattr(base.config, name):
+            setattr(base.config, name, 0.0)
+    base.save_pretrained(source)
+    save_tokenizer(source)
+    common = [
+        source,
+        "--task",
+        "sst2",
+        "--data",
+        task_dir,
+        "--ratio",
+        "0.5",
+        "--epochs",
+        "1",
+        "--recipe",
+        "paper",
+    ]
+    common += ["--lr", "1e-2", "--max-length", "32", "--warmup-ratio", "0"]
+    one = finetune_processes(1, tmp_path / "one", [*common, "--batch-size", "16"], 0)
+    two = finetune_processes(2, tmp_path / "two", [*common, "--batch-size", "8", "--fsdp"], 29523)
+    assert len(one["losses"]) == len(two["losses"]) == 16  # 256 examples / 16 per step
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-3
+    assert len(two["peak_memory_mb_per_process"]) == 2
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["fsdp"] is True
+    batch = inputs(seed=4, batch=3, length=6)
+    sharded, single = from_pretrained(tmp_path / "two"), from_pretrained(tmp_path / "one")
+    assert [r.name for r in fusion_records(sharded)] == [r.name for r in fusion_records(single)]
+    torch.testing.assert_close(outputs(sharded, batch), outputs(single, batch), atol=1e-4, rtol=1e-3)
+
+
+def test_fsdp_needs_torchrun_and_refuses_what_it_does_not_combine_with(capsys, base_dir, task_dir, tmp_path):
+    base = [base_dir, "--task", "sst2", "--data", task_dir, "--fsdp", "--out", tmp_path / "out"]
+    code, _, stderr = run(capsys, "finetune", *base)
+    assert code == 2 and "torchrun --nproc_per_node N" in stderr
+    os.environ["WORLD_SIZE"] = "2"  # as torchrun sets it: refused before any process group is joined
+    try:
+        for extra, message in ((["--resume"], "--resume"), (["--peft", "lora"], "--peft")):
+            code, _, stderr = run(capsys, "finetune", *base, *extra)
+            assert code == 2 and f"does not combine with {message}" in stderr
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_training_options_default_to_the_settings_dataclass():

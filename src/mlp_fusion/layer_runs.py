@@ -87,6 +87,12 @@ def layer_stack(model: nn.Module, sites: list[MlpSite]) -> tuple[str, nn.ModuleL
     return name, model.get_submodule(name)
 
 
+def layer_list_names(model: nn.Module, sites: list[MlpSite]) -> list[str]:
+    """The lists of layers that hold ``sites``, by name, in model order."""
+    names = [_stack_of(model, site.name) for site in sites]
+    return [name for name in dict.fromkeys(names) if name is not None]
+
+
 def stack_index(model: nn.Module, name: str) -> int:
     """The index, in its list of layers, of the layer that holds module ``name``."""
     stack = _stack_of(model, name)

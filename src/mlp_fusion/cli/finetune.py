@@ -34,7 +34,7 @@ RUN_KEYS = (
     "method", "recipe", "ratio", "width", "budget", "layers", "n_init", "keep_fraction", "canonical", "calibrate", "calibration_samples", "weighting",
     "refit", "ridge", "distill_epochs", "peft", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
-    "teacher_weight", "teacher_temperature",
+    "teacher_weight", "teacher_temperature", "fsdp",
 )  # fmt: skip
 
 
@@ -95,6 +95,12 @@ def add_parser(commands) -> None:
     training.add_argument("--max-train-samples", type=int, help="train on the first N examples only")
     add_config_options(training, TrainSettings, TRAIN_OPTIONS)
     finetune.add_argument("--out", type=Path, help="output directory (default runs/TASK-METHOD-seedN)")
+    finetune.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimiser state across the processes (FSDP2); "
+        "ends with the last epoch's weights, gathered into one checkpoint",
+    )
     run_mode = finetune.add_mutually_exclusive_group()
     run_mode.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run_mode.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -155,6 +161,8 @@ def run_finetune(args: argparse.Namespace) -> int:
             "it needs a base model, a fusion method and a generation task"
         )
     lora = _lora_settings(args)
+    if args.fsdp:
+        _check_fsdp(args, lora, settings)
     device = load_settings(args).torch_device()
     if device.index:
         raise UserError(
@@ -185,8 +193,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         record_recipe(model, recipe, source if calibration else None, None)
         fuse(model, config, progress=log, calibration=calibration)
     training_args = training_arguments(
-        settings, checkpoint_dir, job.main_metric, job.greater_is_better, use_cpu=device.type == "cpu"
-    )
+        settings, checkpoint_dir, job.main_metric, job.greater_is_better, use_cpu=device.type == "cpu",
+        sharded=args.fsdp,
+    )  # fmt: skip
     main = _is_main_process()
     _barrier()  # every process has checked its inputs before the first one writes
     if main:
@@ -216,12 +225,12 @@ def run_finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=main and not args.json,
         teacher=teacher,
+        sharded=args.fsdp,
     )
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    if lora:
-        model = merge_lora(trained)
     if not main:
         return 0
+    model = merge_lora(outcome["model"]) if lora else outcome["model"]
     records = fusion_records(model)
     result = {
         "task": job.task,
@@ -231,6 +240,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         "train_seconds": outcome["train_seconds"],
         "train_steps_per_second": outcome["train_steps_per_second"],
         "peak_memory_mb": outcome["peak_memory_mb"],
+        "peak_memory_mb_per_process": outcome["peak_memory_mb_per_process"],
+        "losses": outcome["losses"],
         "params": count_parameters(model),
         "params_before_fusion": params_before,
         "trainable_params": trainable,
@@ -245,6 +256,16 @@ def run_finetune(args: argparse.Namespace) -> int:
     finish_out(out, model, job.loaded.tokenizer, result, job.outputs)
     _report(result, args.json)
     return 0
+
+
+def _check_fsdp(args: argparse.Namespace, lora, settings) -> None:
+    from ..training.sharding import check_shardable
+
+    check_shardable()
+    held = (("--resume", args.resume), ("--peft", lora), ("--teacher-weight", settings.teacher_weight))
+    for option, given in held:
+        if given:
+            raise UserError(f"--fsdp does not combine with {option} yet")
 
 
 def _lora_settings(args: argparse.Namespace):

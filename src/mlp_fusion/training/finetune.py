@@ -2,8 +2,8 @@
 
 AdamW with linear or polynomial decay after a warm-up, dynamic padding, an evaluation and a checkpoint
 every epoch, the best epoch's weights kept, resumable from the last checkpoint, distributed data parallel
-when launched with ``torchrun`` / ``accelerate launch``. Fixed scales are buffers, so the optimiser never
-sees them.
+when launched with ``torchrun`` / ``accelerate launch``, or fully sharded across those processes
+(:mod:`mlp_fusion.training.sharding`). Fixed scales are buffers, so the optimiser never sees them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import UserError
 from ..probes import model_inputs
 from .data import EncodedDataset, TaskData
+from . import sharding
 from .distill import Teacher, distill
 from .memory import PeakMemory
 from .metrics import score
@@ -94,8 +95,10 @@ def training_arguments(
     greater_is_better: bool = True,
     *,
     use_cpu: bool = False,
+    sharded: bool = False,
 ):
-    """The Trainer's arguments; making them also joins the process group under torchrun."""
+    """The Trainer's arguments; making them also joins the process group under torchrun. A sharded run
+    keeps no epoch checkpoints (it ends with the last epoch's weights, gathered)."""
     return transformers.TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=settings.epochs,
@@ -108,12 +111,12 @@ def training_arguments(
         adam_beta2=settings.adam_beta2,
         adam_epsilon=settings.adam_epsilon,
         eval_strategy="epoch",
-        save_strategy="epoch",
+        save_strategy="no" if sharded else "epoch",
         save_total_limit=1,
-        load_best_model_at_end=True,
+        load_best_model_at_end=not sharded,
         metric_for_best_model=main_metric,
         greater_is_better=greater_is_better,
-        logging_steps=10,
+        logging_steps=1,  # every step's loss is kept in the run's record
         seed=settings.seed,
         use_cpu=use_cpu,
         report_to="none",
@@ -148,14 +151,28 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     teacher: Teacher | None = None,
+    sharded: bool = False,
 ) -> dict:
-    """Fine-tune ``model``; returns ``final_scores`` of the best epoch's weights and the run's cost.
+    """Fine-tune ``model``; returns ``final_scores`` of the best epoch's weights, the run's cost, every
+    step's training loss, and the trained ``model``.
 
     With a ``teacher``, the training loss mixes the task loss with the KL divergence to the teacher's
-    next-token distribution (its forward pass is part of every step's time)."""
+    next-token distribution (its forward pass is part of every step's time). ``sharded`` (under torchrun,
+    with ``args`` made with ``sharded=True``) splits the model across the processes with FSDP2; the
+    returned model is then the gathered one on the main process and None on the others."""
     timer = _Progress(progress)
     trainer_class = transformers.Trainer if teacher is None else _TeacherTrainer
+    if sharded:
+        plain = sharding.skeleton(model)
+        sharding.shard(model)
     trainer = trainer_class(model=model, args=args, callbacks=[timer], **trainer_inputs)
+    if _classifier(model):
+        # Its loss is the mean over its own process's examples; the Trainer would otherwise scale it by the
+        # number of processes (meant for token sums divided by a global count), doubling the gradients and
+        # the logged loss of a two-process run.
+        trainer.model_accepts_loss_kwargs = False
+    if sharded:
+        sharding.keep_sharded(trainer)
     if teacher is not None:
         trainer.teacher = teacher
         teacher.model.to(args.device)
@@ -167,8 +184,14 @@ def finetune(
     with PeakMemory() as peak:
         trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
+    trained = trainer.model
+    if sharded:
+        trained = sharding.gather(trainer.model, plain)
+        trained = trained.to(args.device) if trained is not None else None
     return {
-        "metrics": final_scores(trainer.model.eval()),
+        "metrics": final_scores(trained.eval()) if trained is not None else {},
+        "model": trained,
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "epochs": [
             {k.removeprefix("eval_"): v for k, v in entry.items() if k not in ("step",)}
             for entry in trainer.state.log_history
@@ -179,7 +202,24 @@ def finetune(
         "step_seconds": timer.step_seconds,
         "train_steps_per_second": timer.steps / timer.step_seconds if timer.step_seconds else None,
         "peak_memory_mb": peak.mb,
+        "peak_memory_mb_per_process": _per_process(peak.mb),
     }
+
+
+def _classifier(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForSequenceClassification")
+
+
+def _per_process(value: float) -> list[float]:
+    """``value`` of every process, in rank order (every process must call it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def evaluate(
