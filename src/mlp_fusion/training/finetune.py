@@ -23,8 +23,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..probes import model_inputs
-from .data import EncodedDataset, TaskData
 from . import sharding
+from .data import EncodedDataset, TaskData
 from .distill import Teacher, distill
 from .memory import PeakMemory
 from .metrics import score
