@@ -161,3 +161,35 @@ def test_compress_refuses_bad_calibration_before_writing(cli, lm_dir, model_dir,
         code, stdout, stderr = cli("compress", *args, "--out", out)
         assert code == 2 and stdout == "" and message in stderr, args
         assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_reconstruction_lowers_the_calibration_error_and_keeps_the_scales(family):
+    batch = calibration_batch()
+    refitted, fitted = build(family), build(family)
+    config = FusionConfig(ratio=0.5, keep_fraction=0.5)
+    before = fuse(refitted, config, calibration=batch)
+    after = fuse(fitted, FusionConfig(ratio=0.5, keep_fraction=0.5, reconstruct_steps=50), calibration=batch)
+    for early, late in zip(before.layers, after.layers):
+        assert late.calibration_error < early.calibration_error
+    assert all(torch.equal(a, b) for a, b in zip(scales(refitted), scales(fitted)))
+    weights = [p for n, p in fitted.named_parameters() if "mlp" in n]
+    assert any(
+        not torch.equal(p, q)
+        for p, q in zip(weights, [p for n, p in refitted.named_parameters() if "mlp" in n])
+    )
+
+
+def test_reconstruction_leaves_sites_that_are_not_one_mlp_module_as_refitted():
+    """A BERT site is the whole layer (its output projection feeds a residual and a norm): not fitted."""
+    batch = calibration_batch()
+    refitted, asked = build("bert"), build("bert")
+    fuse(refitted, FusionConfig(ratio=0.5), calibration=batch)
+    fuse(asked, FusionConfig(ratio=0.5, reconstruct_steps=20), calibration=batch)
+    assert all(torch.equal(a, b) for a, b in zip(refitted.state_dict().values(), asked.state_dict().values()))
+
+
+def test_reconstruct_steps_must_be_a_whole_number_at_least_zero():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UserError, match="reconstruct_steps"):
+            FusionConfig(reconstruct_steps=bad)

@@ -195,3 +195,15 @@ def test_compress_with_a_calibration_file_streams_and_matches_in_memory(capsys, 
     described = [json.loads((tmp_path / d / "fusion.json").read_text()) for d in ("streamed", "memory")]
     assert described[0]["recipe"] == described[1]["recipe"]
     assert described[0]["recipe"]["calibration"]["texts"] == 10
+
+
+def test_reconstruction_layer_by_layer_equals_in_memory(tmp_path):
+    from mlp_fusion.streaming import fuse_checkpoint
+
+    build("llama").save_pretrained(tmp_path / "base")
+    config = mlp_fusion.FusionConfig(ratio=0.5, layers="0,2", keep_fraction=0.5, reconstruct_steps=10)
+    batch = calibration_inputs()
+    fuse_checkpoint(tmp_path / "base", tmp_path / "streamed", config, calibration=batch)
+    in_memory = build("llama")
+    mlp_fusion.fuse(in_memory, config, calibration=batch)
+    assert same_tensors(mlp_fusion.from_pretrained(tmp_path / "streamed"), in_memory)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .methods import SubMlps
 from .probes import model_inputs, padded_batch
-from .sites import ExpertModules, MlpSite, StackedExperts, WeightSlot
+from .sites import ExpertModules, LinearMlp, MlpSite, StackedExperts, WeightSlot
 
 MICRO_BATCH = 8
 
@@ -140,6 +140,62 @@ def refit_output(runs: Runs, site: MlpSite, calibration: SiteCalibration, ridge:
         errors += float((fitted - y.double()).pow(2).sum())
         energy += float(y.double().pow(2).sum())
     return (errors / max(energy, 1e-300)) ** 0.5
+
+
+RECONSTRUCT_BATCH = 1024  # calibration tokens per Adam step of the reconstruction
+RECONSTRUCT_LR = 1e-3  # Adam's step size, relative to the RMS of each stored weight
+
+
+def reconstruct(
+    model: nn.Module, site: MlpSite, calibration: SiteCalibration, steps: int, seed: int
+) -> float:
+    """Fit the fused MLP's stored weights (input projections, output projection and biases; the scale held
+    fixed, as a buffer) to the original MLP's outputs on the calibration tokens, by ``steps`` Adam steps on
+    random batches of tokens. Only a dense site whose module maps its input to the MLP's output (a LLaMA
+    or GPT-2 MLP) is fitted; others are left as they are. Returns the relative error after the fit, or
+    None when the site was not fitted."""
+    module = model.get_submodule(site.name)
+    x, y = calibration.inputs[0], calibration.targets[0]
+    if not isinstance(site, LinearMlp) or not len(x) or not _maps_input_to_output(module, site, x[:2]):
+        return None
+    weights = [p for p in module.parameters()]
+    device, dtype = weights[0].device, weights[0].dtype
+    rates = [RECONSTRUCT_LR * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-8)) for p in weights]
+    optimiser = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in zip(weights, rates)])
+    generator = torch.Generator().manual_seed(seed)
+    scale = float(y.pow(2).mean())
+    was_training = module.training
+    module.train(False)
+    with torch.enable_grad():
+        for _ in range(steps):
+            rows = torch.randint(len(x), (min(RECONSTRUCT_BATCH, len(x)),), generator=generator)
+            fitted = module(x[rows].to(device=device, dtype=dtype)).float()
+            loss = (fitted - y[rows].to(device)).pow(2).mean() / scale
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+    module.train(was_training)
+    for p in weights:
+        p.grad = None
+    with torch.no_grad():
+        fitted = torch.cat(
+            [module(part.to(device=device, dtype=dtype)).float().cpu() for part in x.split(4096)]
+        )
+    return float((fitted - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)) ** 0.5
+
+
+def _maps_input_to_output(module: nn.Module, site: MlpSite, x: torch.Tensor) -> bool:
+    """Whether calling ``module`` on the site's input gives exactly what its output projection returns."""
+    seen = []
+    handle = site.output.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            out = module(x.to(device=site.output.weight.device, dtype=site.output.weight.dtype))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        handle.remove()
+    return len(seen) == 1 and isinstance(out, torch.Tensor) and torch.equal(out, seen[0])
 
 
 def _ridge(h: torch.Tensor, y: torch.Tensor, start: torch.Tensor, ridge: float, with_bias: bool):

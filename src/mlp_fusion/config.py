@@ -76,6 +76,13 @@ class FusionConfig:
             "help": "ridge weight of the refit toward the method's weights, relative to the activation energy"
         },
     )
+    reconstruct_steps: int = field(
+        default=0,
+        metadata={
+            "help": "with calibration inputs: Adam steps fitting each fused dense MLP's stored weights (scale "
+            "kept) to the original MLP's outputs on the calibration tokens, after the refit (0: off)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +112,10 @@ class FusionConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
             raise UserError(f"ridge must be a number >= 0, got {self.ridge!r}")
+        if isinstance(self.reconstruct_steps, bool) or not isinstance(self.reconstruct_steps, int):
+            raise UserError(f"reconstruct_steps must be a whole number, got {self.reconstruct_steps!r}")
+        if self.reconstruct_steps < 0:
+            raise UserError(f"reconstruct_steps must be at least 0, got {self.reconstruct_steps}")
         if self.hartigan_rounds < 0:
             raise UserError(f"hartigan_rounds must be at least 0, got {self.hartigan_rounds}")
         self.layers = parse_layers(self.layers)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import find_sites
 from .budget import WidthCurve, allocate_widths, width_curve
-from .calibration import ModelRuns, Runs, calibrate_hidden, calibrate_site, refit_output
+from .calibration import ModelRuns, Runs, calibrate_hidden, calibrate_site, reconstruct, refit_output
 from .config import FusionConfig, names_site
 from .errors import UserError
 from .memory import check_fits, experts_per_chunk
@@ -21,9 +21,6 @@ from .parametrizations import guard_against_plain_adapters
 from .sites import MlpSite, StackedExperts
 
 RECORD_ATTR = "mlp_fusion_record"
-# Called with the model after every fuse. Persistence, which builds on this module, registers the native
-# save here, so that fuse never imports it.
-AFTER_FUSE: list[Callable[[nn.Module], None]] = []
 
 
 @dataclass
@@ -152,8 +149,9 @@ def fuse(
         # Kept current, so that an interrupted call still says what it changed.
         setattr(model, RECORD_ATTR, records)
     guard_against_plain_adapters(model, [record.name for record in records])
-    for hook in AFTER_FUSE:
-        hook(model)
+    from .persistence import follow_native_save  # here, not at the top: persistence builds on this module
+
+    follow_native_save(model)  # the model's own save_pretrained now writes the fused format
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
     report.seconds = time.perf_counter() - start
@@ -174,9 +172,13 @@ def _fuse_site(
             result.sub = result.sub.scale_inputs(1.0 / weights)
         apply_result(site, result)
     use_compatible_experts_kernel(model, [site])  # before the next forward pass, not only at the end
-    if statistics is None or not config.refit or result.rank is not None:
+    if statistics is None or result.rank is not None:
         return result, None
-    return result, refit_output(calibration, site, statistics, config.ridge)
+    error = refit_output(calibration, site, statistics, config.ridge) if config.refit else None
+    if config.reconstruct_steps:
+        fitted = reconstruct(model, site, statistics, config.reconstruct_steps, config.seed)
+        error = fitted if fitted is not None else error
+    return result, error
 
 
 def run_method(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from .adapters import find_sites
 from .errors import UserError, first_line
-from .fuse import AFTER_FUSE, RECORD_ATTR, SiteRecord, fusion_records
+from .fuse import RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
 from .parametrizations import guard_against_plain_adapters, has_input_scales, plain_forward
 from .recipes import RECIPE_ATTR, SAMPLES_FILE
@@ -57,7 +57,8 @@ def _check_fused_format(model: nn.Module) -> None:
 
 def follow_native_save(model: nn.Module) -> None:
     """Make the model's own ``save_pretrained`` (transformers', which the Trainer calls too) write the fused
-    format into the directory, as that method writes its files, instead of a checkpoint that loads wrong."""
+    format into the directory, as that method writes its files, instead of a checkpoint that loads wrong.
+    :func:`mlp_fusion.fuse` calls it on every model it fuses, :func:`from_pretrained` on every model it loads."""
 
     def native_save(self: nn.Module, save_directory: str | Path, *args, **kwargs) -> None:
         _check_fused_format(self)
@@ -67,9 +68,6 @@ def follow_native_save(model: nn.Module) -> None:
 
     if hasattr(model, "save_pretrained"):
         model.save_pretrained = types.MethodType(native_save, model)
-
-
-AFTER_FUSE.append(follow_native_save)
 
 
 def _write_fused(model: nn.Module, directory: Path, tokenizer) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import FusionConfig
 from .common import (
+    CALIBRATION_OPTIONS,
     add_calibration_options,
     add_config_options,
     add_load_options,
@@ -30,7 +31,6 @@ FUSION_OPTIONS = (
     "keep_fraction",
     "canonical",
 )
-CALIBRATION_OPTIONS = ("weighting", "refit", "ridge")
 
 
 def add_parser(commands) -> None:

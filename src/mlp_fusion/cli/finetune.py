@@ -10,12 +10,13 @@ import argparse
 import copy
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..config import FusionConfig
 from ..errors import UserError
 from .common import (
+    CALIBRATION_OPTIONS,
     add_calibration_options,
     add_config_options,
     add_recipe_option,
@@ -32,7 +33,7 @@ RUN_KEYS = (
     "model", "task", "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
     "source_column", "target_column", "max_new_tokens", "num_beams",
     "method", "recipe", "ratio", "width", "budget", "layers", "n_init", "keep_fraction", "canonical", "calibrate", "calibration_samples", "weighting",
-    "refit", "ridge", "distill_epochs", "peft", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "epochs", "lr", "batch_size", "max_length",
+    "refit", "ridge", "reconstruct_steps", "distill_epochs", "peft", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "epochs", "lr", "batch_size", "max_length",
     "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
     "teacher_weight", "teacher_temperature", "fsdp",
 )  # fmt: skip
@@ -74,7 +75,7 @@ def add_parser(commands) -> None:
     add_config_options(fusion, FusionConfig, ("layers", "n_init", "keep_fraction", "canonical"))
     add_calibration_options(fusion, from_file=False)
     add_recipe_option(fusion)
-    add_config_options(fusion, FusionConfig, ("weighting", "refit", "ridge"))
+    add_config_options(fusion, FusionConfig, CALIBRATION_OPTIONS)
     fusion.add_argument(
         "--distill-epochs",
         type=int,
@@ -109,17 +110,40 @@ def add_parser(commands) -> None:
     )
 
 
+@dataclass
+class _Plan:
+    """What a checked ``finetune`` command will do (nothing is written before it exists)."""
+
+    generation: bool
+    settings: object  # TrainSettings
+    method: str | None  # None: an already fused model
+    config: FusionConfig | None
+    recipe: object  # Recipe or None
+    calibrate: bool
+    lora: object  # LoraSettings or None
+    device: object  # torch.device
+    out: Path
+    run_record: dict
+    task: object = None  # the classification task, None for generation
+
+
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..fuse import count_parameters, fuse, fusion_records
+    plan = _check(args)  # everything is checked before anything is written
+    check_out(plan.out, plan.run_record, args.resume, args.overwrite)
+    job, params_before, original = _prepare(args, plan)
+    outcome, distilled, trainable = _train(args, plan, job, original)
+    if outcome is None:
+        return 0  # not the main process: it neither writes nor reports
+    _finish(args, plan, job, outcome, distilled, params_before, trainable)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> _Plan:
     from ..models import is_fused, resolve
     from ..recipes import choose_recipe, keep_fraction, source_config
-    from ..recipes import record as record_recipe
-    from ..training.distill import Teacher
-    from ..training.finetune import TrainSettings, distill_on_task, finetune, training_arguments
+    from ..training.finetune import TrainSettings
     from ..training.generation import GENERATION_TASKS
-    from ..training.lora import add_lora, merge_lora
 
-    # Everything is checked before anything is written.
     generation = args.task in GENERATION_TASKS
     task = None if generation else classification_task(args)
     settings = TrainSettings(**config_values(args, TrainSettings))
@@ -142,10 +166,10 @@ def run_finetune(args: argparse.Namespace) -> int:
             "--no-canonical, --calibrate and --distill-epochs are for a base model"
         )
     method = None if fused_input else (args.method or "fusion")
-    config, recipe = None, None
+    config, recipe, calibrate = None, None, args.calibrate
     if method not in (None, "full"):
         recipe = choose_recipe(args.recipe, source_config(args.model, path))
-        args.calibrate = args.calibrate or recipe.calibrate  # the task's inputs calibrate
+        calibrate = args.calibrate or recipe.calibrate  # the task's inputs calibrate
         keep = keep_fraction(recipe, method, args.keep_fraction)
         config = FusionConfig(
             **{**config_values(args, FusionConfig), "method": method, "keep_fraction": keep}
@@ -178,28 +202,48 @@ def run_finetune(args: argparse.Namespace) -> int:
         ratio=config and config.ratio,
         recipe=recipe and recipe.name,
         keep_fraction=config and config.keep_fraction,
+        calibrate=calibrate,
     )
-    checkpoint_dir = out / CHECKPOINTS
-    check_out(out, run_record, args.resume, args.overwrite)
-    job = generation_job(args, settings) if generation else classification_job(args, task, settings)
+    return _Plan(generation, settings, method, config, recipe, calibrate, lora, device, out, run_record, task)
+
+
+def _prepare(args: argparse.Namespace, plan: _Plan):
+    """The task's job (data and model loaded), fused by the plan; the parameter count before fusion, and
+    the unfused copy that layer-wise tuning or a teacher needs."""
+    from ..fuse import count_parameters, fuse
+    from ..recipes import record as record_recipe
+
+    settings = plan.settings
+    job = generation_job(args, settings) if plan.generation else classification_job(args, plan.task, settings)
     log(f"{job.task}: {job.train_count} training examples, {job.eval_count} for evaluation")
     model = job.loaded.model
     params_before = count_parameters(model)
     original = copy.deepcopy(model) if args.distill_epochs or settings.teacher_weight else None
-    if config is not None:
-        texts, pairs = job.distill_texts if args.calibrate else (None, None)
+    if plan.config is not None:
+        texts, pairs = job.distill_texts if plan.calibrate else (None, None)
         calibration = calibration_inputs(args, job.loaded.tokenizer, texts, pairs)
         source = {"source": "task", "max_length": args.max_length, "texts": args.calibration_samples}
-        record_recipe(model, recipe, source if calibration else None, None)
-        fuse(model, config, progress=log, calibration=calibration)
+        record_recipe(model, plan.recipe, source if calibration else None, None)
+        fuse(model, plan.config, progress=log, calibration=calibration)
+    return job, params_before, original
+
+
+def _train(args: argparse.Namespace, plan: _Plan, job, original):
+    """Start the run directory, tune layer-wise if asked, fine-tune. Returns the outcome (None on processes
+    other than the main one), the layer-wise tuning's report and the trainable parameter count."""
+    from ..training.distill import Teacher
+    from ..training.finetune import distill_on_task, finetune, training_arguments
+    from ..training.lora import add_lora
+
+    settings, model, checkpoint_dir = plan.settings, job.loaded.model, plan.out / CHECKPOINTS
     training_args = training_arguments(
-        settings, checkpoint_dir, job.main_metric, job.greater_is_better, use_cpu=device.type == "cpu",
-        sharded=args.fsdp,
+        settings, checkpoint_dir, job.main_metric, job.greater_is_better,
+        use_cpu=plan.device.type == "cpu", sharded=args.fsdp,
     )  # fmt: skip
     main = _is_main_process()
     _barrier()  # every process has checked its inputs before the first one writes
     if main:
-        start_out(out, run_record, args.resume, args.overwrite)
+        start_out(plan.out, plan.run_record, args.resume, args.overwrite)
     _barrier()
     distilled = None
     if args.distill_epochs and not (args.resume and has_checkpoint(checkpoint_dir)):
@@ -216,7 +260,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     if settings.teacher_weight:
         teacher = Teacher(original, settings.teacher_weight, settings.teacher_temperature)
     del original
-    trained = add_lora(model, lora.peft_config(_peft_task(model, generation))) if lora else model
+    lora = plan.lora
+    trained = add_lora(model, lora.peft_config(_peft_task(model, plan.generation))) if lora else model
     outcome = finetune(
         trained,
         job.trainer_inputs,
@@ -228,13 +273,19 @@ def run_finetune(args: argparse.Namespace) -> int:
         sharded=args.fsdp,
     )
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    if not main:
-        return 0
-    model = merge_lora(outcome["model"]) if lora else outcome["model"]
+    return (outcome if main else None), distilled, trainable
+
+
+def _finish(args, plan: _Plan, job, outcome: dict, distilled, params_before: int, trainable: int) -> None:
+    """Merge adapters, save the model and the run's files, report."""
+    from ..fuse import count_parameters, fusion_records
+    from ..training.lora import merge_lora
+
+    model = merge_lora(outcome["model"]) if plan.lora else outcome["model"]
     records = fusion_records(model)
     result = {
         "task": job.task,
-        "method": method or ",".join(sorted({r.method for r in records})) or "full",
+        "method": plan.method or ",".join(sorted({r.method for r in records})) or "full",
         "ratio": _mean_ratio(records),
         "metrics": outcome["metrics"],
         "train_seconds": outcome["train_seconds"],
@@ -250,12 +301,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         "train_examples": job.train_count,
         "epochs": outcome["epochs"],
         "distill": distilled,
-        "model": run_record["model"],
-        "out": str(out),
+        "model": plan.run_record["model"],
+        "out": str(plan.out),
     }
-    finish_out(out, model, job.loaded.tokenizer, result, job.outputs)
+    finish_out(plan.out, model, job.loaded.tokenizer, result, job.outputs)
     _report(result, args.json)
-    return 0
 
 
 def _check_fsdp(args: argparse.Namespace, lora, settings) -> None:
