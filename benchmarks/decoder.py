@@ -30,7 +30,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import in_setting_order, machine, write_section  # noqa: E402
+from _report import in_setting_order, machine, write_section  # noqa: E402
 
 from mlp_fusion import FusionConfig, fuse  # noqa: E402
 from mlp_fusion.calibration import calibration_batch  # noqa: E402

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import publish, run_header  # noqa: E402
 from decoder import webnlg_texts  # noqa: E402
-from kmeans import publish, run_header  # noqa: E402
 
 from mlp_fusion import compress  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402

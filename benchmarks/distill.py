@@ -19,7 +19,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import run_header, write_section  # noqa: E402
+from _report import run_header, write_section  # noqa: E402
 
 from mlp_fusion import FusionConfig, distill, fuse  # noqa: E402
 from mlp_fusion.models import load_model  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import publish, run_header  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 from streaming import CLI, MEASURED, size_gb, write_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,23 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
-import sklearn
 import torch
-import transformers
 from sklearn.cluster import KMeans as SkKMeans
 
 from mlp_fusion import find_sites, k_means
 from mlp_fusion.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import run_header, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RATIO = 0.25
@@ -101,36 +99,6 @@ def time_demo_job() -> float:
     return seconds
 
 
-def run_header() -> dict:
-    """The start of a results file: the command as typed from the project's root, today's date, this machine."""
-    return {
-        "command": f"python benchmarks/{Path(sys.argv[0]).name} " + shlex.join(sys.argv[1:]),
-        "date": date.today().isoformat(),
-        "machine": machine(),
-    }
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "scikit-learn": sklearn.__version__,
-        "numpy": np.__version__,
-    }
-
-
 def markdown(results: dict) -> str:
     variants = [
         ("sklearn_30", "sklearn n_init=30"),
@@ -173,43 +141,6 @@ def markdown(results: dict) -> str:
         f"random_state). Command: `{results['command']}`."
     )
     return "\n".join(lines)
-
-
-def provenance(results: dict, raw: Path, root: Path) -> str:
-    """The closing line of a benchmark section: machine, versions, date, command(s), raw results file."""
-    info = results["machine"]
-    commands = results.get("commands") or [results["command"]]
-    label = "Commands" if len(commands) > 1 else "Command"
-    return (
-        f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
-        f"{info['transformers']}. Date {results['date']}. {label}: "
-        + ", ".join(f"`{c.strip()}`" for c in commands)
-        + f"; raw results in `{raw.relative_to(root)}`."
-    )
-
-
-def publish(name: str, intro: str, table: list[str], results: dict, raw: Path) -> str:
-    """A benchmark's section of BENCHMARKS.md (its introduction, its table, the provenance line), written."""
-    body = f"{intro}\n\n" + "\n".join(table) + "\n\n" + provenance(results, raw, ROOT)
-    write_section(ROOT / "BENCHMARKS.md", name, body)
-    return body
-
-
-def in_setting_order(rows: dict, setting) -> list:
-    """``rows.items()`` grouped by ``setting(key)``, the groups in the order their first row was added."""
-    order = list(dict.fromkeys(setting(key) for key in rows))
-    return sorted(rows.items(), key=lambda item: order.index(setting(item[0])))
-
-
-def write_section(path: Path, name: str, body: str) -> None:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    path.write_text(text)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import run_header, write_section  # noqa: E402
+from _report import run_header, write_section  # noqa: E402
 
 from mlp_fusion.diagnostics import compare_methods, empirical_kernels, kernel_error  # noqa: E402
 from mlp_fusion.diagnostics.parameters import kernel_modules, module_tensors  # noqa: E402

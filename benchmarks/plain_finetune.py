@@ -23,7 +23,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import machine, write_section  # noqa: E402
+from _report import machine, write_section  # noqa: E402
 
 from mlp_fusion.models import bundled_path  # noqa: E402  (only to find the bundled MiniLM's files)
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import publish, run_header  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
 from webnlg import DATA, ROWS  # noqa: E402
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmeans import publish, run_header  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 from webnlg import DATA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,9 @@ def main() -> None:
     ]
     for label, r in (("one process, batch 8", one), ("two processes --fsdp, batch 4 each", two)):
         peaks = " / ".join(f"{mb:.0f}" for mb in r["peak_memory_mb_per_process"])
-        table.append(f"| {label} | {len(r['losses'])} | {peaks} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |")
+        table.append(
+            f"| {label} | {len(r['losses'])} | {peaks} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |"
+        )
     intro = (
         "SmolLM2-135M fused at layers 10-29, ratio 0.25 (`--recipe paper`), fine-tuned on the first "
         f"{args.train} WebNLG pairs for one epoch, global batch 8, float32: one process, then two processes "

@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import publish, run_header  # noqa: E402
 from decoder import webnlg_texts  # noqa: E402
-from kmeans import publish, run_header  # noqa: E402
 from streaming import compress  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import in_setting_order, machine, provenance, write_section  # noqa: E402
 from decoder import KEEP_SHARES  # noqa: E402
-from kmeans import in_setting_order, machine, provenance, write_section  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
