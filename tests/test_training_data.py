@@ -117,3 +117,22 @@ def test_without_data_the_hub_path_explains_what_to_do(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(UserError, match="pass --data DIR"):
         load_task_data(get_task("rte"))
+
+
+def test_every_reader_takes_tsv_fields_verbatim_and_csv_fields_quoted(tmp_path):
+    """One quoting rule: a TSV field's quotes are text; a CSV field may be quoted (a comma inside it)."""
+    from pathlib import Path
+
+    from mlp_fusion.probes import read_probe_texts
+    from mlp_fusion.training.data2text import read_text2text
+
+    tsv = tmp_path / "rows.tsv"
+    tsv.write_text('text\ttarget\n"quoted" start\tone "two"\n')
+    csv_file = tmp_path / "rows.csv"
+    csv_file.write_text('text,target\n"a, b",c\n')
+    assert read_probe_texts(tsv) == ['"quoted" start']
+    assert read_probe_texts(csv_file) == ["a, b"]
+    items = read_text2text(Path(tsv), "text", "target")
+    assert (items[0].source, items[0].references) == ('"quoted" start', ['one "two"'])
+    items = read_text2text(Path(csv_file), "text", "target")
+    assert (items[0].source, items[0].references) == ("a, b", ["c"])

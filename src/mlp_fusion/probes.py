@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import UserError
-from .textfiles import jsonl_objects
+from .textfiles import read_text, table_rows
 
 # Sentences written for this project: varied length, topic and tone.
 PROBE_SENTENCES = [
@@ -39,24 +38,9 @@ def read_probe_texts(path: str | Path, count: int | None = None) -> list[str]:
     """Inputs from a text file (one per line), a TSV/CSV with a header, or JSONL; the text column is the
     first of :data:`TEXT_COLUMNS` present (else the first column)."""
     path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read probe file {path}: {type(error).__name__}") from None
-    if path.suffix.lower() == ".jsonl":
-        texts = _jsonl_texts(raw, path)
-    elif path.suffix.lower() in (".tsv", ".csv"):
-        tab = path.suffix.lower() == ".tsv"
-        rows = list(
-            csv.reader(
-                raw.splitlines(),
-                delimiter="\t" if tab else ",",
-                quoting=csv.QUOTE_NONE if tab else csv.QUOTE_MINIMAL,
-            )
-        )
-        header = [h.strip().lower() for h in rows[0]] if rows else []
-        column = next((header.index(c) for c in TEXT_COLUMNS if c in header), 0)
-        texts = [row[column].strip() for row in rows[1:] if len(row) > column]
+    raw = read_text(path, "probe file")
+    if path.suffix.lower() in (".jsonl", ".tsv", ".csv"):
+        texts = [_text_of(row) for _, row in table_rows(raw, path)]
     else:
         texts = [line.strip() for line in raw.splitlines()]
     texts = [t for t in texts if t]
@@ -65,14 +49,12 @@ def read_probe_texts(path: str | Path, count: int | None = None) -> list[str]:
     return texts[:count] if count else texts
 
 
-def _jsonl_texts(raw: str, path: Path) -> list[str]:
-    texts = []
-    for _, row in jsonl_objects(raw, path):
-        column = next((c for c in TEXT_COLUMNS if c in row), next(iter(row), None))
-        value = row.get(column)
-        if isinstance(value, str):
-            texts.append(value.strip())
-    return texts
+def _text_of(row: dict) -> str:
+    """The row's first text column (by :data:`TEXT_COLUMNS`, case aside), else its first column."""
+    names = {str(name).strip().lower(): name for name in row}
+    column = next((names[c] for c in TEXT_COLUMNS if c in names), next(iter(row), None))
+    value = row.get(column)
+    return value.strip() if isinstance(value, str) else ""
 
 
 def probe_batch(

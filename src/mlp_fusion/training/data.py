@@ -6,15 +6,13 @@ is not UTF-8) is a :class:`UserError` naming the file and the problem, raised be
 
 from __future__ import annotations
 
-import csv
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError, first_line
-from ..textfiles import jsonl_objects
+from ..textfiles import read_text, table_rows
 from .tasks import Task
 
 EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
@@ -126,28 +124,7 @@ def find_split(
 
 
 def _read_rows(path: Path, header: bool) -> tuple[Rows, Path]:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {error.start})") from None
-    if path.suffix in (".jsonl", ".json"):
-        rows = jsonl_objects(text, path)
-    else:
-        csv.field_size_limit(sys.maxsize)
-        tsv = path.suffix == ".tsv"
-        reader = csv.reader(
-            text.splitlines(),
-            delimiter="\t" if tsv else ",",
-            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
-        )
-        lines = [(reader.line_num, row) for row in reader if row]
-        if header and lines:
-            names = lines[0][1]
-            rows = [(number, dict(zip(names, values))) for number, values in lines[1:]]
-        else:
-            rows = lines
+    rows = table_rows(read_text(path), path, header)
     if not rows:
         raise UserError(f"{path} has no examples")
     return rows, path

@@ -7,14 +7,13 @@ Each reader returns :class:`Item` s: one linearised input with every reference t
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..textfiles import jsonl_objects
+from ..textfiles import jsonl_objects, read_text, table_rows
 
 # The ten WebNLG 2017 categories with training data; the test set adds five unseen ones.
 WEBNLG_SEEN = frozenset(
@@ -45,7 +44,7 @@ def linearise_triples(triples: list[tuple[str, str, str]]) -> str:
 
 def read_webnlg(path: Path) -> list[Item]:
     """WebNLG 2017: the flat JSONL (``modifiedtripleset`` strings, ``lex``) or the official challenge JSON."""
-    text = _read(path)
+    text = read_text(path)
     if path.suffix == ".jsonl":
         entries = [entry for _, entry in jsonl_objects(text, path)]
         items = []
@@ -86,7 +85,7 @@ def read_e2e(path: Path) -> list[Item]:
 def read_dart(path: Path) -> list[Item]:
     """DART JSON: a list of ``{tripleset: [[s, p, o], ...], annotations: [{text}, ...]}``."""
     try:
-        entries = json.loads(_read(path))
+        entries = json.loads(read_text(path))
         items = [
             _item(
                 path,
@@ -105,7 +104,7 @@ def read_text2text(path: Path, source_column: str, target_column: str) -> list[I
     """Any JSONL / CSV / TSV with a source and a target column; repeated sources are grouped."""
     if path.suffix in (".jsonl", ".json"):
         rows = []
-        for number, row in jsonl_objects(_read(path), path):
+        for number, row in jsonl_objects(read_text(path), path):
             if source_column not in row or target_column not in row:
                 raise UserError(f"{path} line {number} lacks {source_column!r} or {target_column!r}")
             rows.append((str(row[source_column]), str(row[target_column])))
@@ -151,23 +150,18 @@ def _linearise_mr(path: Path, mr: str) -> str:
 
 
 def _csv_rows(path: Path, columns: tuple[str, str]) -> list[tuple[str, str]]:
-    reader = csv.DictReader(_read(path).splitlines(), delimiter="\t" if path.suffix == ".tsv" else ",")
-    fields = {name.lower(): name for name in reader.fieldnames or []}
+    lines = table_rows(read_text(path), path, header=False)
+    names = lines[0][1] if lines else []
+    fields = {name.lower(): index for index, name in enumerate(names)}
     missing = [c for c in columns if c.lower() not in fields]
     if missing:
-        raise UserError(
-            f"{path} has no column {missing[0]!r} (its columns: {', '.join(reader.fieldnames or [])})"
-        )
-    return [(row[fields[columns[0].lower()]], row[fields[columns[1].lower()]]) for row in reader]
+        raise UserError(f"{path} has no column {missing[0]!r} (its columns: {', '.join(names)})")
+    source, target = (fields[c.lower()] for c in columns)
+    return [(_field(row, source), _field(row, target)) for _, row in lines[1:]]
 
 
-def _read(path: Path) -> str:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {error.start})") from None
+def _field(row: list[str], index: int) -> str:
+    return row[index] if index < len(row) else ""
 
 
 def _non_empty(path: Path, items: list[Item]) -> list[Item]:
