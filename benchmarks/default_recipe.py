@@ -27,7 +27,7 @@ from decoder import webnlg_texts  # noqa: E402
 from mlp_fusion import compress  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
 from mlp_fusion.fuse import fusion_records  # noqa: E402
-from mlp_fusion.models import load_model  # noqa: E402
+from mlp_fusion.loading import load_model  # noqa: E402
 from mlp_fusion.recipes import RECIPE_ATTR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

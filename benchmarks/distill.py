@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import run_header, write_section  # noqa: E402
 
 from mlp_fusion import FusionConfig, distill, fuse  # noqa: E402
-from mlp_fusion.models import load_model  # noqa: E402
+from mlp_fusion.loading import load_model  # noqa: E402
 from mlp_fusion.probes import micro_batches, probe_batch, read_probe_texts  # noqa: E402
 from mlp_fusion.training.distill import hidden_state_error  # noqa: E402
 

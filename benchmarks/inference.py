@@ -50,7 +50,7 @@ def main() -> None:
     import transformers
 
     import mlp_fusion
-    from mlp_fusion.models import load_model
+    from mlp_fusion.loading import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=48)

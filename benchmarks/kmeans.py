@@ -25,7 +25,7 @@ import torch
 from sklearn.cluster import KMeans as SkKMeans
 
 from mlp_fusion import find_sites, k_means
-from mlp_fusion.models import load_model
+from mlp_fusion.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import run_header, write_section  # noqa: E402

@@ -27,8 +27,8 @@ from _report import run_header, write_section  # noqa: E402
 from mlp_fusion.diagnostics import compare_methods, empirical_kernels, kernel_error  # noqa: E402
 from mlp_fusion.diagnostics.parameters import kernel_modules, module_tensors  # noqa: E402
 from mlp_fusion.diagnostics.plot import plot_rows  # noqa: E402
+from mlp_fusion.loading import load_model  # noqa: E402
 from mlp_fusion.methods import METHODS  # noqa: E402
-from mlp_fusion.models import load_model  # noqa: E402
 from mlp_fusion.probes import probe_batch, read_probe_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

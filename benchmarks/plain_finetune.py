@@ -25,7 +25,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, write_section  # noqa: E402
 
-from mlp_fusion.models import bundled_path  # noqa: E402  (only to find the bundled MiniLM's files)
+from mlp_fusion.loading import bundled_path  # noqa: E402  (only to find the bundled MiniLM's files)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2"

@@ -125,7 +125,7 @@ def decoding_speed(settings: list[str], tokens: int, rounds: int) -> dict:
     from inference import PROMPTS, decode_seconds
 
     import mlp_fusion
-    from mlp_fusion.models import load_model
+    from mlp_fusion.loading import load_model
 
     loaded = load_model("smollm2")
     models = {"original": loaded.model.eval()}

@@ -54,7 +54,7 @@ def run(processes: int, batch: int, out: Path, train: int) -> dict:
 
 def logits(directory: Path) -> torch.Tensor:
     import mlp_fusion
-    from mlp_fusion.models import load_tokenizer
+    from mlp_fusion.loading import load_tokenizer
 
     model = mlp_fusion.from_pretrained(directory).eval()
     tokenizer = load_tokenizer(directory)

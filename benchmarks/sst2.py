@@ -74,7 +74,7 @@ def run_row(row: str, seed: int, settings: list[str], out: Path) -> dict:
 
 def linear_weights() -> int:
     """Multiply-adds per token of MiniLM's encoder linear layers (the FLOP-ideal speed-up's denominator)."""
-    from mlp_fusion.models import load_model
+    from mlp_fusion.loading import load_model
 
     model = load_model("minilm").model
     return sum(m.weight.numel() for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))

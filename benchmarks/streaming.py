@@ -127,7 +127,7 @@ def calibration_texts(path: Path, count: int) -> None:
 
 
 def run_calibrated(args) -> None:
-    from mlp_fusion.models import bundled_path, load_tokenizer
+    from mlp_fusion.loading import bundled_path, load_tokenizer
 
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
@@ -196,7 +196,7 @@ def main() -> None:
             [sys.executable, "-c", CLI, "upcycle", "smollm2", "--experts", "4", "--top-k", "2", "--out", str(tmp / "moe")],
             check=True, capture_output=True, cwd=ROOT,
         )  # fmt: skip
-        from mlp_fusion.models import bundled_path
+        from mlp_fusion.loading import bundled_path
 
         cases = [
             ("synthetic LLaMA, bfloat16", str(tmp / "llama"), ["--layers", last_two, "--ratio", "0.25"]),

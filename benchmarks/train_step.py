@@ -52,7 +52,7 @@ def build(alias: str, head: str, layers: str) -> dict[str, torch.nn.Module]:
     import transformers
 
     import mlp_fusion
-    from mlp_fusion.models import bundled_path
+    from mlp_fusion.loading import bundled_path
     from mlp_fusion.persistence import folded_copy
 
     model_class = getattr(transformers, head)

@@ -5,7 +5,7 @@ import torch
 
 import mlp_fusion
 from mlp_fusion import FusionConfig, find_sites, fuse, k_means
-from mlp_fusion.models import load_model
+from mlp_fusion.loading import load_model
 from mlp_fusion.probes import compare, main_output, probe_batch
 
 pytestmark = pytest.mark.slow

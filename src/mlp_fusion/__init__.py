@@ -1,9 +1,9 @@
 """mlp-fusion: fuse the MLP blocks of pre-trained transformers (MLP Fusion, ICML 2023) for cheaper fine-tuning."""
 
-from .adapters import find_sites
 from .compression import Compressed, compress
 from .config import FusionConfig
 from .errors import UserError
+from .families import find_sites
 from .fuse import FusionReport, fuse
 from .kmeans import KMeans, k_means
 from .methods import METHODS

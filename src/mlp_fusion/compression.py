@@ -65,7 +65,7 @@ def compress(
     the recipe fills in the keep fraction. ``calibration_texts`` are used instead of the recipe's own
     calibration source (samples from the model).
     """
-    from .models import LoadSettings, has_tokenizer_files, is_fused, resolve
+    from .loading import LoadSettings, has_tokenizer_files, is_fused, resolve
 
     say = progress or (lambda message: None)
     settings = LoadSettings(dtype=dtype, device=device)
@@ -114,7 +114,7 @@ def _streamed(
     path: Path, out: Path, config, settings, recipe, texts, max_length, overwrite, shard_bytes, say
 ) -> FusionReport | None:
     from .calibration import calibration_batch
-    from .models import load_tokenizer
+    from .loading import load_tokenizer
     from .streaming import NotStreamable, fuse_checkpoint
 
     tokenizer = load_tokenizer(path)
@@ -140,7 +140,7 @@ def _in_memory(
     source, out, config, recipe, settings, texts, samples, max_length, *, overwrite, verify, say
 ) -> Compressed:
     from .calibration import calibration_batch
-    from .models import load_model
+    from .loading import load_model
     from .persistence import from_pretrained, save_pretrained
     from .probes import compare, main_output, probe_batch
 

@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from .adapters import find_sites
 from .budget import WidthCurve, allocate_widths, width_curve
 from .calibration import ModelRuns, Runs, calibrate_hidden, calibrate_site, reconstruct, refit_output
 from .config import FusionConfig, names_site
 from .errors import UserError
+from .families import find_sites
 from .memory import check_fits, experts_per_chunk
 from .methods import METHODS, MethodResult, SubMlps, join_results
 from .narrowing import apply_result, use_compatible_experts_kernel

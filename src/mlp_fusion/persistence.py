@@ -24,8 +24,8 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .adapters import find_sites
 from .errors import UserError, first_line
+from .families import find_sites
 from .fuse import RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
 from .parametrizations import guard_against_plain_adapters, has_input_scales, plain_forward

@@ -30,9 +30,9 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
-from .adapters import find_sites
 from .config import FusionConfig
 from .errors import UserError
+from .families import find_sites
 from .fuse import (
     FusionReport,
     check_calibration_batch,

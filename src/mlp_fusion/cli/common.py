@@ -64,14 +64,14 @@ def config_values(args: argparse.Namespace, config_class: type) -> dict:
 
 def add_load_options(target) -> None:
     """``--dtype`` and ``--device``: how the command holds the model."""
-    from ..models import LoadSettings
+    from ..loading import LoadSettings
 
     add_config_options(target, LoadSettings, ("dtype", "device"))
 
 
 def load_settings(args: argparse.Namespace):
     """The checked ``--dtype`` / ``--device`` of ``args``."""
-    from ..models import LoadSettings
+    from ..loading import LoadSettings
 
     return LoadSettings(**config_values(args, LoadSettings))
 

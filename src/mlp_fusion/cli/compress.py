@@ -34,7 +34,7 @@ FUSION_OPTIONS = (
 
 
 def add_parser(commands) -> None:
-    from ..models import BUNDLED, DEFAULT_MODEL
+    from ..loading import BUNDLED, DEFAULT_MODEL
 
     compress = commands.add_parser("compress", help="fuse a model's MLPs and save the result")
     compress.add_argument(

@@ -20,7 +20,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_tokenizer
+    from ..loading import load_tokenizer
     from ..persistence import check_writable, read_fusion_file
     from ..streaming import export_checkpoint
 

@@ -47,8 +47,8 @@ TRAIN_OPTIONS = (
 
 
 def add_parser(commands) -> None:
+    from ..loading import BUNDLED, DEFAULT_MODEL, LoadSettings
     from ..methods import METHODS
-    from ..models import BUNDLED, DEFAULT_MODEL, LoadSettings
     from ..training.finetune import TrainSettings
     from ..training.generation import GENERATION_TASKS
     from ..training.lora import LoraSettings
@@ -139,7 +139,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> _Plan:
-    from ..models import is_fused, resolve
+    from ..loading import is_fused, resolve
     from ..recipes import choose_recipe, keep_fraction, source_config
     from ..training.finetune import TrainSettings
     from ..training.generation import GENERATION_TASKS

@@ -23,8 +23,8 @@ FUSION_OPTIONS = ("n_init", "keep_fraction", "canonical", "weighting", "refit", 
 
 
 def add_parser(commands) -> None:
+    from ..loading import DEFAULT_MODEL
     from ..methods import METHODS
-    from ..models import DEFAULT_MODEL
     from ..probes import PROBE_SENTENCES
 
     ntk = commands.add_parser(
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import parse_layers
     from ..diagnostics import compare_methods
     from ..diagnostics.kernels import KERNELS
-    from ..models import load_model
+    from ..loading import load_model
     from ..probes import PROBE_SENTENCES, probe_batch, read_probe_texts
 
     methods = _names(args.methods, "method")

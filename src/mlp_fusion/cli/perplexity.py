@@ -11,7 +11,7 @@ from .common import add_load_options, load_settings, log
 
 
 def add_parser(commands) -> None:
-    from ..models import BUNDLED
+    from ..loading import BUNDLED
 
     perplexity = commands.add_parser(
         "perplexity", help="perplexity of a causal language model (fused or not) on a text file"
@@ -39,7 +39,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..diagnostics.perplexity import has_lm_head, perplexity
-    from ..models import load_model
+    from ..loading import load_model
     from ..probes import read_probe_texts
 
     for name in ("max_samples", "max_length", "batch_size"):

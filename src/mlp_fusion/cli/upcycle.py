@@ -19,7 +19,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import load_model
+    from ..loading import load_model
     from ..persistence import check_writable, save_plain
     from ..upcycle import upcycle
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters import find_sites
 from ..config import names_site
+from ..families import find_sites
 from ..probes import compare, main_output
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..adapters import find_sites
 from ..config import names_site
 from ..errors import UserError
+from ..families import find_sites
 from ..sites import ExpertModules, LinearMlp, MlpSite, StackedExperts
 
 

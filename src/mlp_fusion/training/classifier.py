@@ -12,10 +12,10 @@ from dataclasses import replace
 import transformers
 from torch import nn
 
-from ..adapters import find_sites
 from ..errors import UserError, first_line
+from ..families import find_sites
 from ..fuse import RECORD_ATTR, fusion_records
-from ..models import (
+from ..loading import (
     LoadedModel,
     LoadSettings,
     is_fused,

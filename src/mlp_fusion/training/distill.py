@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..adapters import find_sites
 from ..diagnostics.parameters import module_tensors, site_modules
 from ..errors import UserError
+from ..families import find_sites
 from ..fuse import fusion_records
 from ..probes import model_inputs
 

@@ -26,8 +26,8 @@ from ..probes import model_inputs
 from . import sharding
 from .data import EncodedDataset, TaskData
 from .distill import Teacher, distill
-from .memory import PeakMemory
 from .metrics import score
+from .peak_memory import PeakMemory
 
 SCHEDULERS = ("linear", "polynomial")
 

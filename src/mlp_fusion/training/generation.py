@@ -189,8 +189,8 @@ def generation_inputs(data: GenerationData, tokenizer, max_length: int) -> dict:
 
 def load_causal_lm(spec: str, settings=None):
     """A decoder-only language model (base, fused or fine-tuned) with a tokenizer that can pad; ``settings``
-    (a :class:`~mlp_fusion.models.LoadSettings`) as for ``load_model``."""
-    from ..models import load_model, with_pad_token
+    (a :class:`~mlp_fusion.loading.LoadSettings`) as for ``load_model``."""
+    from ..loading import load_model, with_pad_token
 
     loaded = load_model(spec, settings)
     model = loaded.model

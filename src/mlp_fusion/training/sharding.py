@@ -49,7 +49,7 @@ def shard(model: nn.Module) -> None:
     keeps the embeddings, norms and head)."""
     from torch.distributed.fsdp import fully_shard
 
-    from ..adapters import find_sites
+    from ..families import find_sites
     from ..layer_runs import layer_list_names
 
     for name in layer_list_names(model, find_sites(model)):
