@@ -5,6 +5,7 @@ Kept apart from the benchmarks themselves so that importing it loads nothing but
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -25,6 +26,14 @@ def run_header() -> dict:
         "date": date.today().isoformat(),
         "machine": machine(),
     }
+
+
+def write_results(raw: Path, fields: dict) -> dict:
+    """``fields`` after the header (command, date, machine), written to the raw results file ``raw``."""
+    results = {**run_header(), **fields}
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def machine() -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import publish, run_header  # noqa: E402
+from _report import publish, write_results  # noqa: E402
 from streaming import CLI, MEASURED, size_gb, write_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,14 +72,9 @@ def main() -> None:
         }
         fused_gb, out_gb = size_gb(tmp / "fused"), size_gb(tmp / "a")
         equal = same_tensors(tmp / "a", tmp / "b")
-    results = {
-        **run_header(),
-        "fused_gb": fused_gb,
-        "output_gb": out_gb,
-        "same_tensors": equal,
-        "rows": rows,
-    }
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_results(
+        RESULTS, {"fused_gb": fused_gb, "output_gb": out_gb, "same_tensors": equal, "rows": rows}
+    )
     lines = ["| export | peak resident MB | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {r['peak_mb']:.0f} | {r['seconds']:.1f} |" for name, r in rows.items()]
     intro = (

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import publish, run_header  # noqa: E402
+from _report import publish, write_results  # noqa: E402
 from webnlg import DATA  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,14 +76,15 @@ def main() -> None:
         a, b = logits(Path(tmp) / "one"), logits(Path(tmp) / "two")
         logit_difference = float((a - b).abs().max())
     difference = max(abs(x - y) for x, y in zip(one["losses"], two["losses"]))
-    results = {
-        **run_header(),
-        "one_process": one,
-        "two_processes": two,
-        "max_loss_difference": difference,
-        "max_logit_difference": logit_difference,
-    }
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_results(
+        RESULTS,
+        {
+            "one_process": one,
+            "two_processes": two,
+            "max_loss_difference": difference,
+            "max_logit_difference": logit_difference,
+        },
+    )
     table = [
         "| run | steps | peak resident MB per process | first loss | last loss |",
         "|---|---|---|---|---|",

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import provenance, run_header, write_section  # noqa: E402
+from _report import provenance, publish, write_results, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "streaming.json"
@@ -151,8 +151,11 @@ def run_calibrated(args) -> None:
                              "source_gb": size_gb(tmp / "llama"), "output_gb": size_gb(tmp / mode),
                              "same_tensors": equal, **m})  # fmt: skip
                 subprocess.run(["rm", "-rf", str(tmp / mode)], check=True)
-    results = {**run_header(), "rows": rows, "calibration": common}
-    CALIBRATED.write_text(json.dumps(results, indent=2) + "\n")
+    report_calibrated(write_results(CALIBRATED, {"rows": rows, "calibration": common}))
+
+
+def report_calibrated(results: dict) -> None:
+    rows = results["rows"]
     lines = [
         "| fused | mode | checkpoint GB | peak resident MB | goal: 40% + 1 GB | seconds | same tensors |",
         "|---|---|---|---|---|---|---|",
@@ -164,18 +167,14 @@ def run_calibrated(args) -> None:
             f"| {' '.join(r['options'])} --ratio 0.25 | {r['mode']} | {r['source_gb']:.2f} | "
             f"{r['peak_mb']:.0f} | {goal:.0f} | {r['seconds']:.0f} | {same} |"
         )
-    body = (
+    intro = (
         "Calibrated `mlp-fusion compress` of the synthetic TinyLlama-shaped bfloat16 LLaMA (random weights) with "
         "128 calibration texts (the first WebNLG training references, at most 64 tokens, tokenised with "
         "MiniLM's word pieces), the calibrated recipe (keep fraction 0.5, refit), float32 compute "
-        f"(`{' '.join(common[2:])}`, the texts file aside). Each run in a fresh process; peak memory is "
-        "VmHWM. Same tensors: both outputs loaded and compared tensor by tensor.\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + provenance(results, CALIBRATED, ROOT)
+        "(`--max-length 64 --dtype float32`). Each run in a fresh process; peak memory is VmHWM. Same "
+        "tensors: both outputs loaded and compared tensor by tensor."
     )
-    write_section(ROOT / "BENCHMARKS.md", "streaming-calibrated", body)
-    print(body)
+    print(publish("streaming-calibrated", intro, lines, results, CALIBRATED))
 
 
 def main() -> None:
@@ -185,7 +184,10 @@ def main() -> None:
     )
     parser.add_argument("--calibrated", action="store_true", help="the calibrated runs instead")
     parser.add_argument("--skip-whole-in-memory", action="store_true", help="with --calibrated")
+    parser.add_argument("--report", action="store_true", help="with --calibrated: only rewrite BENCHMARKS.md")
     args = parser.parse_args()
+    if args.calibrated and args.report:
+        return report_calibrated(json.loads(CALIBRATED.read_text()))
     if args.calibrated:
         return run_calibrated(args)
     rows, last_two = [], f"{args.llama_layers - 2}-{args.llama_layers - 1}"
@@ -215,11 +217,7 @@ def main() -> None:
                              "output_gb": size_gb(tmp / mode), "same_tensors": equal, **m})  # fmt: skip
             for mode in measured:
                 subprocess.run(["rm", "-rf", str(tmp / mode)], check=True)
-    results = {
-        **run_header(),
-        "rows": rows,
-    }
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    results = write_results(RESULTS, {"rows": rows})
     lines = [
         "| checkpoint | fused | mode | checkpoint GB | peak resident MB | goal: 40% + 1 GB | seconds | output GB | same tensors |",
         "|---|---|---|---|---|---|---|---|---|",

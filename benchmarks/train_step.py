@@ -8,7 +8,7 @@ training mode. After two warm-up steps per model, the models take turns for --ro
 steps each (the machine's speed drifts within a run; turns keep that out of the comparison); the table
 gives each model's median round. FLOP-ideal: the full model's linear-layer multiply-adds per token over
 the fused model's (every Linear / Conv1D, the language-model head included); the plain twin
-(``persistence.folded_copy``: the scales folded into the weights) has the fused model's widths without the
+(``exporting.folded_copy``: the scales folded into the weights) has the fused model's widths without the
 scale, so fused against twin is what the fixed scale costs.
 
     python benchmarks/train_step.py          # about 10 minutes on 2 cores
@@ -52,8 +52,8 @@ def build(alias: str, head: str, layers: str) -> dict[str, torch.nn.Module]:
     import transformers
 
     import mlp_fusion
+    from mlp_fusion.exporting import folded_copy
     from mlp_fusion.loading import bundled_path
-    from mlp_fusion.persistence import folded_copy
 
     model_class = getattr(transformers, head)
     options = {"num_labels": 2} if "Sequence" in head else {}

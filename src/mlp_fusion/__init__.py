@@ -3,11 +3,12 @@
 from .compression import Compressed, compress
 from .config import FusionConfig
 from .errors import UserError
+from .exporting import export
 from .families import find_sites
 from .fuse import FusionReport, fuse
 from .kmeans import KMeans, k_means
 from .methods import METHODS
-from .persistence import export, from_pretrained, save_pretrained
+from .persistence import from_pretrained, save_pretrained
 from .upcycle import upcycle
 
 

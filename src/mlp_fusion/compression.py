@@ -88,7 +88,7 @@ def compress(
     if calibration_samples < 1 or max_length < 1:
         raise UserError("calibration_samples and max_length must be at least 1")
     if out is not None:
-        from .persistence import check_writable
+        from .checkpoint_files import check_writable
 
         check_writable(out, overwrite)
     sampled = calibration_texts is None and chosen.calibrate

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .calibration import MICRO_BATCH, calibration_inputs
+from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
 from .fuse import LayerReport, fuse
-from .persistence import materialise_derived_buffers
 from .sites import MlpSite
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from .checkpoint_files import resolve_dtype
 from .errors import UserError, first_line
-from .persistence import FUSION_FILE, from_pretrained, resolve_dtype
+from .persistence import FUSION_FILE, from_pretrained
 
 DEFAULT_MODEL = "minilm"
 

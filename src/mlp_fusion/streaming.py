@@ -30,8 +30,20 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
+from .checkpoint_files import (
+    DTYPES,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    atomic_directory,
+    check_writable,
+    meta_model,
+    shared_names,
+    weight_files,
+    write_side_files,
+)
 from .config import FusionConfig
 from .errors import UserError
+from .exporting import export_notes, export_widths, set_widths
 from .families import find_sites
 from .fuse import (
     FusionReport,
@@ -44,21 +56,7 @@ from .fuse import (
     select_sites,
 )
 from .layer_runs import LayerStackError, LayerWalk, stack_index
-from .persistence import (
-    DTYPES,
-    INDEX_FILE,
-    WEIGHTS_FILE,
-    atomic_directory,
-    check_writable,
-    export_notes,
-    export_widths,
-    fused_skeleton,
-    meta_model,
-    set_widths,
-    shared_names,
-    weight_files,
-    write_description,
-)
+from .persistence import fused_skeleton, write_description
 from .sites import MlpSite
 
 SHARD_BYTES = 2 << 30  # output shard size (shards are written as they fill, never held in memory)
@@ -410,13 +408,7 @@ def export_checkpoint(
                 shards.add(f"{owner}.{attr}", _folded(model.get_submodule(chain), chain, reader))
         shards.close()
         set_widths(model.config, widths)
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for file, note in export_notes(model).items():
-            (tmp / file).write_text(json.dumps(note, indent=2) + "\n")
+        write_side_files(tmp, model, tokenizer, export_notes(model))
 
     atomic_directory(out, overwrite, write)
     return len(folded)

@@ -20,8 +20,9 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint_files import check_writable
     from ..loading import load_tokenizer
-    from ..persistence import check_writable, read_fusion_file
+    from ..persistence import read_fusion_file
     from ..streaming import export_checkpoint
 
     read_fusion_file(args.fused)

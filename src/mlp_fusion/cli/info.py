@@ -23,7 +23,8 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..persistence import read_fusion_file, weight_files
+    from ..checkpoint_files import weight_files
+    from ..persistence import read_fusion_file
 
     fusion = read_fusion_file(args.fused)
     fusion["parameters"] = sum(_stored_numbers(path) for path in weight_files(args.fused))

@@ -1,0 +1,188 @@
+"""The ground floor of every checkpoint this library reads or writes: the safetensors files of a checkpoint,
+dtype names, the meta-device model skeleton and its derived buffers, aligned tensors, and writing a
+directory atomically (a killed write leaves nothing that looks finished, and the next run cleans it up).
+Nothing here knows about fusion."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import UserError
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``torch.bfloat16`` and the like -> the torch dtype; anything else is refused."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UserError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files: ``model.safetensors``, or the shards its index names."""
+    single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
+    if single.is_file():
+        return [single]
+    if not index.is_file():
+        raise UserError(f"{single} is missing; the checkpoint is incomplete, save it again")
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{index} is damaged; save the model again") from None
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        raise UserError(f"{directory / missing[0]} is missing; the checkpoint is incomplete, save it again")
+    return [directory / name for name in names]
+
+
+def meta_model(build: Callable, config, dtype: torch.dtype, directory: Path) -> nn.Module:
+    """``build(config)`` on the meta device (shapes only, no storage) in ``dtype``, with the generation
+    config ``directory`` holds."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as transformers builds it: derived buffers get the dtypes it gives them
+    try:
+        with torch.device("meta"):
+            model = build(config)
+    finally:
+        torch.set_default_dtype(default)
+    derived = _derived_buffers(model)
+    model.to(dtype)
+    for module, name, buffer in derived:  # rotary frequencies stay float32, as in a loaded model
+        module._buffers[name] = module._buffers[name].to(buffer.dtype)
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def shared_names(model: nn.Module) -> list[list[str]]:
+    """Names under which one parameter appears more than once (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _derived_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """The buffers checkpoints do not store (rotary frequencies, position ids, embedding scales)."""
+    return [
+        (module, name, module._buffers[name])
+        for module in model.modules()
+        for name in module._non_persistent_buffers_set
+        if module._buffers.get(name) is not None
+    ]
+
+
+def materialise_derived_buffers(
+    model: nn.Module, device: torch.device, modules: list[nn.Module] | None = None
+) -> None:
+    """Buffers that checkpoints do not store are computed, not loaded: give those of ``modules`` (default:
+    all) storage and let the model's own initialiser fill them. Their owners' parameters are still on the
+    meta device here, so whatever it does to them is discarded when the stored tensors arrive."""
+    chosen = None if modules is None else {id(module) for module in modules}
+    owners = []
+    for module, name, buffer in _derived_buffers(model):
+        if chosen is None or id(module) in chosen:
+            module._buffers[name] = torch.empty_like(buffer, device=device)
+            owners.append(module)
+    with torch.no_grad():
+        for module in dict.fromkeys(owners):
+            model._init_weights(module)
+
+
+ALIGNMENT = 64
+
+
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when its storage does not start on a 64-byte boundary.
+
+    safetensors hands out tensors at the file's 8-byte offsets; matrix kernels take other code paths on such
+    storage, so a loaded model would differ from the one saved in the last bits (and run slower).
+    """
+    return tensor.clone() if tensor.data_ptr() % ALIGNMENT else tensor
+
+
+def write_side_files(
+    directory: Path, model: nn.Module, tokenizer=None, notes: dict | None = None, *, configs: bool = True
+) -> None:
+    """Everything a checkpoint holds beside its tensors: the config and generation config (unless
+    ``configs`` is False: transformers' own save wrote them), the tokenizer, and JSON ``notes`` files
+    (name -> content)."""
+    if configs:
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    for name, content in (notes or {}).items():
+        (directory / name).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def check_writable(directory: str | Path, overwrite: bool) -> None:
+    """Fail early, before any work, when ``directory`` exists and may not be replaced."""
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise UserError(
+            f"{directory} already exists; pass --overwrite (overwrite=True) or choose another directory"
+        )
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} exists and is not a directory; choose another output path")
+
+
+def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Write into a temporary sibling, then swap it in; a failure leaves ``target`` as it was."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_interrupted(target)
+    check_writable(target, overwrite)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def clean_interrupted(target: Path) -> None:
+    """Remove what a killed write of ``target`` left: its unfinished temporary sibling, and the previous
+    version it was replacing (put back when the swap did not finish). Another live process's are kept."""
+    for leftover in sorted(target.parent.glob(f".{target.name}.*-*")):
+        kind, _, rest = leftover.name.removeprefix(f".{target.name}.").partition("-")
+        pid = rest.partition("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not target.exists():
+            leftover.rename(target)  # the swap stopped between its two renames: the old version is back
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
