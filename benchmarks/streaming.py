@@ -11,8 +11,9 @@ Both ways must give the same tensors; the script checks that tensor by tensor.
 
 ``--calibrated`` compresses the synthetic LLaMA with 128 calibration texts (WebNLG training references,
 tokenised by MiniLM's word-piece tokenizer, whose ids fit the LLaMA's vocabulary), calibrated fusion with
-kept neurons, float32 compute: two layers both ways, then every layer layer by layer (and in memory
-unless ``--skip-whole-in-memory``).
+kept neurons, float32 compute: two layers both ways, then every layer layer by layer (and in memory too
+with ``--whole-in-memory``: calibrating in memory runs the model up to each fused MLP twice, so its cost
+grows with the square of the layer count, hours on 2 cores for all 22 layers).
 
     python benchmarks/streaming.py           # about 10 minutes on 2 cores
     python benchmarks/streaming.py --calibrated
@@ -138,7 +139,8 @@ def run_calibrated(args) -> None:
         common = ["--ratio", "0.25", "--calibration", str(tmp / "texts.txt"), "--max-length", "64",
                   "--dtype", "float32"]  # fmt: skip
         last_two = f"{args.llama_layers - 2}-{args.llama_layers - 1}"
-        cases = [(["--layers", last_two], True), (["--layers", "all"], not args.skip_whole_in_memory)]
+        cases = {"two": (["--layers", last_two], True), "all": (["--layers", "all"], args.whole_in_memory)}
+        cases = [cases[name] for name in args.cases.split(",")]
         for layers, both in cases:
             options = [*layers, *common]
             measured = {}
@@ -183,7 +185,10 @@ def main() -> None:
         "--llama-layers", type=int, default=22, help="layers of the synthetic LLaMA (22: 2.2 GB)"
     )
     parser.add_argument("--calibrated", action="store_true", help="the calibrated runs instead")
-    parser.add_argument("--skip-whole-in-memory", action="store_true", help="with --calibrated")
+    parser.add_argument("--cases", default="two,all", help="with --calibrated: two (last two layers), all")
+    parser.add_argument(
+        "--whole-in-memory", action="store_true", help="with --calibrated: every layer in memory too (hours)"
+    )
     parser.add_argument("--report", action="store_true", help="with --calibrated: only rewrite BENCHMARKS.md")
     args = parser.parse_args()
     if args.calibrated and args.report:
