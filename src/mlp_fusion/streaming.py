@@ -219,19 +219,8 @@ def fuse_checkpoint(
     if config.budget is not None:
         raise NotStreamable("--budget compares every layer before fusing any")
     _return_large_blocks()
-    try:
-        files = weight_files(source)
-    except UserError as error:
-        raise NotStreamable(f"no safetensors weights ({error})") from None
-    reader = CheckpointReader(files)
     device = torch.device(device)
-    model = _meta_model(source, reader, dtype)
-    sites = find_sites(model)
-    groups = _layer_groups(select_sites(sites, config.layers))
-    for group in groups:
-        for site in group:
-            width = planned_width(site, config)  # refused here, before anything is written,
-            check_memory(site, site.read().row_length, width, config, device)  # and one that cannot fit
+    reader, model, sites, groups = _checked_plan(source, config, dtype, device)
     check_writable(out, overwrite)
     if calibration is not None:
         check_calibration_batch(calibration)
@@ -242,9 +231,6 @@ def fuse_checkpoint(
 
     def write(tmp: Path) -> None:
         shards = ShardWriter(tmp, shard_bytes)
-        owners = {site.name: group for group in groups for site in group}
-        done: set[int] = set()
-        entered: set[int] = set()
         for name in _stored_names(model, reader):
             layer = walk.layer_of(name) if walk is not None else None
             if layer is not None and layer not in entered:  # read, calibrate and fuse, carry on
@@ -255,13 +241,9 @@ def fuse_checkpoint(
                 shards.add(name, reader.read(name, torch.device("cpu"), dtype))
             elif id(group) not in done:
                 done.add(id(group))
-                if walk is None:
+                if walk is None:  # data-free: the group's MLPs are read and fused here
                     report.layers += _fuse_group(model, group, reader, config, device, progress).layers
-                for site in group:
-                    module = model.get_submodule(site.name)
-                    for key, tensor in module.state_dict(prefix=site.name + ".").items():
-                        shards.add(key, tensor)
-                    module.to("meta")  # released
+                _write_group(model, group, shards)
         if walk is not None:
             walk.release()
         shards.close()
@@ -271,11 +253,41 @@ def fuse_checkpoint(
             annotate(model)
         write_description(model, tmp, tokenizer)
 
+    owners = {site.name: group for group in groups for site in group}
+    done: set[int] = set()
+    entered: set[int] = set()
     atomic_directory(out, overwrite, write)
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _checked_plan(source: Path, config: FusionConfig, dtype: torch.dtype | None, device: torch.device):
+    """The checkpoint's reader, its meta-device model, its sites and the chosen ones grouped by layer; every
+    chosen width is checked (and refused) here, before anything is written."""
+    try:
+        files = weight_files(source)
+    except UserError as error:
+        raise NotStreamable(f"no safetensors weights ({error})") from None
+    reader = CheckpointReader(files)
+    model = _meta_model(source, reader, dtype)
+    sites = find_sites(model)
+    groups = _layer_groups(select_sites(sites, config.layers))
+    for group in groups:
+        for site in group:
+            width = planned_width(site, config)
+            check_memory(site, site.read().row_length, width, config, device)  # one that cannot fit
+    return reader, model, sites, groups
+
+
+def _write_group(model: nn.Module, group: list[MlpSite], shards: ShardWriter) -> None:
+    """Write a fused layer's MLP tensors, then release them."""
+    for site in group:
+        module = model.get_submodule(site.name)
+        for key, tensor in module.state_dict(prefix=site.name + ".").items():
+            shards.add(key, tensor)
+        module.to("meta")
 
 
 def _walk(model, reader: CheckpointReader, groups, calibration: dict, device: torch.device) -> LayerWalk:
