@@ -363,6 +363,7 @@ def test_two_sharded_processes_train_as_one_process_does(model, task_dir, tmp_pa
     assert len(one["losses"]) == len(two["losses"]) == 16  # 256 examples / 16 per step
     assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-3
     assert len(two["peak_memory_mb_per_process"]) == 2
+    assert two["params"] == one["params"]
     assert json.loads((tmp_path / "two" / "run.json").read_text())["fsdp"] is True
     batch = inputs(seed=4, batch=3, length=6)
     sharded, single = from_pretrained(tmp_path / "two"), from_pretrained(tmp_path / "one")
@@ -397,3 +398,30 @@ def test_training_options_default_to_the_settings_dataclass():
         "adam_beta2",
         "adam_epsilon",
     }
+
+
+def test_gathering_a_sharded_model_keeps_tied_weights_tied(tmp_path):
+    """One gloo process: shard, gather, and the head is the embedding again (not a second copy)."""
+    import torch.distributed as dist
+    import transformers
+
+    from mlp_fusion import FusionConfig, fuse
+    from mlp_fusion.training import sharding
+
+    config = build("llama").config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    fuse(model, FusionConfig(ratio=0.5))
+    expected = outputs(model, inputs())
+    params = sum(p.numel() for p in model.parameters())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        plain = sharding.skeleton(model)
+        sharding.shard(model)
+        gathered = sharding.gather(model, plain)
+    finally:
+        dist.destroy_process_group()
+    assert gathered.lm_head.weight is gathered.model.embed_tokens.weight
+    assert sum(p.numel() for p in gathered.parameters()) == params
+    torch.testing.assert_close(outputs(gathered, inputs()), expected)

@@ -80,4 +80,6 @@ def gather(model: nn.Module, plain: nn.Module) -> nn.Module | None:
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     plain.load_state_dict(state, assign=True)
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()  # the gathered copies of tied weights are one tensor again
     return plain
