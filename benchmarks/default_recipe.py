@@ -37,13 +37,19 @@ MODELS = {
     "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
     "gemma3": {"S1": ("12-17", 0.5), "S2": ("6-17", 0.25)},
 }
-# label -> (recipe, method, calibration: "sampled" (the recipe's own), "in-domain" or None)
+# label -> (recipe, method, calibration: "sampled" (the recipe's own), "in-domain" or None[, config fields])
 ROWS = {
     "default (calibrated recipe, sampled texts)": ("auto", "fusion", "sampled"),
     "paper recipe (data-free fusion)": ("paper", "fusion", None),
     "prune+calibration, sampled texts": ("calibrated", "prune", "sampled"),
     "default recipe, in-domain texts": ("auto", "fusion", "in-domain"),
     "prune+calibration, in-domain texts": ("calibrated", "prune", "in-domain"),
+    "default + 300 reconstruction steps, sampled texts": (
+        "auto",
+        "fusion",
+        "sampled",
+        {"reconstruct_steps": 300},
+    ),
 }
 
 
@@ -76,14 +82,20 @@ def measure(model: str, settings: dict, results: dict, texts: list[str], in_doma
         save(model, results)
     sampled = None
     for setting, (layers, ratio) in settings.items():
-        for label, (recipe, method, calibration) in ROWS.items():
+        for label, (recipe, method, calibration, *extra) in ROWS.items():
             key = f"{label} | {setting}"
             if key in rows:
                 continue
             given = in_domain if calibration == "in-domain" else sampled if calibration == "sampled" else None
             start = time.perf_counter()
             done = compress(
-                model, recipe=recipe, method=method, layers=layers, ratio=ratio, calibration_texts=given
+                model,
+                recipe=recipe,
+                method=method,
+                layers=layers,
+                ratio=ratio,
+                calibration_texts=given,
+                **(extra[0] if extra else {}),
             )
             seconds = time.perf_counter() - start
             if calibration == "sampled" and sampled is None:
