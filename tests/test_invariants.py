@@ -49,7 +49,28 @@ def degenerate(family: str, kind: str, seed: int) -> torch.nn.Module:
         return model
     if hasattr(model, "set_experts_implementation"):  # the tiny widths are too narrow for bf16 grouped_mm
         model.set_experts_implementation("eager")
-    return model.to(torch.bfloat16)
+    return in_bfloat16_as_loaded(model)
+
+
+def in_bfloat16_as_loaded(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in bfloat16 with its derived buffers (rotary frequencies, embedding scales) computed in the
+    dtypes transformers gives them when it loads a bfloat16 model: what a save and a load give back."""
+    from pathlib import Path
+
+    from mlp_fusion.checkpoint_files import meta_model
+
+    loaded = dict(meta_model(type(model), model.config, torch.bfloat16, Path("no-directory")).named_buffers())
+    derived = [
+        (module, name, module._buffers[name].clone(), loaded.get(f"{prefix}.{name}" if prefix else name))
+        for prefix, module in model.named_modules()
+        for name in module._non_persistent_buffers_set
+        if module._buffers.get(name) is not None
+    ]
+    model.to(torch.bfloat16)
+    for module, name, exact, reference in derived:
+        if reference is not None:
+            module._buffers[name] = exact.to(reference.dtype)
+    return model
 
 
 def tolerance(kind: str, reference: torch.Tensor) -> float:

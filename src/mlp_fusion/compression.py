@@ -2,7 +2,8 @@
 
 The library verb behind ``mlp-fusion compress``. It decides what the command line does not: the recipe
 (``calibrated`` for causal language models, ``paper`` otherwise; see :mod:`mlp_fusion.recipes`), and whether
-a local checkpoint is fused one layer at a time (data-free fusion into ``out``) or loaded whole.
+a local checkpoint is fused one layer at a time (into ``out``, data-free or calibrated on given texts)
+or loaded whole.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def compress(
 
     Give either a whole ``config`` or its fields as keywords (``ratio=0.5, layers="20-29"``); with fields,
     the recipe fills in the keep fraction. ``calibration_texts`` are used instead of the recipe's own
-    calibration source (samples from the model).
+    calibration source (samples from the model). A local safetensors checkpoint saved to ``out`` is fused
+    one layer at a time, with or without ``calibration_texts``, unless the recipe must sample its texts
+    from the whole model, ``verify`` is set or ``in_memory`` is asked for; ``.streamed`` says which.
     """
     from .loading import LoadSettings, has_tokenizer_files, is_fused, resolve
 
