@@ -153,7 +153,8 @@ def run_calibrated(args) -> None:
                              "source_gb": size_gb(tmp / "llama"), "output_gb": size_gb(tmp / mode),
                              "same_tensors": equal, **m})  # fmt: skip
                 subprocess.run(["rm", "-rf", str(tmp / mode)], check=True)
-    report_calibrated(write_results(CALIBRATED, {"rows": rows, "calibration": common}))
+    recorded = [Path(option).name if option.endswith("texts.txt") else option for option in common]
+    report_calibrated(write_results(CALIBRATED, {"rows": rows, "calibration": recorded}))  # no machine paths
 
 
 def report_calibrated(results: dict) -> None:
