@@ -81,14 +81,20 @@ class ModelRuns:
         model.eval()
         device = next(model.parameters()).device
         try:
-            for start in range(0, len(self.batch["input_ids"]), MICRO_BATCH):
-                part = {k: v[start : start + MICRO_BATCH].to(device) for k, v in self.batch.items()}
+            for part in micro_batches(self.batch, device):
                 yield (
                     part["attention_mask"].bool(),
                     lambda part=part: model(**calibration_inputs(model, part)),
                 )
         finally:
             model.train(was_training)
+
+
+def micro_batches(batch: dict, device: torch.device) -> Iterator[dict]:
+    """``batch`` in slices of :data:`MICRO_BATCH` rows on ``device``: the same slices wherever the
+    calibration runs, so layer-by-layer and in-memory fusion compute the same numbers."""
+    for start in range(0, len(batch["input_ids"]), MICRO_BATCH):
+        yield {k: v[start : start + MICRO_BATCH].to(device) for k, v in batch.items()}
 
 
 def calibration_inputs(model: nn.Module, part: dict) -> dict:
@@ -148,7 +154,7 @@ RECONSTRUCT_LR = 1e-3  # Adam's step size, relative to the RMS of each stored we
 
 def reconstruct(
     model: nn.Module, site: MlpSite, calibration: SiteCalibration, steps: int, seed: int
-) -> float:
+) -> float | None:
     """Fit the fused MLP's stored weights (input projections, output projection and biases; the scale held
     fixed, as a buffer) to the original MLP's outputs on the calibration tokens, by ``steps`` Adam steps on
     random batches of tokens. Only a dense site whose module maps its input to the MLP's output (a LLaMA
@@ -158,7 +164,7 @@ def reconstruct(
     x, y = calibration.inputs[0], calibration.targets[0]
     if not isinstance(site, LinearMlp) or not len(x) or not _maps_input_to_output(module, site, x[:2]):
         return None
-    weights = [p for p in module.parameters()]
+    weights = list(module.parameters())
     device, dtype = weights[0].device, weights[0].dtype
     rates = [RECONSTRUCT_LR * float(p.detach().float().pow(2).mean().sqrt().clamp_min(1e-8)) for p in weights]
     optimiser = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in zip(weights, rates)])

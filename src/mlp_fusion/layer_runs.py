@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .calibration import MICRO_BATCH, calibration_inputs
+from .calibration import calibration_inputs, micro_batches
 from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
 from .fuse import LayerReport, fuse
@@ -131,8 +131,7 @@ class LayerWalk:
         outside = [n for n, _ in model.named_modules() if not _under(n, self.stack_name)]
         _materialize(model, outside, read, device)
         self.parts = self._record(batch)
-        for name in outside:  # the embeddings' work is done: released before any layer is read
-            _release(model.get_submodule(name))
+        model.to("meta")  # the embeddings' work is done (no layer has been read yet)
 
     def layer_of(self, name: str) -> int | None:
         """The stack index of the tensor ``name`` when it lies in a layer this walk runs, else None."""
@@ -184,8 +183,7 @@ class LayerWalk:
         layers = list(stack)
         parts = []
         try:
-            for start in range(0, len(batch["input_ids"]), MICRO_BATCH):
-                piece = {k: v[start : start + MICRO_BATCH].to(self.device) for k, v in batch.items()}
+            for piece in micro_batches(batch, self.device):
                 calls: dict = {}
                 for index in range(self.last + 1):
                     stack[index] = _Recorder(index, calls, self.last)
@@ -200,18 +198,6 @@ class LayerWalk:
             for index, layer in enumerate(layers):
                 stack[index] = layer
         return parts
-
-
-def _release(module: nn.Module) -> None:
-    """Put ``module``'s own tensors (not its children's) back on the meta device."""
-    for store in (module._parameters, module._buffers):
-        for key, tensor in store.items():
-            if tensor is not None:
-                store[key] = (
-                    tensor.to("meta")
-                    if not isinstance(tensor, nn.Parameter)
-                    else nn.Parameter(tensor.to("meta"), requires_grad=tensor.requires_grad)
-                )
 
 
 def _under(name: str, prefix: str) -> bool:

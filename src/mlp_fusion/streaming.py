@@ -228,6 +228,9 @@ def fuse_checkpoint(
     report = FusionReport(method=config.method, params_before=count_parameters(model))
     report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
     walk = _walk(model, reader, groups, calibration, device) if calibration is not None else None
+    owners = {site.name: group for group in groups for site in group}
+    done: set[int] = set()  # groups written
+    entered: set[int] = set()  # layers the calibrated walk has run
 
     def write(tmp: Path) -> None:
         shards = ShardWriter(tmp, shard_bytes)
@@ -253,9 +256,6 @@ def fuse_checkpoint(
             annotate(model)
         write_description(model, tmp, tokenizer)
 
-    owners = {site.name: group for group in groups for site in group}
-    done: set[int] = set()
-    entered: set[int] = set()
     atomic_directory(out, overwrite, write)
     report.params_after = count_parameters(model)
     report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
@@ -301,11 +301,8 @@ def _walk(model, reader: CheckpointReader, groups, calibration: dict, device: to
             name = next(alias for alias in aliases.get(name, ()) if alias in stored)
         return reader.read(name, where, dtype)
 
-    by_layer = {}
     try:
-        for group in groups:
-            walk_index = stack_index(model, group[0].name)
-            by_layer[walk_index] = group
+        by_layer = {stack_index(model, group[0].name): group for group in groups}
         return LayerWalk(model, read, by_layer, calibration, device)
     except LayerStackError as reason:
         raise NotStreamable(f"calibration layer by layer: {reason}") from None

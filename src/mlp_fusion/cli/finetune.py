@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -234,13 +233,14 @@ def _train(args: argparse.Namespace, plan: _Plan, job, original):
     from ..training.distill import Teacher
     from ..training.finetune import distill_on_task, finetune, training_arguments
     from ..training.lora import add_lora
+    from ..training.sharding import is_main_process
 
     settings, model, checkpoint_dir = plan.settings, job.loaded.model, plan.out / CHECKPOINTS
     training_args = training_arguments(
         settings, checkpoint_dir, job.main_metric, job.greater_is_better,
         use_cpu=plan.device.type == "cpu", sharded=args.fsdp,
     )  # fmt: skip
-    main = _is_main_process()
+    main = is_main_process()
     _barrier()  # every process has checked its inputs before the first one writes
     if main:
         start_out(plan.out, plan.run_record, args.resume, args.overwrite)
@@ -367,10 +367,6 @@ def _mean_ratio(records) -> float | None:
 
 def _plain(value):
     return str(value) if isinstance(value, Path) else value
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _barrier() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -122,12 +121,8 @@ def training_arguments(
         report_to="none",
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_backend="gloo" if _distributed() and not torch.cuda.is_available() else None,
+        ddp_backend="gloo" if sharding.world_size() > 1 and not torch.cuda.is_available() else None,
     )
-
-
-def _distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def classification_inputs(data: TaskData, tokenizer, max_length: int) -> dict:

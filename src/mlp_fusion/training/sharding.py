@@ -22,7 +22,12 @@ from ..errors import UserError
 
 
 def world_size() -> int:
+    """How many processes torchrun (or accelerate launch) started; 1 without it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_shardable() -> None:
@@ -77,7 +82,7 @@ def gather(model: nn.Module, plain: nn.Module) -> nn.Module | None:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return None
     plain.load_state_dict(state, assign=True)
     if hasattr(plain, "tie_weights"):
