@@ -96,7 +96,13 @@ def load_results() -> dict:
 
 
 def save_results(results: dict) -> None:
+    """Write the results, first taking in the runs another process finished meanwhile (two queues may share
+    the file; each run is written whole by one process)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if RESULTS.exists():
+        on_disk = json.loads(RESULTS.read_text())
+        results["runs"] = {**on_disk["runs"], **results["runs"]}
+        results["commands"] = list(dict.fromkeys([*on_disk["commands"], *results["commands"]]))
     temporary = RESULTS.with_suffix(".tmp")
     temporary.write_text(json.dumps(results, indent=2) + "\n")
     temporary.replace(RESULTS)
@@ -105,7 +111,7 @@ def save_results(results: dict) -> None:
 def run_plan(plan: list[tuple], evals: int, results: dict) -> None:
     for row, setting, seed, pairs in plan:
         key = run_key(row, setting, seed, pairs)
-        if key in results["runs"]:
+        if key in results["runs"] or key in load_results()["runs"]:
             continue
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
