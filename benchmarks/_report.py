@@ -82,7 +82,8 @@ def provenance(results: dict, raw: Path, root: Path) -> str:
 
 def publish(name: str, intro: str, table: list[str], results: dict, raw: Path) -> str:
     """A benchmark's section of BENCHMARKS.md (its introduction, its table, the provenance line), written."""
-    body = f"{intro}\n\n" + "\n".join(table) + "\n\n" + provenance(results, raw, ROOT)
+    parts = (intro, "\n".join(table), provenance(results, raw, ROOT))
+    body = "\n\n".join(part for part in parts if part)
     write_section(ROOT / "BENCHMARKS.md", name, body)
     return body
 

@@ -30,15 +30,15 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import in_setting_order, machine, write_section  # noqa: E402
+from _report import in_setting_order, machine, publish  # noqa: E402
 
 from mlp_fusion import FusionConfig, fuse  # noqa: E402
+from mlp_fusion.batches import probe_batch  # noqa: E402
 from mlp_fusion.calibration import calibration_batch  # noqa: E402
 from mlp_fusion.diagnostics import compare_methods  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
 from mlp_fusion.fuse import count_parameters  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
-from mlp_fusion.probes import probe_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"
@@ -242,15 +242,9 @@ def main() -> None:
 
 def write_report(part: str, saved: dict, out: Path) -> str:
     """The results as a Markdown table with its provenance, written into BENCHMARKS.md."""
-    results, info = saved["results"], saved["machine"]
+    results = saved["results"]
     table = ntk_table(results) if part == "ntk" else perplexity_table(results)
-    footer = (
-        f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
-        f"{info['transformers']}. Date {saved['date']}. Command: `{saved['command']}`; raw results in "
-        f"`{out.relative_to(ROOT)}`."
-    )
-    write_section(ROOT / "BENCHMARKS.md", f"decoder-{part}-smollm2", table + footer)
-    return table + footer
+    return publish(f"decoder-{part}-smollm2", "", table.splitlines(), saved, out)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,16 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import run_header, write_section  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 
 from mlp_fusion import FusionConfig, distill, fuse  # noqa: E402
+from mlp_fusion.batches import micro_batches, probe_batch, read_probe_texts  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
-from mlp_fusion.probes import micro_batches, probe_batch, read_probe_texts  # noqa: E402
 from mlp_fusion.training.distill import hidden_state_error  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2"
+RESULTS = ROOT / "benchmarks" / "results" / "distill-minilm.json"
 TRAIN, DEV, BATCH, LR = 512, 128, 32, 1e-4
 
 
@@ -55,20 +56,24 @@ def main() -> None:
         "dev": {"before": dev_before, "after": dev_after},
         "seconds": seconds,
     }
-    (ROOT / "benchmarks" / "results" / "distill-minilm.json").write_text(json.dumps(results, indent=2) + "\n")
-    info = results["machine"]
-    body = (
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    train_errors, dev = results["train"], results["dev"]
+    intro = (
         f"MiniLM-L6, layers 2-5 fused at ratio 0.25, distilled on the first {TRAIN} SST-2 train sentences "
         f"(batches of {BATCH}, one epoch, Adam lr {LR:g}). Mean per-token squared hidden-state distance to the "
-        "unfused model, averaged over layers:\n\n"
-        "| inputs | fused, before distillation | after |\n|---|---|---|\n"
-        f"| {TRAIN} train sentences | {train_errors['before']:.2f} | {train_errors['after']:.2f} |\n"
-        f"| {DEV} dev sentences (held out) | {dev_before:.2f} | {dev_after:.2f} |\n\n"
-        f"Distillation took {seconds:.0f} s. Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
-        f"transformers {info['transformers']}. Date {results['date']}. Command: `{results['command']}`."
+        f"unfused model, averaged over layers (distillation took {results['seconds']:.0f} s):"
     )
-    write_section(ROOT / "BENCHMARKS.md", "distill-minilm", body)
-    print(body)
+    table = [
+        "| inputs | fused, before distillation | after |",
+        "|---|---|---|",
+        f"| {TRAIN} train sentences | {train_errors['before']:.2f} | {train_errors['after']:.2f} |",
+        f"| {DEV} dev sentences (held out) | {dev['before']:.2f} | {dev['after']:.2f} |",
+    ]
+    return publish("distill-minilm", intro, table, results, RESULTS)
 
 
 if __name__ == "__main__":

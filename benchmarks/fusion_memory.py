@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import provenance, run_header, write_section  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fusion-memory.json"
@@ -52,17 +52,20 @@ def main() -> None:
         "formula_mb": formula_mb,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    body = (
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    measured, formula_mb, p = results["measured"], results["formula_mb"], 3 * HIDDEN
+    intro = (
         f"Fusing one gated MLP of width {WIDTH} and hidden size {HIDDEN} (random float32 weights) at ratio "
         f"0.25 in a fresh process: the peak resident memory (VmHWM) rose from {measured['before_mb']:.0f} MB "
         f"(interpreter, torch and the float32 sub-MLPs of {WIDTH * p * 4 / 2**20:.0f} MB) to "
         f"{measured['after_mb']:.0f} MB, i.e. {measured['after_mb'] - measured['before_mb']:.0f} MB of working "
         f"memory, in {measured['seconds']:.0f} s. The README's formula (`D * p * 4 bytes * 6 + D * k * 4 bytes "
-        f"* 3`, which counts the sub-MLPs themselves) gives {formula_mb:.0f} MB.\n\n"
-        + provenance(results, RESULTS, ROOT)
+        f"* 3`, which counts the sub-MLPs themselves) gives {formula_mb:.0f} MB."
     )
-    write_section(ROOT / "BENCHMARKS.md", "fusion-memory", body)
-    print(body)
+    return publish("fusion-memory", intro, [], results, RESULTS)
 
 
 if __name__ == "__main__":

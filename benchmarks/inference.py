@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import provenance, run_header, write_section  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "inference-smollm2.json"
@@ -85,6 +85,11 @@ def main() -> None:
         "every_round": timings,
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    rows, timings = results["tokens_per_second"], results["every_round"]
     twin = rows["exported twin"]
     lines = ["| model | tokens / s (median round) | rounds: min - max | relative to the exported twin |"]
     lines.append("|---|---|---|---|")
@@ -92,15 +97,14 @@ def main() -> None:
         f"| {name} | {value:.1f} | {min(timings[name]):.1f} - {max(timings[name]):.1f} | {value / twin:.3f} |"
         for name, value in rows.items()
     ]
-    body = (
-        f"Greedy decoding with SmolLM2-135M (float32, CPU, batch 1): {len(PROMPTS)} prompts, exactly "
-        f"{args.tokens} new tokens each, after one warm-up prompt; the three models take turns on every "
-        f"prompt, {args.rounds} rounds of all prompts, median round shown. Fused: every layer at ratio 0.25 (data-free fusion); "
+    intro = (
+        f"Greedy decoding with SmolLM2-135M (float32, CPU, batch 1): {results['prompts']} prompts, exactly "
+        f"{results['tokens_per_prompt']} new tokens each, after one warm-up prompt; the three models take turns on every "
+        f"prompt, {results['rounds']} rounds of all prompts, median round shown. Fused: every layer at ratio 0.25 (data-free fusion); "
         "exported twin: the same model with the scales folded in, saved by `mlp_fusion.export` and loaded "
-        "with transformers.\n\n" + "\n".join(lines) + "\n\n" + provenance(results, RESULTS, ROOT)
+        "with transformers."
     )
-    write_section(ROOT / "BENCHMARKS.md", "inference-smollm2", body)
-    print(body)
+    return publish("inference-smollm2", intro, lines, results, RESULTS)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from mlp_fusion import find_sites, k_means
 from mlp_fusion.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import run_header, write_section  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RATIO = 0.25
@@ -135,10 +135,8 @@ def markdown(results: dict) -> str:
     )
     info = results["machine"]
     lines.append(
-        f"\nMachine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}; Python "
-        f"{info['python']}, torch {info['torch']}, transformers {info['transformers']}, scikit-learn "
-        f"{info['scikit-learn']}, numpy {info['numpy']}. Date {results['date']}. Seeds: 0 (ours and sklearn's "
-        f"random_state). Command: `{results['command']}`."
+        f"\nTorch threads {info['torch_threads']}; Python {info['python']}, scikit-learn {info['scikit-learn']}, "
+        f"numpy {info['numpy']}. Seeds: 0 (ours and sklearn's random_state)."
     )
     return "\n".join(lines)
 
@@ -150,8 +148,6 @@ def main() -> None:
     parser.add_argument("--models", default="minilm", help="comma-separated: minilm, mpnet")
     parser.add_argument("--mpnet-layers", default="0,6", help="MPNet layers to measure (each costs ~10 min)")
     parser.add_argument("--no-sklearn-30", action="store_true", help="skip the slow n_init=30 baseline")
-    parser.add_argument("--json", type=Path, help="default: benchmarks/results/kmeans-MODELS.json")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -166,11 +162,10 @@ def main() -> None:
         "demo_seconds": time_demo_job(),
     }
     name = "kmeans-" + args.models.replace(",", "-")
-    json_path = args.json or ROOT / "benchmarks" / "results" / f"{name}.json"
+    json_path = ROOT / "benchmarks" / "results" / f"{name}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
-    write_section(args.markdown, name, markdown(results))
-    print(markdown(results))
+    print(publish(name, markdown(results), [], results, json_path))
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import run_header, write_section  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 
+from mlp_fusion.batches import probe_batch, read_probe_texts  # noqa: E402
 from mlp_fusion.diagnostics import compare_methods, empirical_kernels, kernel_error  # noqa: E402
 from mlp_fusion.diagnostics.parameters import kernel_modules, module_tensors  # noqa: E402
 from mlp_fusion.diagnostics.plot import plot_rows  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
 from mlp_fusion.methods import METHODS  # noqa: E402
-from mlp_fusion.probes import probe_batch, read_probe_texts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBES = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
@@ -91,13 +91,12 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {row['method']} | {row['ratio']:g} | " + " | ".join(cells) + f" | {row['params']:,} |"
             )
-        lines += ["", f"![{model} kernels](benchmarks/results/ntk-{model}.png)", ""]
-    info = results["machine"]
-    lines.append(
-        f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers {info['transformers']}. "
-        f"Date {results['date']}. Command: `{results['command']}`."
-    )
+        lines += ["", f"![{model} kernels](benchmarks/results/ntk-{model}.png)"]
     return "\n".join(lines)
+
+
+def report(results: dict, raw: Path) -> str:
+    return publish(raw.stem, markdown(results), [], results, raw)
 
 
 def main() -> None:
@@ -155,8 +154,7 @@ def main() -> None:
         )
     out = ROOT / "benchmarks" / "results" / f"ntk-{args.models.replace(',', '-')}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    write_section(ROOT / "BENCHMARKS.md", "ntk-" + args.models.replace(",", "-"), markdown(results))
-    print(markdown(results))
+    print(report(results, out))
 
 
 if __name__ == "__main__":

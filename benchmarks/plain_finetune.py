@@ -16,20 +16,20 @@ import json
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, write_section  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 
 from mlp_fusion.loading import bundled_path  # noqa: E402  (only to find the bundled MiniLM's files)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 SST2_RESULTS = ROOT / "benchmarks" / "results" / "sst2-minilm.json"
+RESULTS = ROOT / "benchmarks" / "results" / "plain-finetune-minilm.json"
 
 
 def read(path: Path, limit: int | None = None) -> list[tuple[str, int]]:
@@ -111,6 +111,14 @@ def main() -> None:
     torch.set_num_threads(2)
     transformers.utils.logging.set_verbosity_error()
     runs = [run(int(s), args) for s in args.seeds.split(",")]
+    settings = {name: getattr(args, name) for name in ("train", "epochs", "lr", "batch_size", "max_length")}
+    results = {**run_header(), "settings": settings, "runs": runs}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    runs, settings = results["runs"], results["settings"]
     ours = json.loads(SST2_RESULTS.read_text())["runs"] if SST2_RESULTS.exists() else {}
     lines = [
         "| seed | plain loop: dev accuracy (%) | `mlp-fusion finetune --method full` (benchmarks/sst2.py) |",
@@ -120,21 +128,15 @@ def main() -> None:
         mine = ours.get(f"full/{r['seed']}")
         theirs = f"{100 * mine['metrics']['accuracy']:.2f}" if mine else "not run"
         lines.append(f"| {r['seed']} | {100 * r['best']:.2f} | {theirs} |")
-    plain_mean = statistics.mean(100 * r["best"] for r in runs)
-    info = machine()
-    body = (
-        f"Cross-check of the fine-tuning path: MiniLM-L6 unfused, the first {args.train} SST-2 train examples, "
-        f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}, max length {args.max_length}, best-epoch "
-        "dev accuracy on all 872 dev examples, from an independent plain PyTorch loop "
-        "(`benchmarks/plain_finetune.py`) and from `mlp-fusion finetune`. The two shuffle the data differently, "
-        "so they agree only up to seed noise.\n\n"
-        + "\n".join(lines)
-        + f"\n\nPlain loop mean {plain_mean:.2f}. Machine: {info['cpu']}, {info['cores']} cores; torch "
-        f"{info['torch']}, transformers {info['transformers']}. Date {date.today().isoformat()}. Command: "
-        f"`python benchmarks/plain_finetune.py {' '.join(sys.argv[1:])}`."
+    lines.append(f"| mean | {statistics.mean(100 * r['best'] for r in runs):.2f} | |")
+    intro = (
+        f"Cross-check of the fine-tuning path: MiniLM-L6 unfused, the first {settings['train']} SST-2 train "
+        f"examples, {settings['epochs']} epochs, batch {settings['batch_size']}, lr {settings['lr']:g}, max length "
+        f"{settings['max_length']}, best-epoch dev accuracy on all 872 dev examples, from an independent plain "
+        "PyTorch loop (`benchmarks/plain_finetune.py`) and from `mlp-fusion finetune`. The two shuffle the data "
+        "differently, so they agree only up to seed noise."
     )
-    write_section(ROOT / "BENCHMARKS.md", "plain-finetune", body)
-    print(body)
+    return publish("plain-finetune", intro, lines, results, RESULTS)
 
 
 if __name__ == "__main__":

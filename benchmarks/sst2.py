@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import provenance, run_header, write_section  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("..") / "shared" / "data" / "sst2"  # relative to ROOT, where every run starts
@@ -151,7 +151,7 @@ def main() -> None:
                 flush=True,
             )
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    body = (
+    intro = (
         f"MiniLM-L6 fine-tuned on SST-2: the first {args.train} train examples, {args.epochs} epochs, batch "
         f"{args.batch_size}, lr {args.lr:g} (linear decay, 6% warm-up, weight decay 0.1, AdamW betas 0.9/0.98), "
         f"max length {args.max_length}; dev accuracy of the best epoch on all 872 dev examples; seeds "
@@ -164,13 +164,10 @@ def main() -> None:
         "merged exactly after training. s / step is the time inside optimisation steps; fine-tuning s is the whole "
         "Trainer run with its per-epoch evaluation and checkpoints. Peak MB: the process's resident memory "
         "during training. FLOP-ideal: encoder linear-layer multiply-adds per token, full over the row (svd "
-        "counted as its factors; runs before 2026-12-02 built its full weight at each step).\n\n"
-        + summarise(runs, list(ROWS), seeds, timing_seeds, linear_weights())
-        + "\n\n"
-        + provenance(results, RESULTS, ROOT)
+        "counted as its factors; runs before 2026-12-02 built its full weight at each step)."
     )
-    write_section(ROOT / "BENCHMARKS.md", "sst2-minilm", body)
-    print(body)
+    table = summarise(runs, list(ROWS), seeds, timing_seeds, linear_weights()).splitlines()
+    print(publish("sst2-minilm", intro, table, results, RESULTS))
 
 
 if __name__ == "__main__":

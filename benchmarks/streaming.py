@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import provenance, publish, write_results, write_section  # noqa: E402
+from _report import publish, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "streaming.json"
@@ -234,16 +234,15 @@ def main() -> None:
             f"| {r['checkpoint']} | {' '.join(r['options'])} | {r['mode']} | {r['source_gb']:.2f} | "
             f"{r['peak_mb']:.0f} | {goal:.0f} | {r['seconds']:.0f} | {r['output_gb']:.2f} | {r['same_tensors']} |"
         )
-    body = (
+    intro = (
         "`mlp-fusion compress` on three checkpoints, layer by layer (the default for local safetensors "
         "checkpoints) and with `--in-memory`, each run in a fresh process; peak memory is the process's "
         "high-water mark of resident memory (VmHWM), time the whole command (loading, k-means, writing). "
         "The synthetic LLaMA has TinyLlama's shape with random bfloat16 weights; default output shards "
         "(2 GB). Same tensors: both outputs loaded with `mlp_fusion.from_pretrained` and compared tensor by "
-        "tensor.\n\n" + "\n".join(lines) + "\n\n" + provenance(results, RESULTS, ROOT)
+        "tensor."
     )
-    write_section(ROOT / "BENCHMARKS.md", "streaming", body)
-    print(body)
+    print(publish("streaming", intro, lines, results, RESULTS))
 
 
 if __name__ == "__main__":

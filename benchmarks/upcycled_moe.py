@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import run_header, write_section  # noqa: E402
+from _report import publish, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "upcycled-moe-smollm2.json"
@@ -44,28 +44,27 @@ def main() -> None:
         "dense": dense["rows"],
     }
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+
+
+def report(results: dict) -> str:
     lines = [
         "| model | method | output error | Adam-kernel error | Adam alignment |",
         "|---|---|---|---|---|",
     ]
-    for name, rows in (("upcycled MoE, per expert", moe["rows"]), ("dense SmolLM2", dense["rows"])):
+    for name, rows in (("upcycled MoE, per expert", results["moe"]), ("dense SmolLM2", results["dense"])):
         for row in rows:
             lines.append(
                 f"| {name} | {row['method']} | {row['output_error']:.3f} | {row['adam_error']:.3f} "
                 f"| {row['adam_alignment']:.3f} |"
             )
-    info = results["machine"]
-    body = (
+    intro = (
         "SmolLM2-135M upcycled to a Mixtral-style MoE (4 experts, top 2, experts copied from the dense MLP, "
         "zero routers), layers 25-29 compressed per expert at ratio 0.25 (1536 -> 384), against the "
         "uncompressed model; the dense model the same way. 8 built-in probe sentences, one seed; kernels over "
-        "the compressed MLPs' tensors.\n\n"
-        + "\n".join(lines)
-        + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
-        f"{info['transformers']}. Date {results['date']}. Command: `{results['command']}`."
+        "the compressed MLPs' tensors."
     )
-    write_section(ROOT / "BENCHMARKS.md", "upcycled-moe", body)
-    print(body)
+    return publish("upcycled-moe", intro, lines, results, RESULTS)
 
 
 if __name__ == "__main__":

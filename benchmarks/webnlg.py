@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import in_setting_order, machine, provenance, write_section  # noqa: E402
+from _report import in_setting_order, machine, publish  # noqa: E402
 from decoder import KEEP_SHARES  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
 
@@ -90,8 +90,9 @@ def main() -> None:
             {*saved.get("commands", [])}
             | (set() if args.report else {"python benchmarks/webnlg.py " + shlex.join(sys.argv[1:])})
         ),
-        "date": date.today().isoformat(),
-        "machine": machine(),
+        # a report-only rewrite keeps the date and machine of the runs it reports
+        "date": saved["date"] if args.report else date.today().isoformat(),
+        "machine": saved["machine"] if args.report else machine(),
         "settings": settings,
         "runs": runs,
     }
@@ -119,7 +120,7 @@ def main() -> None:
             f"| {row} | {m['bleu']:.2f} | {m['chrf']:.2f} | {m['ter']:.2f} | {m['rouge_l']:.2f} "
             f"| {r['step_seconds'] / r['train_steps']:.2f} | {total:.0f} | {r['peak_memory_mb']:.0f} | {r['params']:,} | {r['trainable_params']:,} |"
         )
-    body = (
+    intro = (
         f"SmolLM2-135M fine-tuned on WebNLG 2017: the first {args.train} (triples, text) pairs of the train set, "
         f"one epoch, batch {args.batch_size}, lr {args.lr:g}, max length {args.max_length}; greedy decoding "
         f"(at most {args.max_new_tokens} new tokens) of the first {args.eval} dev inputs, scored with all "
@@ -129,13 +130,9 @@ def main() -> None:
         "least-squares output refit); +keep S gives the share S of each fused width to the top-scored neurons, "
         "kept exactly, and clusters the others into the rest (--keep-fraction S); +distill adds one epoch of layer-wise task-specific tuning (its time "
         "is in the fine-tuning seconds); +lora trains rank-8 LoRA adapters on every linear layer but the head "
-        "(lr 1e-3) instead of the whole model, merged exactly after training. One seed; every run of these settings kept in the results file.\n\n"
-        + "\n".join(lines)
-        + "\n\n"
-        + provenance(results, RESULTS, ROOT)
+        "(lr 1e-3) instead of the whole model, merged exactly after training. One seed; every run of these settings kept in the results file."
     )
-    write_section(ROOT / "BENCHMARKS.md", "webnlg-smollm2", body)
-    print(body)
+    print(publish("webnlg-smollm2", intro, lines, results, RESULTS))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ import torch
 from tiny_models import build, duplicate_neurons
 
 from mlp_fusion import FusionConfig, fuse
+from mlp_fusion.batches import probe_batch
 from mlp_fusion.cli import main
 from mlp_fusion.diagnostics import compare_methods, empirical_kernels, kernel_error, scalar_outputs
 from mlp_fusion.diagnostics.parameters import kernel_modules, module_tensors
-from mlp_fusion.probes import probe_batch
 
 
 def probes(model, count=6):

@@ -5,8 +5,8 @@ import torch
 from tiny_models import build
 
 from mlp_fusion import FusionConfig, UserError, distill, fuse
+from mlp_fusion.batches import micro_batches, probe_batch
 from mlp_fusion.parametrizations import NeuronScale
-from mlp_fusion.probes import micro_batches, probe_batch
 from mlp_fusion.training.distill import hidden_state_error
 
 

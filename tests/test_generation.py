@@ -198,3 +198,35 @@ def test_data_to_text_refuses_an_encoder(capsys, tmp_path, task_dir):
     base = model_dir(tmp_path, "bert")
     code, _, stderr = run(capsys, "finetune", base, *TASK, "--data", task_dir, "--out", tmp_path / "run")
     assert code == 2 and "decoder-only language model" in stderr
+
+
+def test_a_registered_task_runs_through_the_cli_and_the_python_job(capsys, tmp_path, task_dir):
+    """Adding a task is one registry entry: finetune runs it, and load_job gives Python users the same job."""
+    from mlp_fusion.errors import UserError
+    from mlp_fusion.training.jobs import load_job
+    from mlp_fusion.training.tasks import GENERATION, GenerationTask, TaskOptions, register_task
+
+    def reversed_texts(path, options):  # the task: write the reference backwards
+        items = read_text2text(path, "mr", "text")
+        return [type(i)(i.source, [r[::-1] for r in i.references]) for i in items]
+
+    register_task(GenerationTask("backwards", reversed_texts))
+    try:
+        with pytest.raises(UserError, match="exists already"):
+            register_task(GenerationTask("webnlg", reversed_texts))
+        base = model_dir(tmp_path, "llama")
+        code, stdout, stderr = run(
+            capsys, "finetune", base, "--task", "backwards", "--data", task_dir, "--epochs", "1",
+            "--max-train-samples", "8", "--out", tmp_path / "run", "--json", *FAST,
+        )  # fmt: skip
+        assert code == 0, stderr
+        assert json.loads(stdout)["task"] == "backwards" and json.loads(stdout)["train_examples"] == 8
+        options = TaskOptions(data=str(task_dir), max_train_samples=8, max_length=32, max_new_tokens=6)
+        job = load_job(str(base), "backwards", options)
+        reference = reversed_texts(task_dir / "train.jsonl", options)[0].references[0]
+        assert job.distill_texts[0][0].endswith(f"Text: {reference}")  # the job's training text: its reader's
+        assert job.train_count == 8 and "bleu" in job.final_scores(job.loaded.model)
+    finally:
+        GENERATION.pop("backwards", None)
+    code, _, stderr = run(capsys, "finetune", base, "--task", "backwards", "--data", task_dir)
+    assert code == 2 and "unknown task 'backwards'" in stderr

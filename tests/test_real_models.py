@@ -5,8 +5,9 @@ import torch
 
 import mlp_fusion
 from mlp_fusion import FusionConfig, find_sites, fuse, k_means
+from mlp_fusion.batches import probe_batch
 from mlp_fusion.loading import load_model
-from mlp_fusion.probes import compare, main_output, probe_batch
+from mlp_fusion.verification import compare, main_output
 
 pytestmark = pytest.mark.slow
 

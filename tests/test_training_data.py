@@ -123,7 +123,7 @@ def test_every_reader_takes_tsv_fields_verbatim_and_csv_fields_quoted(tmp_path):
     """One quoting rule: a TSV field's quotes are text; a CSV field may be quoted (a comma inside it)."""
     from pathlib import Path
 
-    from mlp_fusion.probes import read_probe_texts
+    from mlp_fusion.batches import read_probe_texts
     from mlp_fusion.training.data2text import read_text2text
 
     tsv = tmp_path / "rows.tsv"

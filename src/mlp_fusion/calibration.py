@@ -22,8 +22,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .batches import model_inputs, padded_batch
 from .methods import SubMlps
-from .probes import model_inputs, padded_batch
 from .sites import ExpertModules, LinearMlp, MlpSite, StackedExperts, WeightSlot
 
 MICRO_BATCH = 8

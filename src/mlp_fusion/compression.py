@@ -142,10 +142,11 @@ def _streamed(
 def _in_memory(
     source, out, config, recipe, settings, texts, samples, max_length, *, overwrite, verify, say
 ) -> Compressed:
+    from .batches import probe_batch
     from .calibration import calibration_batch
     from .loading import load_model
     from .persistence import from_pretrained, save_pretrained
-    from .probes import compare, main_output, probe_batch
+    from .verification import compare, main_output
 
     say(f"loading {source}")
     loaded = load_model(str(source), settings)

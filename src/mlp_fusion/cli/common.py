@@ -115,7 +115,7 @@ def add_calibration_options(target, from_file: bool = True) -> None:
 
 def calibration_texts(args: argparse.Namespace) -> list[str] | None:
     """The texts of ``--calibration FILE`` (read before any model is loaded), or None without the option."""
-    from ..probes import read_probe_texts
+    from ..batches import read_probe_texts
 
     if args.calibration_samples < 1 or args.max_length < 1:
         raise UserError("--calibration-samples and --max-length must be at least 1")

@@ -25,33 +25,37 @@ from .common import (
     load_settings,
     log,
 )
-from .jobs import classification_job, classification_task, generation_job, task_arguments
+from .jobs import task_arguments, task_options
 from .run_dir import CHECKPOINTS, check_out, finish_out, has_checkpoint, start_out
-
-RUN_KEYS = (
-    "model", "task", "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column",
-    "source_column", "target_column", "max_new_tokens", "num_beams",
-    "method", "recipe", "ratio", "width", "budget", "layers", "n_init", "keep_fraction", "canonical", "calibrate", "calibration_samples", "weighting",
-    "refit", "ridge", "reconstruct_steps", "distill_epochs", "peft", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "epochs", "lr", "batch_size", "max_length",
-    "max_train_samples", "max_eval_samples", "seed", "scheduler", "warmup_ratio", "weight_decay",
-    "teacher_weight", "teacher_temperature", "fsdp",
-)  # fmt: skip
-
 
 # TrainSettings fields that finetune takes as options (max_length is a task option, shared with evaluate).
 TRAIN_OPTIONS = (
     "epochs", "lr", "batch_size", "seed", "scheduler", "warmup_ratio", "weight_decay", "teacher_weight",
     "teacher_temperature",
 )  # fmt: skip
+# FusionConfig fields that finetune takes as options, the size ones first (they exclude each other)
+SIZE_OPTIONS = ("ratio", "width", "budget")
+FUSION_OPTIONS = (*SIZE_OPTIONS, "layers", "n_init", "keep_fraction", "canonical")
+
+
+def run_keys() -> tuple[str, ...]:
+    """The options a run directory records (a resumed run must repeat them)."""
+    from ..training.lora import LoraSettings
+    from ..training.tasks import TaskOptions
+
+    return (
+        "model", "task", *(f.name for f in fields(TaskOptions)), "method", "recipe", *FUSION_OPTIONS,
+        "calibrate", "calibration_samples", *CALIBRATION_OPTIONS, "distill_epochs", "peft",
+        *(f.name for f in fields(LoraSettings)), *TRAIN_OPTIONS, "fsdp",
+    )  # fmt: skip
 
 
 def add_parser(commands) -> None:
     from ..loading import BUNDLED, DEFAULT_MODEL, LoadSettings
     from ..methods import METHODS
     from ..training.finetune import TrainSettings
-    from ..training.generation import GENERATION_TASKS
     from ..training.lora import LoraSettings
-    from ..training.tasks import TASK_NAMES
+    from ..training.tasks import TaskOptions
 
     finetune = commands.add_parser(
         "finetune", help="fine-tune a fused (or full) model on a classification task"
@@ -63,15 +67,15 @@ def add_parser(commands) -> None:
         help=f"base model (hub id, directory, or {', '.join(BUNDLED)}; default {DEFAULT_MODEL}) "
         "or a directory saved by mlp-fusion",
     )
-    task_arguments(finetune, TASK_NAMES + GENERATION_TASKS)
+    task_arguments(finetune)
     fusion = finetune.add_argument_group("fusion (for a base model)")
     fusion.add_argument(
         "--method",
         help=f"'full' (no fusion: the baseline) or one of {', '.join(METHODS)} (default fusion)",
     )
     size = fusion.add_mutually_exclusive_group()
-    add_config_options(size, FusionConfig, ("ratio", "width", "budget"))
-    add_config_options(fusion, FusionConfig, ("layers", "n_init", "keep_fraction", "canonical"))
+    add_config_options(size, FusionConfig, SIZE_OPTIONS)
+    add_config_options(fusion, FusionConfig, FUSION_OPTIONS[len(SIZE_OPTIONS) :])
     add_calibration_options(fusion, from_file=False)
     add_recipe_option(fusion)
     add_config_options(fusion, FusionConfig, CALIBRATION_OPTIONS)
@@ -92,7 +96,7 @@ def add_parser(commands) -> None:
     add_config_options(finetune, LoadSettings, ("device",))
     finetune.set_defaults(dtype="float32")  # training keeps float32 weights
     training = finetune.add_argument_group("training")
-    training.add_argument("--max-train-samples", type=int, help="train on the first N examples only")
+    add_config_options(training, TaskOptions, ("max_train_samples",))
     add_config_options(training, TrainSettings, TRAIN_OPTIONS)
     finetune.add_argument("--out", type=Path, help="output directory (default runs/TASK-METHOD-seedN)")
     finetune.add_argument(
@@ -123,7 +127,7 @@ class _Plan:
     device: object  # torch.device
     out: Path
     run_record: dict
-    task: object = None  # the classification task, None for generation
+    options: object  # TaskOptions
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -141,10 +145,10 @@ def _check(args: argparse.Namespace) -> _Plan:
     from ..loading import is_fused, resolve
     from ..recipes import choose_recipe, keep_fraction, source_config
     from ..training.finetune import TrainSettings
-    from ..training.generation import GENERATION_TASKS
+    from ..training.jobs import check_task
 
-    generation = args.task in GENERATION_TASKS
-    task = None if generation else classification_task(args)
+    options = task_options(args)
+    generation = check_task(args.task, options)
     settings = TrainSettings(**config_values(args, TrainSettings))
     path = resolve(args.model)
     fused_input = path is not None and is_fused(path)
@@ -194,7 +198,7 @@ def _check(args: argparse.Namespace) -> _Plan:
     if args.distill_epochs < 0:
         raise UserError(f"--distill-epochs must be at least 0, not {args.distill_epochs}")
     out = args.out or Path("runs") / f"{args.task}-{method or 'fused'}-seed{args.seed}"
-    run_record = {key: _plain(getattr(args, key, None)) for key in RUN_KEYS}
+    run_record = {key: _plain(getattr(args, key, None)) for key in run_keys()}
     run_record.update(
         model=str(path) if path is not None else args.model,
         method=method,
@@ -203,7 +207,9 @@ def _check(args: argparse.Namespace) -> _Plan:
         keep_fraction=config and config.keep_fraction,
         calibrate=calibrate,
     )
-    return _Plan(generation, settings, method, config, recipe, calibrate, lora, device, out, run_record, task)
+    return _Plan(
+        generation, settings, method, config, recipe, calibrate, lora, device, out, run_record, options
+    )
 
 
 def _prepare(args: argparse.Namespace, plan: _Plan):
@@ -211,9 +217,10 @@ def _prepare(args: argparse.Namespace, plan: _Plan):
     the unfused copy that layer-wise tuning or a teacher needs."""
     from ..fuse import count_parameters, fuse
     from ..recipes import record as record_recipe
+    from ..training.jobs import load_job
 
     settings = plan.settings
-    job = generation_job(args, settings) if plan.generation else classification_job(args, plan.task, settings)
+    job = load_job(args.model, args.task, plan.options, settings, load_settings(args), progress=log)
     log(f"{job.task}: {job.train_count} training examples, {job.eval_count} for evaluation")
     model = job.loaded.model
     params_before = count_parameters(model)

@@ -23,9 +23,9 @@ FUSION_OPTIONS = ("n_init", "keep_fraction", "canonical", "weighting", "refit", 
 
 
 def add_parser(commands) -> None:
+    from ..batches import PROBE_SENTENCES
     from ..loading import DEFAULT_MODEL
     from ..methods import METHODS
-    from ..probes import PROBE_SENTENCES
 
     ntk = commands.add_parser(
         "ntk", help="measure what each method preserves: output error, Adam and SGD kernels"
@@ -74,11 +74,11 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..batches import PROBE_SENTENCES, probe_batch, read_probe_texts
     from ..config import parse_layers
     from ..diagnostics import compare_methods
     from ..diagnostics.kernels import KERNELS
     from ..loading import load_model
-    from ..probes import PROBE_SENTENCES, probe_batch, read_probe_texts
 
     methods = _names(args.methods, "method")
     ratios = [_ratio(text) for text in _names(args.ratios, "ratio")]

@@ -38,9 +38,9 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..batches import read_probe_texts
     from ..diagnostics.perplexity import has_lm_head, perplexity
     from ..loading import load_model
-    from ..probes import read_probe_texts
 
     for name in ("max_samples", "max_length", "batch_size"):
         value = getattr(args, name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..probes import micro_batches, model_inputs
+from ..batches import micro_batches, model_inputs
 from .gradients import per_example_gradients
 from .parameters import module_tensors
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import names_site
 from ..families import find_sites
-from ..probes import compare, main_output
+from ..verification import compare, main_output
 
 
 def output_errors(original: nn.Module, fused: nn.Module, batch: dict, layers: list[int] | str) -> dict:

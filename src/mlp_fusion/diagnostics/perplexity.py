@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..batches import pad_right
 from ..errors import UserError
-from ..probes import pad_right
 from ..recipes import is_causal_lm_class
 
 

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..batches import model_inputs
 from ..diagnostics.parameters import module_tensors, site_modules
 from ..errors import UserError
 from ..families import find_sites
 from ..fuse import fusion_records
-from ..probes import model_inputs
 
 
 def fused_tensors(model: nn.Module) -> list[nn.Parameter]:

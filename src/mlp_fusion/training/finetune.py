@@ -20,8 +20,8 @@ import torch
 import transformers
 from torch import nn
 
+from ..batches import model_inputs
 from ..errors import UserError
-from ..probes import model_inputs
 from . import sharding
 from .data import EncodedDataset, TaskData
 from .distill import Teacher, distill

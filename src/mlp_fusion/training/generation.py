@@ -14,10 +14,10 @@ from torch import nn
 
 from ..errors import UserError
 from .data import check_counts, find_split
-from .data2text import Item, format_example, read_dart, read_e2e, read_text2text, read_webnlg
+from .data2text import Item, format_example
+from .tasks import GenerationTask, TaskOptions
 from .text_metrics import generation_scores
 
-GENERATION_TASKS = ("webnlg", "e2e", "dart", "text2text")
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv")
 
 
@@ -32,46 +32,39 @@ class GenerationData:
 
 
 def load_generation_data(
-    task: str,
-    *,
-    data: Path | None = None,
-    train_file: Path | None = None,
-    eval_file: Path | None = None,
-    source_column: str | None = None,
-    target_column: str | None = None,
-    need_train: bool = True,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
+    task: GenerationTask, options: TaskOptions, need_train: bool = True
 ) -> GenerationData:
     """Training items (the first ``max_train_samples`` pairs' worth) and evaluation items of ``task``."""
-    if task == "text2text" and not (source_column and target_column):
-        raise UserError("--task text2text needs --source-column and --target-column")
-    if task != "text2text" and (source_column or target_column):
+    given = options.columns
+    if {"--text-column", "--text-pair-column", "--label-column"} & set(given):
+        raise UserError("--text-column, --text-pair-column and --label-column are for --task csv")
+    wanted = {f"--{name.replace('_', '-')}" for name in task.columns}
+    if not wanted <= set(given):
+        raise UserError(f"--task {task.name} needs {' and '.join(sorted(wanted))}")
+    if set(given) - wanted:
         raise UserError("--source-column and --target-column are for --task text2text")
-    if data is None and train_file is None and eval_file is None:
-        raise UserError(f"--task {task} needs --data DIR (train and dev files) or --train-file / --eval-file")
-    if data is not None and not data.is_dir():
-        raise UserError(f"--data {data} is not a directory")
-
-    def read(path: Path) -> list[Item]:
-        if task == "webnlg":
-            return read_webnlg(path)
-        if task == "e2e":
-            return read_e2e(path)
-        if task == "dart":
-            return read_dart(path)
-        return read_text2text(path, source_column, target_column)
-
-    check_counts(max_train_samples, max_eval_samples)
-    train = (
-        read(train_file or find_split(data, ("train",), "--train-file", EXTENSIONS)) if need_train else None
+    if options.data is None and options.train_file is None and options.eval_file is None:
+        raise UserError(
+            f"--task {task.name} needs --data DIR (train and dev files) or --train-file / --eval-file"
+        )
+    if options.data is not None and not options.data.is_dir():
+        raise UserError(f"--data {options.data} is not a directory")
+    check_counts(options.max_train_samples, options.max_eval_samples)
+    train = None
+    if need_train:
+        train = task.read(options.train_file or _split(options, ("train",), "--train-file"), options)
+        if options.max_train_samples is not None:
+            train = _first_pairs(train, options.max_train_samples)
+    evaluation = task.read(
+        options.eval_file or _split(options, ("dev", "validation"), "--eval-file"), options
     )
-    evaluation = read(eval_file or find_split(data, ("dev", "validation"), "--eval-file", EXTENSIONS))
-    if train is not None and max_train_samples is not None:
-        train = _first_pairs(train, max_train_samples)
-    if max_eval_samples is not None:
-        evaluation = evaluation[:max_eval_samples]
-    return GenerationData(task, train, evaluation)
+    if options.max_eval_samples is not None:
+        evaluation = evaluation[: options.max_eval_samples]
+    return GenerationData(task.name, train, evaluation)
+
+
+def _split(options: TaskOptions, stems: tuple[str, ...], option: str) -> Path:
+    return find_split(options.data, stems, option, EXTENSIONS)
 
 
 class PairDataset(torch.utils.data.Dataset):

@@ -1,14 +1,62 @@
-"""The classification tasks ``finetune`` knows: the GLUE set, and ``csv`` for any labelled file.
+"""The tasks ``finetune`` and ``evaluate`` know, one entry each, and the options that say where their data is.
 
-Each task says where its columns are in the GLUE distribution's TSV files and in the hub dataset
-(``glue/<task>``), what its labels are, and how it is scored.
+Classification tasks (:class:`Task`: the GLUE set, and ``csv`` for any labelled file) say where their
+columns are in the GLUE distribution's TSV files and in the hub dataset (``glue/<task>``), what their
+labels are, and how they are scored. Generation tasks (:class:`GenerationTask`: WebNLG, E2E, DART and
+``text2text`` for any text pairs) say how their files are read. :func:`register_task` adds one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import UserError
+from .data2text import Item, read_dart, read_e2e, read_text2text, read_webnlg
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """Where a task's data is, how much of it to use, and how a generation task decodes."""
+
+    data: Path | None = field(
+        default=None,
+        metadata={"help": "directory with the train and dev files (GLUE TSV, CSV, JSONL or JSON)"},
+    )
+    train_file: Path | None = field(default=None, metadata={"help": "training file (instead of --data)"})
+    eval_file: Path | None = field(default=None, metadata={"help": "evaluation file (instead of --data)"})
+    text_column: str | None = field(default=None, metadata={"help": "csv task: the text column"})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "csv task: the second text column, for sentence pairs"}
+    )
+    label_column: str | None = field(default=None, metadata={"help": "csv task: the label column"})
+    source_column: str | None = field(default=None, metadata={"help": "text2text task: the input column"})
+    target_column: str | None = field(default=None, metadata={"help": "text2text task: the reference column"})
+    max_new_tokens: int = field(default=64, metadata={"help": "generation tasks: longest output"})
+    num_beams: int = field(default=1, metadata={"help": "generation tasks: beam width (1: greedy)"})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "train on the first N examples only"}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "evaluate on the first N examples only"}
+    )
+    max_length: int = field(default=128, metadata={"help": "longest input in tokens"})
+
+    def __post_init__(self) -> None:
+        for name in ("data", "train_file", "eval_file"):  # the CLI passes strings
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
+
+    def check_decoding(self) -> None:
+        if self.max_new_tokens < 1 or self.num_beams < 1:
+            raise UserError("--max-new-tokens and --num-beams must be at least 1")
+
+    @property
+    def columns(self) -> dict:
+        """The column options that were given, by option name."""
+        names = ("text_column", "text_pair_column", "label_column", "source_column", "target_column")
+        return {f"--{n.replace('_', '-')}": getattr(self, n) for n in names if getattr(self, n)}
 
 
 @dataclass(frozen=True)
@@ -40,7 +88,7 @@ class Task:
         return 1 if self.labels is None else len(self.labels)
 
 
-GLUE = {
+CLASSIFICATION = {
     task.name: task
     for task in (
         Task("sst2", "sentence", None, "label", "sentence", None, ("negative", "positive"), ("accuracy",)),
@@ -106,7 +154,47 @@ GLUE = {
         ),
     )
 }
-TASK_NAMES = (*GLUE, "csv")
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """A data-to-text task for causal language models: how its files become :class:`Item` s."""
+
+    name: str
+    read: Callable[[Path, TaskOptions], list[Item]]
+    columns: tuple[str, ...] = ()  # TaskOptions fields it needs (and only it takes)
+
+
+GENERATION = {
+    task.name: task
+    for task in (
+        GenerationTask("webnlg", lambda path, _: read_webnlg(path)),
+        GenerationTask("e2e", lambda path, _: read_e2e(path)),
+        GenerationTask("dart", lambda path, _: read_dart(path)),
+        GenerationTask(
+            "text2text",
+            lambda path, options: read_text2text(path, options.source_column, options.target_column),
+            ("source_column", "target_column"),
+        ),
+    )
+}
+
+
+def register_task(task: Task | GenerationTask) -> None:
+    """Make ``task`` known to ``finetune``, ``evaluate`` and :func:`mlp_fusion.training.jobs.load_job`."""
+    if task.name in task_names():
+        raise UserError(f"a task called {task.name!r} exists already")
+    (CLASSIFICATION if isinstance(task, Task) else GENERATION)[task.name] = task
+
+
+def task_names() -> tuple[str, ...]:
+    return (*CLASSIFICATION, "csv", *GENERATION)
+
+
+def is_generation(name: str) -> bool:
+    if name not in task_names():
+        raise UserError(f"unknown task {name!r}; choose one of: {', '.join(task_names())}")
+    return name in GENERATION
 
 
 def get_task(
@@ -123,10 +211,10 @@ def get_task(
         return Task(
             "csv", text_column, pair_column, label_column, text_column, pair_column, (), ("accuracy",)
         )
-    if name not in GLUE:
-        raise UserError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")
+    if name not in CLASSIFICATION:
+        raise UserError(f"unknown task {name!r}; choose one of: {', '.join(task_names())}")
     if text_column or pair_column or label_column:
         raise UserError(
             f"--text-column, --text-pair-column and --label-column are for --task csv, not {name}"
         )
-    return GLUE[name]
+    return CLASSIFICATION[name]
