@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import build, save_tokenizer
 
-from mlp_fusion import FusionConfig, fuse
+from mlp_fusion import FusionConfig, from_pretrained, fuse
 from mlp_fusion.cli import main
 from mlp_fusion.fuse import fusion_records
 from mlp_fusion.persistence import FUSION_FILE
@@ -36,8 +36,9 @@ def test_default_on_a_causal_lm_samples_calibration_keeps_neurons_and_records_it
     capsys, tmp_path, decoder_dir
 ):
     result, stderr = compress(capsys, decoder_dir, "--ratio", "0.5", "--out", tmp_path / "a")
-    assert result["recipe"] == "calibrated" and not result["streamed"]
-    assert "sampling 128 calibration texts" in stderr
+    # a local checkpoint: the model is loaded whole to sample, then fused layer by layer
+    assert result["recipe"] == "calibrated" and result["streamed"]
+    assert "sampling 128 calibration texts" in stderr and "layer by layer" in stderr
     fusion = json.loads((tmp_path / "a" / FUSION_FILE).read_text())
     assert fusion["recipe"]["name"] == "calibrated"
     recorded = fusion["recipe"]["calibration"]
@@ -46,8 +47,11 @@ def test_default_on_a_causal_lm_samples_calibration_keeps_neurons_and_records_it
     samples = (tmp_path / "a" / SAMPLES_FILE).read_text().splitlines()
     assert len(samples) == recorded["texts"] > 0
     assert all(site["settings"]["keep_fraction"] == 0.5 for site in fusion["sites"])
-    # the same command gives the same tensors (seeded sampling) ...
-    compress(capsys, decoder_dir, "--ratio", "0.5", "--out", tmp_path / "b")
+    # fusing in memory gives the same samples and tensors (seeded sampling) ...
+    in_memory, _ = compress(capsys, decoder_dir, "--ratio", "0.5", "--in-memory", "--out", tmp_path / "b")
+    assert not in_memory["streamed"]
+    assert (tmp_path / "b" / SAMPLES_FILE).read_text().splitlines() == samples
+    assert json.loads((tmp_path / "b" / FUSION_FILE).read_text())["recipe"] == fusion["recipe"]
     # ... and so does fusing with the recorded samples as a calibration file
     compress(
         capsys, decoder_dir, "--ratio", "0.5", "--calibration", tmp_path / "a" / SAMPLES_FILE,
@@ -105,9 +109,16 @@ def test_explicit_calibrated_recipe_without_a_tokenizer_exits_2_writing_nothing(
 def test_library_verb_applies_the_recipe_and_returns_the_model(tmp_path, decoder_dir):
     from mlp_fusion import compress as library_compress
 
-    done = library_compress(decoder_dir, tmp_path / "lib", ratio=0.5, layers="1")
-    assert done.recipe == "calibrated" and done.model is not None
+    done = library_compress(decoder_dir, tmp_path / "lib", ratio=0.5, layers="1", in_memory=True)
+    assert done.recipe == "calibrated" and done.model is not None and not done.streamed
     assert all(r.settings["keep_fraction"] == 0.5 for r in fusion_records(done.model))
+    streamed = library_compress(decoder_dir, tmp_path / "streamed", ratio=0.5, layers="1")
+    assert streamed.streamed and streamed.model is None  # fused layer by layer: no whole model to return
+    reloaded = from_pretrained(tmp_path / "streamed")
+    assert all(r.settings["keep_fraction"] == 0.5 for r in fusion_records(reloaded))
+    assert all(
+        torch.equal(p, q) for p, q in zip(done.model.state_dict().values(), reloaded.state_dict().values())
+    )
 
 
 def test_finetune_on_a_causal_lm_calibrates_on_the_task_and_keeps_neurons_by_default(capsys, tmp_path):

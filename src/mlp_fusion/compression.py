@@ -65,8 +65,9 @@ def compress(
     Give either a whole ``config`` or its fields as keywords (``ratio=0.5, layers="20-29"``); with fields,
     the recipe fills in the keep fraction. ``calibration_texts`` are used instead of the recipe's own
     calibration source (samples from the model). A local safetensors checkpoint saved to ``out`` is fused
-    one layer at a time, with or without ``calibration_texts``, unless the recipe must sample its texts
-    from the whole model, ``verify`` is set or ``in_memory`` is asked for; ``.streamed`` says which.
+    one layer at a time, calibrated with ``calibration_texts`` or the recipe's samples (drawn from the
+    model loaded whole, released before fusing) unless ``verify`` is set or ``in_memory`` is asked for;
+    ``.streamed`` says which.
     """
     from .loading import LoadSettings, has_tokenizer_files, is_fused, resolve
 
@@ -94,45 +95,65 @@ def compress(
         from .checkpoint_files import check_writable
 
         check_writable(out, overwrite)
-    sampled = calibration_texts is None and chosen.calibrate
-    streamable = not (in_memory or out is None or path is None or is_fused(path) or sampled or verify)
-    if streamable:
-        texts = calibration_texts[:calibration_samples] if calibration_texts is not None else None
+    whole = in_memory or out is None or path is None or is_fused(path)
+    if not (whole or verify):
+        texts, record = _calibration_texts(
+            path, chosen, settings, calibration_texts, calibration_samples, max_length, say
+        )
         done = _streamed(
-            path, Path(out), config, settings, chosen, texts, max_length, overwrite, shard_bytes, say
+            path, Path(out), config, settings, chosen, texts, record, max_length, overwrite, shard_bytes, say
         )
         if done is not None:
             return Compressed(str(path), done, chosen.name, True, Path(out))
-    elif path is not None and not (in_memory or out is None or is_fused(path)):
-        held = ((f"the {chosen.name} recipe's sampled calibration texts", sampled), ("--verify", verify))
-        reasons = [name for name, holds in held if holds]
-        say(f"fusing in memory: {' and '.join(reasons)} need(s) the whole model")
+    elif verify and not whole:
+        say("fusing in memory: --verify needs the whole model")
     return _in_memory(
         source, out, config, chosen, settings, calibration_texts, calibration_samples, max_length,
         overwrite=overwrite, verify=verify, say=say,
     )  # fmt: skip
 
 
+def _calibration_texts(path: Path, recipe, settings, texts, samples: int, max_length: int, say):
+    """The texts that calibrate a layer-by-layer run and their record: the given ones, or (the recipe's
+    default) texts sampled from the model, which is loaded whole for that and released before fusing."""
+    if texts is not None:
+        used = texts[:samples]
+        return used, {"source": "given", "max_length": max_length, "texts": len(used)}
+    if not recipe.calibrate:
+        return None, None
+    from .loading import load_model
+
+    say(
+        f"recipe {recipe.name}: sampling {recipe.sampling.count} calibration texts from the model (loaded whole)"
+    )
+    loaded = load_model(str(path), settings)
+    if loaded.tokenizer is None:
+        raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
+    used = recipes.sample_texts(loaded.model, loaded.tokenizer, recipe.sampling)[:samples]
+    del loaded  # released before the first layer is read
+    return used, recipes.sampled_calibration(recipe.sampling, max_length, len(used))
+
+
 def _streamed(
-    path: Path, out: Path, config, settings, recipe, texts, max_length, overwrite, shard_bytes, say
+    path: Path, out: Path, config, settings, recipe, texts, record, max_length, overwrite, shard_bytes, say
 ) -> FusionReport | None:
     from .calibration import calibration_batch
     from .loading import load_tokenizer
     from .streaming import NotStreamable, fuse_checkpoint
 
     tokenizer = load_tokenizer(path)
-    batch, given = None, None
+    batch = None
     if texts is not None:
         if tokenizer is None:
             raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
         batch = calibration_batch(tokenizer, texts, None, max_length)
-        given = {"source": "given", "max_length": max_length, "texts": len(texts)}
+    samples = texts if record is not None and record["source"] == "sampled" else None
     try:
         say(f"fusing {path} layer by layer into {out}")
         return fuse_checkpoint(
             path, out, config, dtype=settings.torch_dtype(), device=settings.torch_device(),
             tokenizer=tokenizer, overwrite=overwrite, shard_bytes=shard_bytes, progress=say, calibration=batch,
-            annotate=lambda model: recipes.record(model, recipe, given, None),
+            annotate=lambda model: recipes.record(model, recipe, record, samples),
         )  # fmt: skip
     except NotStreamable as reason:
         say(f"fusing in memory: this checkpoint cannot be streamed ({reason})")
