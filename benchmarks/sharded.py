@@ -49,7 +49,7 @@ def run(processes: int, batch: int, out: Path, train: int) -> dict:
         raise SystemExit(f"{processes} process(es) failed:\n{done.stderr[-3000:]}")
     result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     result.pop("out", None)
-    return result
+    return {**result, "model": "smollm2"}  # as named, not this machine's path to it
 
 
 def logits(directory: Path) -> torch.Tensor:
