@@ -143,7 +143,6 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> _Plan:
     from ..loading import is_fused, resolve
-    from ..recipes import choose_recipe, keep_fraction, source_config
     from ..training.finetune import TrainSettings
     from ..training.jobs import check_task
 
@@ -151,8 +150,43 @@ def _check(args: argparse.Namespace) -> _Plan:
     generation = check_task(args.task, options)
     settings = TrainSettings(**config_values(args, TrainSettings))
     path = resolve(args.model)
-    fused_input = path is not None and is_fused(path)
     calibration_texts(args)  # checks the calibration options
+    method, config, recipe, calibrate = _fusion(args, path, is_fused(path) if path is not None else False)
+    if settings.teacher_weight and (method in (None, "full") or not generation):
+        raise UserError(
+            "--teacher-weight distils the unfused model into the fused one on a generation task: "
+            "it needs a base model, a fusion method and a generation task"
+        )
+    lora = _lora_settings(args)
+    if args.fsdp:
+        _check_fsdp(args, lora, settings)
+    device = load_settings(args).torch_device()
+    if device.index:
+        raise UserError(
+            f"fine-tuning uses the first visible GPU: run with CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
+        )
+    if args.distill_epochs < 0:
+        raise UserError(f"--distill-epochs must be at least 0, not {args.distill_epochs}")
+    out = args.out or Path("runs") / f"{args.task}-{method or 'fused'}-seed{args.seed}"
+    run_record = {key: _plain(getattr(args, key, None)) for key in run_keys()}
+    run_record.update(
+        model=str(path) if path is not None else args.model,
+        method=method,
+        ratio=config and config.ratio,
+        recipe=recipe and recipe.name,
+        keep_fraction=config and config.keep_fraction,
+        calibrate=calibrate,
+    )
+    return _Plan(
+        generation, settings, method, config, recipe, calibrate, lora, device, out, run_record, options
+    )
+
+
+def _fusion(args: argparse.Namespace, path: Path | None, fused_input: bool):
+    """What happens to the model before training: the method (None for an already fused model), its
+    config and recipe (None without fusion), and whether the task's inputs calibrate it."""
+    from ..recipes import choose_recipe, keep_fraction, source_config
+
     fusion_options = (
         args.ratio
         or args.width
@@ -182,34 +216,7 @@ def _check(args: argparse.Namespace) -> _Plan:
             "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, "
             "--keep-fraction, --no-canonical, --calibrate, --distill-epochs"
         )
-    if settings.teacher_weight and (method in (None, "full") or not generation):
-        raise UserError(
-            "--teacher-weight distils the unfused model into the fused one on a generation task: "
-            "it needs a base model, a fusion method and a generation task"
-        )
-    lora = _lora_settings(args)
-    if args.fsdp:
-        _check_fsdp(args, lora, settings)
-    device = load_settings(args).torch_device()
-    if device.index:
-        raise UserError(
-            f"fine-tuning uses the first visible GPU: run with CUDA_VISIBLE_DEVICES={device.index} and --device cuda"
-        )
-    if args.distill_epochs < 0:
-        raise UserError(f"--distill-epochs must be at least 0, not {args.distill_epochs}")
-    out = args.out or Path("runs") / f"{args.task}-{method or 'fused'}-seed{args.seed}"
-    run_record = {key: _plain(getattr(args, key, None)) for key in run_keys()}
-    run_record.update(
-        model=str(path) if path is not None else args.model,
-        method=method,
-        ratio=config and config.ratio,
-        recipe=recipe and recipe.name,
-        keep_fraction=config and config.keep_fraction,
-        calibrate=calibrate,
-    )
-    return _Plan(
-        generation, settings, method, config, recipe, calibrate, lora, device, out, run_record, options
-    )
+    return method, config, recipe, calibrate
 
 
 def _prepare(args: argparse.Namespace, plan: _Plan):
