@@ -1,4 +1,4 @@
-"""Recovery after fine-tuning: SmolLM2-135M on WebNLG 2017, full vs LoRA vs fused vs pruned, three seeds.
+"""Recovery after fine-tuning: SmolLM2-135M (or Gemma-3-270M) on WebNLG 2017, full vs LoRA vs fused vs pruned.
 
 Every (row, setting, seed) is one ``mlp-fusion finetune`` process: the first --train (triples, text) pairs,
 one epoch, then greedy decoding of the first --eval dev inputs scored against all their references. Rows
@@ -12,6 +12,7 @@ only rewrites BENCHMARKS.md and the plot from the results file.
     python benchmarks/recovery.py --rows full,prune+calibration --seeds 0
     python benchmarks/recovery.py --curve
     python benchmarks/recovery.py --speed
+    python benchmarks/recovery.py --model gemma3 --settings S1 --rows full,prune+calibration,"fusion+calibration+keep 0.5"
 """
 
 from __future__ import annotations
@@ -31,9 +32,26 @@ from sst2 import run_finetune  # noqa: E402
 from webnlg import DATA, ROWS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
+# per model: its settings (S1: the last third of the layers at 0.5; S2: the last two thirds at 0.25)
+MODEL_SETTINGS = {
+    "smollm2": {"S1": ("20-29", "0.5"), "S2": ("10-29", "0.25")},
+    "gemma3": {"S1": ("12-17", "0.5"), "S2": ("6-17", "0.25")},
+}
+MODEL = "smollm2"
 RESULTS = ROOT / "benchmarks" / "results" / "recovery-smollm2.json"
 PLOT = ROOT / "benchmarks" / "results" / "recovery-smollm2.png"
-SETTINGS = {"S1": ("20-29", "0.5"), "S2": ("10-29", "0.25")}
+SETTINGS = MODEL_SETTINGS["smollm2"]
+
+
+def use_model(name: str) -> None:
+    """Point the benchmark at ``name``: its settings, results file and plot (one model a run)."""
+    global MODEL, RESULTS, PLOT, SETTINGS
+    MODEL, SETTINGS = name, MODEL_SETTINGS[name]
+    RESULTS = ROOT / "benchmarks" / "results" / f"recovery-{name}.json"
+    PLOT = RESULTS.with_suffix(".png")
+
+
 DEFAULT_ROWS = (
     "full",
     "fusion+calibration+keep 0.5",
@@ -69,7 +87,7 @@ def row_arguments(row: str, setting: str | None, seed: int, pairs: int, evals: i
     training = [part for name, value in TRAINING.items() for part in (f"--{name}", value)]
     # the row's options come last, so that its own learning rate (LoRA rows) wins
     return [
-        "smollm2", "--task", "webnlg", "--data", str(DATA), "--max-train-samples", str(pairs),
+        MODEL, "--task", "webnlg", "--data", str(DATA), "--max-train-samples", str(pairs),
         "--max-eval-samples", str(evals), *fusion, *training, "--seed", str(seed), *RECOVERY_ROWS[row],
         "--out", out,
     ]  # fmt: skip
@@ -133,12 +151,12 @@ def decoding_speed(settings: list[str], tokens: int, rounds: int) -> dict:
     import mlp_fusion
     from mlp_fusion.loading import load_model
 
-    loaded = load_model("smollm2")
+    loaded = load_model(MODEL)
     models = {"original": loaded.model.eval()}
     for setting in settings:
         layers, ratio = SETTINGS[setting]
         for method in ("fusion", "prune"):
-            model = load_model("smollm2").model.eval()
+            model = load_model(MODEL).model.eval()
             mlp_fusion.fuse(model, mlp_fusion.FusionConfig(method=method, ratio=float(ratio), layers=layers))
             models[f"{method} at {setting}"] = model
     for model in models.values():
@@ -238,24 +256,25 @@ def plot(results: dict, pairs: int) -> None:
     left.set(xlabel="greedy decoding tokens / s (batch 1, CPU)", ylabel="BLEU (mean ± std over seeds)")
     right.set(xlabel="optimisation seconds / step (batch 8)", ylabel="BLEU (mean ± std over seeds)")
     right.legend(fontsize=7, loc="lower right")
-    figure.suptitle(f"SmolLM2-135M on WebNLG 2017: {pairs} training pairs, one epoch")
+    figure.suptitle(f"{NAMES[MODEL]} on WebNLG 2017: {pairs} training pairs, one epoch")
     figure.tight_layout()
     figure.savefig(PLOT, dpi=110)
 
 
 def report(results: dict, pairs: int, evals: int) -> str:
     intro = (
-        f"SmolLM2-135M fine-tuned on WebNLG 2017 ({pairs} training pairs, one epoch, batch 8, lr 1e-4, LoRA "
+        f"{NAMES[MODEL]} fine-tuned on WebNLG 2017 ({pairs} training pairs, one epoch, batch 8, lr 1e-4, LoRA "
         f"rows rank 8 at lr 1e-3, max length 64), then greedy decoding (at most 32 new tokens) of the first "
         f"{evals} dev inputs scored against all their references (sacrebleu BLEU, chrF); mean ± std over "
-        "the seeds run. S1: layers 20-29 at ratio 0.5; S2: layers 10-29 at 0.25. `fusion+calibration+keep "
+        f"the seeds run. {'; '.join(f'{name}: layers {layers} at ratio {ratio}' for name, (layers, ratio) in SETTINGS.items())}. "
+        "`fusion+calibration+keep "
         "0.5`: fusion calibrated on 128 training inputs, half of each fused width kept as the top-scored "
         "neurons; `+teacher W`: the training loss mixes the task loss with weight 1 - W and the KL divergence to the unfused model's next-token distribution on every real token with weight W (`--teacher-weight W`); `prune+calibration`: calibrated pruning; `fusion (paper)`: the paper's data-free fusion. "
         "Seconds per step and peak memory are the mean over the row's runs; the runs shared the CPU with other "
         "work, so they are indicative only. Decoding speed: greedy batch-1 decoding of each setting's shapes "
         "(untrained models of the same shapes), the models taking turns on every prompt, median round."
     )
-    body = publish("recovery-smollm2", intro, table(results, pairs), results, RESULTS)
+    body = publish(f"recovery-{MODEL}", intro, table(results, pairs), results, RESULTS)
     if any(r["pairs"] != pairs for r in results["runs"].values()):
         curve = "\n".join(curve_table(results))
         body += f"\n\nLearning curve at S1 (seed 0):\n\n{curve}"
@@ -264,8 +283,11 @@ def report(results: dict, pairs: int, evals: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", choices=MODEL_SETTINGS)
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"from: {', '.join(RECOVERY_ROWS)}")
-    parser.add_argument("--settings", default="S1,S2", help="S1 (layers 20-29 at 0.5), S2 (10-29 at 0.25)")
+    parser.add_argument(
+        "--settings", default="S1,S2", help="S1 (SmolLM2: layers 20-29 at 0.5), S2 (10-29 at 0.25)"
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train", type=int, default=1000, help="training pairs (the first N)")
     parser.add_argument("--eval", type=int, default=200, help="dev inputs decoded and scored (the first N)")
@@ -273,6 +295,7 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="time decoding of each setting's shapes")
     parser.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md and the plot")
     args = parser.parse_args()
+    use_model(args.model)
     results = load_results()
     command = f"python benchmarks/recovery.py {shlex.join(sys.argv[1:])}".strip()
     if not args.report and command not in results["commands"]:
