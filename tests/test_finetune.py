@@ -311,8 +311,9 @@ def test_two_processes_train_with_distributed_data_parallel(base_dir, task_dir, 
     assert from_pretrained(out) is not None
 
 
-def finetune_processes(processes: int, out, arguments: list, port: int) -> dict:
-    """``mlp-fusion finetune ARGUMENTS`` under torchrun (one process: plain), its one JSON result."""
+def finetune_processes(processes: int, out, arguments: list, port: int, log: list | None = None) -> dict:
+    """``mlp-fusion finetune ARGUMENTS`` under torchrun (one process: plain), its one JSON result (its
+    stderr appended to ``log``)."""
     script = Path(sys.executable).parent / "mlp-fusion"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
     launch += ["--master_port", str(port)] if processes > 1 else []
@@ -327,6 +328,8 @@ def finetune_processes(processes: int, out, arguments: list, port: int) -> dict:
         [*command, "--out", str(out), "--json"], capture_output=True, text=True, env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    if log is not None:
+        log.append(done.stderr)
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1  # only the main process reports
     return results[0]
@@ -368,6 +371,35 @@ def test_two_sharded_processes_train_as_one_process_does(model, task_dir, tmp_pa
     batch = inputs(seed=4, batch=3, length=6)
     sharded, single = from_pretrained(tmp_path / "two"), from_pretrained(tmp_path / "one")
     assert [r.name for r in fusion_records(sharded)] == [r.name for r in fusion_records(single)]
+    torch.testing.assert_close(outputs(sharded, batch), outputs(single, batch), atol=1e-4, rtol=1e-3)
+
+
+def test_a_fused_checkpoint_is_read_already_sharded_and_trains_as_one_process_does(tmp_path):
+    """finetune FUSED_DIR --fsdp: no process loads the whole model, each reads its own rows of every
+    tensor; the losses, and the gathered checkpoint's outputs, are those of one process reading it whole."""
+    from tiny_models import write_data_to_text_task
+
+    task = tmp_path / "d2t"
+    write_data_to_text_task(task)
+    source = tmp_path / "tiny-llama"
+    build("llama").save_pretrained(source)
+    save_tokenizer(source)
+    assert (
+        main(["compress", str(source), "--ratio", "0.5", "--recipe", "paper", "--out", str(tmp_path / "f")])
+        == 0
+    )
+    common = [tmp_path / "f", "--task", "text2text", "--source-column", "mr", "--target-column", "text"]
+    common += ["--data", task, "--epochs", "1", "--lr", "1e-2", "--max-length", "32", "--warmup-ratio", "0"]
+    common += ["--max-new-tokens", "4", "--max-eval-samples", "4"]
+    log = []
+    one = finetune_processes(1, tmp_path / "one", [*common, "--batch-size", "16"], 0)
+    two = finetune_processes(2, tmp_path / "two", [*common, "--batch-size", "8", "--fsdp"], 29524, log)
+    assert "each process read only its own rows" in log[0]
+    assert len(one["losses"]) == len(two["losses"]) == 6  # 96 pairs / 16 per step
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-3
+    batch = inputs(seed=4, batch=3, length=6)
+    sharded, single = from_pretrained(tmp_path / "two"), from_pretrained(tmp_path / "one")
+    assert sum(p.numel() for p in sharded.parameters()) == sum(p.numel() for p in single.parameters())
     torch.testing.assert_close(outputs(sharded, batch), outputs(single, batch), atol=1e-4, rtol=1e-3)
 
 

@@ -227,7 +227,9 @@ def _prepare(args: argparse.Namespace, plan: _Plan):
     from ..training.jobs import load_job
 
     settings = plan.settings
-    job = load_job(args.model, args.task, plan.options, settings, load_settings(args), progress=log)
+    job = load_job(
+        args.model, args.task, plan.options, settings, load_settings(args), progress=log, sharded=args.fsdp
+    )
     log(f"{job.task}: {job.train_count} training examples, {job.eval_count} for evaluation")
     model = job.loaded.model
     params_before = count_parameters(model)
@@ -306,6 +308,7 @@ def _finish(args, plan: _Plan, job, outcome: dict, distilled, params_before: int
         "train_steps_per_second": outcome["train_steps_per_second"],
         "peak_memory_mb": outcome["peak_memory_mb"],
         "peak_memory_mb_per_process": outcome["peak_memory_mb_per_process"],
+        "process_peak_mb_per_process": outcome["process_peak_mb_per_process"],
         "losses": outcome["losses"],
         "params": count_parameters(model),
         "params_before_fusion": params_before,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -158,8 +159,7 @@ def finetune(
     timer = _Progress(progress)
     trainer_class = transformers.Trainer if teacher is None else _TeacherTrainer
     if sharded:
-        plain = sharding.skeleton(model)
-        sharding.shard(model)
+        plain = sharding.prepare(model)
     trainer = trainer_class(model=model, args=args, callbacks=[timer], **trainer_inputs)
     if _classifier(model):
         # Its loss is the mean over its own process's examples; the Trainer would otherwise scale it by the
@@ -198,6 +198,10 @@ def finetune(
         "train_steps_per_second": timer.steps / timer.step_seconds if timer.step_seconds else None,
         "peak_memory_mb": peak.mb,
         "peak_memory_mb_per_process": _per_process(peak.mb),
+        # loading and fusing included: what a process needed over its whole life so far (Linux: KiB)
+        "process_peak_mb_per_process": _per_process(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
     }
 
 

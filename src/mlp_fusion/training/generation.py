@@ -180,12 +180,14 @@ def generation_inputs(data: GenerationData, tokenizer, max_length: int) -> dict:
     }
 
 
-def load_causal_lm(spec: str, settings=None):
+def load_causal_lm(spec: str, settings=None, sharded: bool = False):
     """A decoder-only language model (base, fused or fine-tuned) with a tokenizer that can pad; ``settings``
-    (a :class:`~mlp_fusion.loading.LoadSettings`) as for ``load_model``."""
+    (a :class:`~mlp_fusion.loading.LoadSettings`) as for ``load_model``. ``sharded`` (under torchrun): a
+    fused checkpoint is read already split across the processes (:func:`~.sharding.load_sharded`)."""
     from ..loading import load_model, with_pad_token
+    from .sharding import load_fused_sharded
 
-    loaded = load_model(spec, settings)
+    loaded = (load_fused_sharded(spec, settings) if sharded else None) or load_model(spec, settings)
     model = loaded.model
     if getattr(model.config, "is_encoder_decoder", False) or not type(model).__name__.endswith(
         ("ForCausalLM", "LMHeadModel")

@@ -65,15 +65,18 @@ def load_job(
     settings: TrainSettings | None = None,
     load=None,
     progress: Callable[[str], None] | None = None,
+    sharded: bool = False,
 ) -> Job:
     """``task``'s data read and ``model`` loaded for it (``load``: a :class:`~mlp_fusion.loading.LoadSettings`);
-    ``settings`` gives the seed of a new classification head and the batch size of the final scoring."""
+    ``settings`` gives the seed of a new classification head and the batch size of the final scoring.
+    ``sharded`` (under torchrun, for ``finetune(..., sharded=True)``): a fused decoder checkpoint is read
+    already split across the processes; other models are loaded whole and split when training starts."""
     settings = settings or TrainSettings(max_length=options.max_length)
     build = _generation_job if check_task(task, options) else _classification_job
-    return build(model, task, options, settings, load, progress or (lambda _: None))
+    return build(model, task, options, settings, load, progress or (lambda _: None), sharded)
 
 
-def _classification_job(model, name, options, settings, load, progress) -> Job:
+def _classification_job(model, name, options, settings, load, progress, sharded) -> Job:
     from .classifier import load_classifier
     from .data import load_task_data
     from .finetune import classification_inputs, evaluate
@@ -96,13 +99,15 @@ def _classification_job(model, name, options, settings, load, progress) -> Job:
     )
 
 
-def _generation_job(model, name, options, settings, load, progress) -> Job:
+def _generation_job(model, name, options, settings, load, progress, sharded) -> Job:
     from .data2text import PROMPT_END
     from .generation import generation_inputs, load_causal_lm, load_generation_data, score_generation
 
     data = load_generation_data(GENERATION[name], options, need_train=True)
     progress(f"loading {model}")
-    loaded = load_causal_lm(model, load)
+    loaded = load_causal_lm(model, load, sharded)
+    if sharded and _is_sharded(loaded.model):
+        progress(f"{model}: each process read only its own rows of every tensor")
     pairs = data.train_pairs()
 
     def final_scores(fitted) -> dict:
@@ -170,3 +175,9 @@ def _file_options(options: TaskOptions) -> dict:
     """The keyword arguments of :func:`~mlp_fusion.training.data.load_task_data` that the options give."""
     names = ("data", "train_file", "eval_file", "max_train_samples", "max_eval_samples")
     return {name: getattr(options, name) for name in names}
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
