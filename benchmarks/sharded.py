@@ -116,7 +116,8 @@ def main() -> None:
         "it whole, then shards it) and from the same model saved fused by `compress` (each process reads "
         "only its own rows of every tensor). Peak memory: each process's resident high-water mark over "
         "training, and over its whole life. Largest step-by-step loss difference to one process: "
-        f"{difference:.2e}; largest logit difference between the two saved checkpoints (reloaded with "
+        f"{difference:.2e}; largest logit difference of a sharded run's saved checkpoint to the one-process "
+        "one (reloaded with "
         f"`from_pretrained`, two dev inputs): {logit_difference:.2e}."
     )
     print(publish("sharded-smollm2", intro, table, results, RESULTS))
