@@ -274,11 +274,42 @@ def report(results: dict, pairs: int, evals: int) -> str:
         "work, so they are indicative only. Decoding speed: greedy batch-1 decoding of each setting's shapes "
         "(untrained models of the same shapes), the models taking turns on every prompt, median round."
     )
-    body = publish(f"recovery-{MODEL}", intro, table(results, pairs), results, RESULTS)
+    lines = [*table(results, pairs), "", *goal_lines(results, pairs)]
     if any(r["pairs"] != pairs for r in results["runs"].values()):
-        curve = "\n".join(curve_table(results))
-        body += f"\n\nLearning curve at S1 (seed 0):\n\n{curve}"
-    return body
+        lines += ["", "Learning curve at S1 (seed 0):", "", *curve_table(results)]
+    return publish(f"recovery-{MODEL}", intro, lines, results, RESULTS)
+
+
+GOAL_GAPS = {"S1": 2.0, "S2": 8.0}  # BLEU the best fused row may trail full fine-tuning by
+
+
+def goal_lines(results: dict, pairs: int) -> list[str]:
+    """Each setting against its goals: the best fused row's gap to full fine-tuning, and its lead over
+    calibrated pruning against the larger of their seed standard deviations."""
+    groups = grouped(results["runs"], pairs)
+    bleu = {
+        key: mean_std([r["metrics"]["bleu"] for r in runs]) + (len(runs),) for key, runs in groups.items()
+    }
+    full = bleu.get(("", "full"))
+    lines = []
+    for setting in SETTINGS:
+        fused = {row: v for (s, row), v in bleu.items() if s == setting and row.startswith("fusion")}
+        prune = bleu.get((setting, "prune+calibration"))
+        if not fused or full is None or prune is None:
+            continue
+        row, (mean, std, n) = max(fused.items(), key=lambda item: item[1][0])
+        spread = max(std, prune[1])
+        lead = mean - prune[0]
+        gap, seeded = full[0] - mean, min(n, prune[2]) > 1
+        lines.append(
+            f"- {setting}: best fused row `{row}` ({n} seed(s)) is {gap:.2f} BLEU below full fine-tuning "
+            f"({full[2]} seed(s)): goal within {GOAL_GAPS.get(setting, 0):g}, "
+            f"{'met' if gap <= GOAL_GAPS.get(setting, 0) else 'not met'}. It is "
+            f"{'ahead of' if lead > 0 else 'behind'} calibrated pruning ({prune[2]} seed(s)) by {abs(lead):.2f} "
+            + (f"against a larger seed std of {spread:.2f}" if seeded else "(one seed: no spread measured)")
+            + f": goal ahead by more than that std, {'met' if seeded and lead > spread else 'not met'}."
+        )
+    return lines
 
 
 def main() -> None:
