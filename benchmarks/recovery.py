@@ -281,6 +281,7 @@ def report(results: dict, pairs: int, evals: int) -> str:
 
 
 GOAL_GAPS = {"S1": 2.0, "S2": 8.0}  # BLEU the best fused row may trail full fine-tuning by
+GOAL_SEEDS = 3  # seeds of each row the goals are judged on
 
 
 def goal_lines(results: dict, pairs: int) -> list[str]:
@@ -300,14 +301,24 @@ def goal_lines(results: dict, pairs: int) -> list[str]:
         row, (mean, std, n) = max(fused.items(), key=lambda item: item[1][0])
         spread = max(std, prune[1])
         lead = mean - prune[0]
-        gap, seeded = full[0] - mean, min(n, prune[2]) > 1
+        gap, seeded = full[0] - mean, min(n, prune[2]) >= GOAL_SEEDS
         lines.append(
             f"- {setting}: best fused row `{row}` ({n} seed(s)) is {gap:.2f} BLEU below full fine-tuning "
             f"({full[2]} seed(s)): goal within {GOAL_GAPS.get(setting, 0):g}, "
             f"{'met' if gap <= GOAL_GAPS.get(setting, 0) else 'not met'}. It is "
             f"{'ahead of' if lead > 0 else 'behind'} calibrated pruning ({prune[2]} seed(s)) by {abs(lead):.2f} "
-            + (f"against a larger seed std of {spread:.2f}" if seeded else "(one seed: no spread measured)")
-            + f": goal ahead by more than that std, {'met' if seeded and lead > spread else 'not met'}."
+            + (
+                f"against a larger seed std of {spread:.2f}"
+                if n > 1 and prune[2] > 1
+                else "(one seed: no spread)"
+            )
+            + ": goal ahead by more than that std, "
+            + (
+                ("met" if lead > spread else "not met")
+                if seeded
+                else f"undecided before {GOAL_SEEDS} seeds of each"
+            )
+            + "."
         )
     return lines
 
