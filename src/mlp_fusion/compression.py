@@ -69,7 +69,7 @@ def compress(
     model loaded whole, released before fusing) unless ``verify`` is set or ``in_memory`` is asked for;
     ``.streamed`` says which.
     """
-    from .loading import LoadSettings, has_tokenizer_files, is_fused, resolve
+    from .loading import LoadSettings, has_tokenizer_files, is_fused, load_model, resolve
 
     say = progress or (lambda message: None)
     settings = LoadSettings(dtype=dtype, device=device)
@@ -97,9 +97,9 @@ def compress(
         check_writable(out, overwrite)
     whole = in_memory or out is None or path is None or is_fused(path)
     if not (whole or verify):
-        texts, record = _calibration_texts(
-            path, chosen, settings, calibration_texts, calibration_samples, max_length, say
-        )
+        # the model loaded whole only to sample, and released before the first layer is read
+        load = lambda: load_model(str(path), settings)  # noqa: E731
+        texts, record = _chosen_texts(chosen, calibration_texts, calibration_samples, max_length, load, say)
         done = _streamed(
             path, Path(out), config, settings, chosen, texts, record, max_length, overwrite, shard_bytes, say
         )
@@ -113,25 +113,25 @@ def compress(
     )  # fmt: skip
 
 
-def _calibration_texts(path: Path, recipe, settings, texts, samples: int, max_length: int, say):
-    """The texts that calibrate a layer-by-layer run and their record: the given ones, or (the recipe's
-    default) texts sampled from the model, which is loaded whole for that and released before fusing."""
+def _chosen_texts(recipe, texts, samples: int, max_length: int, load, say):
+    """The calibration texts and their record for ``fusion.json``: the given ones, or (the recipe's
+    default) texts sampled from the model ``load()`` gives; (None, None) for a data-free recipe."""
     if texts is not None:
         used = texts[:samples]
         return used, {"source": "given", "max_length": max_length, "texts": len(used)}
     if not recipe.calibrate:
         return None, None
-    from .loading import load_model
-
-    say(
-        f"recipe {recipe.name}: sampling {recipe.sampling.count} calibration texts from the model (loaded whole)"
-    )
-    loaded = load_model(str(path), settings)
+    say(f"recipe {recipe.name}: sampling {recipe.sampling.count} calibration texts from the model")
+    loaded = load()
     if loaded.tokenizer is None:
         raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
     used = recipes.sample_texts(loaded.model, loaded.tokenizer, recipe.sampling)[:samples]
-    del loaded  # released before the first layer is read
     return used, recipes.sampled_calibration(recipe.sampling, max_length, len(used))
+
+
+def _sampled(record: dict | None, texts):
+    """The texts to write next to the checkpoint: the samples, when the record says they were sampled."""
+    return texts if record is not None and record["source"] == "sampled" else None
 
 
 def _streamed(
@@ -147,7 +147,7 @@ def _streamed(
         if tokenizer is None:
             raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
         batch = calibration_batch(tokenizer, texts, None, max_length)
-    samples = texts if record is not None and record["source"] == "sampled" else None
+    samples = _sampled(record, texts)
     try:
         say(f"fusing {path} layer by layer into {out}")
         return fuse_checkpoint(
@@ -175,24 +175,13 @@ def _in_memory(
     if verify:
         batch = probe_batch(model, tokenizer)
         original = main_output(model, batch)
-    calibration, used = None, None
-    if texts is not None or recipe.calibrate:
+    used, record = _chosen_texts(recipe, texts, samples, max_length, lambda: loaded, say)
+    calibration = None
+    if used is not None:
         if tokenizer is None:
             raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
-        sampled = texts is None
-        if sampled:
-            say(f"recipe {recipe.name}: sampling {recipe.sampling.count} calibration texts from the model")
-            texts = recipes.sample_texts(model, tokenizer, recipe.sampling)
-        used = texts[:samples]
         calibration = calibration_batch(tokenizer, used, None, max_length)
-        source_record = (
-            recipes.sampled_calibration(recipe.sampling, max_length, len(used))
-            if sampled
-            else {"source": "given", "max_length": max_length, "texts": len(used)}
-        )
-        recipes.record(model, recipe, source_record, used if sampled else None)
-    else:
-        recipes.record(model, recipe, None, None)
+    recipes.record(model, recipe, record, _sampled(record, used))
     report = fuse(model, config, progress=say, calibration=calibration)
     result = Compressed(
         loaded.source, report, recipe.name, False, Path(out) if out else None, model, tokenizer
