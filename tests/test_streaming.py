@@ -8,6 +8,7 @@ import transformers
 from tiny_models import FAMILIES, build, inputs, outputs
 
 import mlp_fusion
+from mlp_fusion.calibration import ModelRuns
 from mlp_fusion.cli import main
 from mlp_fusion.persistence import INDEX_FILE, WEIGHTS_FILE
 
@@ -154,9 +155,11 @@ def test_calibrated_layer_by_layer_equals_calibrated_in_memory(tmp_path, family)
     report = fuse_checkpoint(tmp_path / "base", tmp_path / "streamed", config, calibration=batch)
     assert all(row.calibration_error is not None for row in report.layers)  # refitted on the layer runs
     in_memory = build(family)
-    mlp_fusion.fuse(in_memory, config, calibration=batch)
+    mlp_fusion.fuse(in_memory, config, calibration=batch)  # one layer at a time, in memory
+    whole_runs = build(family)  # the whole model run up to each site, for every site
+    mlp_fusion.fuse(whole_runs, config, calibration=ModelRuns(whole_runs, batch))
     loaded = mlp_fusion.from_pretrained(tmp_path / "streamed")
-    assert same_tensors(loaded, in_memory)
+    assert same_tensors(loaded, in_memory) and same_tensors(loaded, whole_runs)
     data_free = build(family)
     mlp_fusion.fuse(data_free, config)
     assert not same_tensors(loaded, data_free)  # the calibration reached every fused layer's MLPs

@@ -103,6 +103,9 @@ def fuse(
         raise UserError(f"config must be a FusionConfig, got {type(config).__name__}")
     if calibration is not None and not hasattr(calibration, "parts"):  # a batch, not Runs
         check_calibration_batch(calibration)
+        walked = _fuse_walking(model, config, calibration, progress)
+        if walked is not None:
+            return walked
         calibration = ModelRuns(model, calibration)
     start = time.perf_counter()
     sites = find_sites(model)
@@ -213,6 +216,19 @@ def check_calibration_batch(batch: dict | None) -> None:
         raise UserError("calibration must be a tokenised batch: a dict with a 2-D input_ids tensor")
     if "attention_mask" not in batch or batch["attention_mask"].shape != ids.shape:
         raise UserError("calibration needs an attention_mask of the same shape as input_ids")
+
+
+def _fuse_walking(
+    model: nn.Module, config: FusionConfig, batch: dict, progress: Callable[[str], None] | None
+) -> FusionReport | None:
+    """Calibrated fusion one layer at a time (:func:`mlp_fusion.layer_runs.fuse_walking`), after every check;
+    None when it does not apply. A budget compares every site on the unfused model first, so it does not."""
+    if config.budget is not None:
+        return None
+    _plan(model, find_sites(model), config, None)  # every check before the first site is touched
+    from .layer_runs import fuse_walking  # here, not at the top: layer_runs builds on this module
+
+    return fuse_walking(model, config, batch, progress)
 
 
 def fusion_records(model: nn.Module) -> list[SiteRecord]:

@@ -12,6 +12,7 @@ layer sees, as they are when the whole model is fused in memory.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -21,7 +22,8 @@ from torch import nn
 from .calibration import calibration_inputs, micro_batches
 from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
-from .fuse import LayerReport, fuse
+from .families import find_sites
+from .fuse import FusionReport, LayerReport, count_parameters, fuse, fusion_records, select_sites
 from .sites import MlpSite
 
 
@@ -112,6 +114,8 @@ def _stack_of(model: nn.Module, name: str) -> str | None:
 class LayerWalk:
     """Walks the layer stack of a meta-device ``model`` in order, reading each layer with ``read`` (name,
     device, dtype -> tensor), fusing its chosen sites on the calibration runs and carrying its outputs on.
+    With ``read`` None the model is already in memory: nothing is read or released, and each layer runs
+    once per micro-batch instead of the whole model once per site.
 
     ``groups`` maps a layer index to its chosen sites; layers after the last of them are never run.
     """
@@ -119,7 +123,7 @@ class LayerWalk:
     def __init__(
         self,
         model: nn.Module,
-        read: Callable[[str, torch.device, torch.dtype], torch.Tensor],
+        read: Callable[[str, torch.device, torch.dtype], torch.Tensor] | None,
         groups: dict[int, list[MlpSite]],
         batch: dict,
         device: torch.device,
@@ -128,10 +132,12 @@ class LayerWalk:
         self.stack_name, self.stack = layer_stack(model, [s for group in groups.values() for s in group])
         self.last = max(groups)
         self.current: int | None = None
-        outside = [n for n, _ in model.named_modules() if not _under(n, self.stack_name)]
-        _materialize(model, outside, read, device)
+        if read is not None:
+            outside = [n for n, _ in model.named_modules() if not _under(n, self.stack_name)]
+            _materialize(model, outside, read, device)
         self.parts = self._record(batch)
-        model.to("meta")  # the embeddings' work is done (no layer has been read yet)
+        if read is not None:
+            model.to("meta")  # the embeddings' work is done (no layer has been read yet)
 
     def layer_of(self, name: str) -> int | None:
         """The stack index of the tensor ``name`` when it lies in a layer this walk runs, else None."""
@@ -142,16 +148,12 @@ class LayerWalk:
 
     def enter(self, index: int, config: FusionConfig, progress) -> list[LayerReport]:
         """Read layer ``index`` (releasing the one before), fuse its chosen sites, and run it on to the next."""
-        if self.current is not None:
-            self.stack[self.current].to("meta")
+        self.release()
         self.current = index
-        prefix = f"{self.stack_name}.{index}"
-        _materialize(
-            self.model,
-            [n for n, _ in self.model.named_modules() if _under(n, prefix)],
-            self.read,
-            self.device,
-        )
+        if self.read is not None:
+            prefix = f"{self.stack_name}.{index}"
+            names = [n for n, _ in self.model.named_modules() if _under(n, prefix)]
+            _materialize(self.model, names, self.read, self.device)
         layer = self.stack[index]
         rows = []
         if index in self.groups:
@@ -166,7 +168,7 @@ class LayerWalk:
         return rows
 
     def release(self) -> None:
-        if self.current is not None:
+        if self.current is not None and self.read is not None:
             self.stack[self.current].to("meta")
 
     @torch.no_grad()
@@ -198,6 +200,41 @@ class LayerWalk:
             for index, layer in enumerate(layers):
                 stack[index] = layer
         return parts
+
+
+def fuse_walking(
+    model: nn.Module, config: FusionConfig, batch: dict, progress: Callable[[str], None] | None
+) -> FusionReport | None:
+    """Calibrated :func:`fuse` of a model in memory, one layer at a time: each layer runs once per
+    micro-batch on the hidden states the layer before it (fused when chosen) produced, so the cost grows
+    with the layers, not with layers times sites as when the model runs from its start for every site.
+    The same tensors either way. None, with nothing changed, when the chosen MLPs are not in one list of
+    layers (the caller then runs the whole model for each site)."""
+    sites = find_sites(model)
+    groups: dict[int, list[MlpSite]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for site in select_sites(sites, config.layers):
+            groups.setdefault(stack_index(model, site.name), []).append(site)
+        walk = LayerWalk(model, None, groups, batch, next(model.parameters()).device)
+    except LayerStackError:
+        model.train(was_training)
+        return None
+    start, done = time.perf_counter(), len(fusion_records(model))
+    report = FusionReport(method=config.method, params_before=count_parameters(model))
+    report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
+    try:
+        for index in range(walk.last + 1):
+            report.layers += walk.enter(index, config, progress)
+    finally:
+        model.train(was_training)
+    for record in fusion_records(model)[done:]:  # each layer was fused as a call of its own
+        record.settings = {**record.settings, "layers": config.layers}
+    report.params_after = count_parameters(model)
+    report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
+    report.seconds = time.perf_counter() - start
+    return report
 
 
 def _under(name: str, prefix: str) -> bool:
