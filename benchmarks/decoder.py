@@ -1,4 +1,4 @@
-"""What each compression keeps of a gated decoder (SmolLM2-135M), before any fine-tuning.
+"""What each compression keeps of a gated decoder (SmolLM2-135M; ``--model gemma3``: Gemma-3-270M), before any fine-tuning.
 
 1. ``ntk``: layers 25-29 and 10-29, ratios 0.25 and 0.5, 32 WebNLG dev texts as probes, seeds 0, 1 and 2 of
    the methods that draw random numbers (``--seeds 0`` for one): final output error, mean fused-layer
@@ -43,9 +43,18 @@ from mlp_fusion.loading import load_model  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"
 PROBES = 32
-NTK_SETTINGS = (("25-29", 0.25), ("10-29", 0.25), ("25-29", 0.5), ("10-29", 0.5))  # most telling first
-# the two settings of the WebNLG fine-tuning benchmark, which keep the same number of MLP parameters
-PERPLEXITY_SETTINGS = (("20-29", 0.5), ("10-29", 0.25))
+# per model: the ntk settings (most telling first) and the two settings of the WebNLG fine-tuning benchmark,
+# which keep the same number of MLP parameters; SmolLM2 has 30 layers, Gemma-3-270M 18
+SETTINGS = {
+    "smollm2": {
+        "ntk": (("25-29", 0.25), ("10-29", 0.25), ("25-29", 0.5), ("10-29", 0.5)),
+        "perplexity": (("20-29", 0.5), ("10-29", 0.25)),
+    },
+    "gemma3": {
+        "ntk": (("15-17", 0.25), ("6-17", 0.25), ("15-17", 0.5), ("6-17", 0.5)),
+        "perplexity": (("12-17", 0.5), ("6-17", 0.25)),
+    },
+}
 SLOW = {"mmd"}  # variants run on the first (smaller) layer set only
 KEEP_SHARES = (0.25, 0.5, 0.75)  # --keep-fraction: the top-scored share of the width kept exactly
 # label -> (method, extra FusionConfig fields, calibrated, depends on the seed)
@@ -84,7 +93,7 @@ def ntk(loaded, calibration: dict, record: callable, seeds: tuple[int, ...], onl
     for layers, ratio in settings:
         reference = None
         for label, (method, options, calibrated, seeded) in VARIANTS.items():
-            if label in SLOW and layers != "25-29" or only and label not in only:
+            if label in SLOW and layers != settings[0][0] or only and label not in only:
                 continue
             runs = []
             for seed in seeds if seeded else seeds[:1]:
@@ -122,7 +131,7 @@ def perplexities(loaded, calibration: dict, record: callable, only: set[str] | N
         rows = [(label, spec, {"ratio": ratio}) for label, spec in VARIANTS.items()]
         rows += [(label, spec, {"budget": ratio}) for label, spec in BUDGET_VARIANTS.items()]
         for label, (method, options, calibrated, _), size in rows:
-            if label in SLOW and layers != "20-29" or only and label not in only:
+            if label in SLOW and layers != settings[0][0] or only and label not in only:
                 continue
             model = copy.deepcopy(loaded.model)
             start = time.perf_counter()
@@ -193,6 +202,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("part", choices=("ntk", "perplexity"))
+    parser.add_argument("--model", default="smollm2", choices=SETTINGS)
     parser.add_argument("--seeds", default="0,1,2", help="ntk: comma-separated seeds of the seeded methods")
     parser.add_argument(
         "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
@@ -202,11 +212,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--settings",
-        help=f"layers:ratio pairs separated by ; (default: {pairs(NTK_SETTINGS)} for ntk, "
-        f"{pairs(PERPLEXITY_SETTINGS)} for perplexity)",
+        help="layers:ratio pairs separated by ; (default, SmolLM2: "
+        f"{pairs(SETTINGS['smollm2']['ntk'])} for ntk, {pairs(SETTINGS['smollm2']['perplexity'])} for perplexity)",
     )
     args = parser.parse_args()
-    out = ROOT / "benchmarks" / "results" / f"decoder-{args.part}-smollm2.json"
+    out = ROOT / "benchmarks" / "results" / f"decoder-{args.part}-{args.model}.json"
     if args.report:
         saved = json.loads(out.read_text())
         print(write_report(args.part, saved, out))
@@ -214,7 +224,7 @@ def main() -> None:
     seeds = tuple(int(seed) for seed in args.seeds.split(","))
     torch.set_num_threads(2)
     transformers.utils.logging.set_verbosity_error()
-    loaded = load_model("smollm2")
+    loaded = load_model(args.model)
     calibration = calibration_batch(loaded.tokenizer, webnlg_texts("train", 0, 128), max_length=64)
     info = machine()
     command = "python benchmarks/decoder.py " + shlex.join(sys.argv[1:])
@@ -229,7 +239,7 @@ def main() -> None:
         out.write_text(json.dumps(saved, indent=2) + "\n")
         return write_report(args.part, saved, out)
 
-    settings = NTK_SETTINGS if args.part == "ntk" else PERPLEXITY_SETTINGS
+    settings = SETTINGS[args.model][args.part]
     if args.settings:
         settings = tuple((s.split(":")[0], float(s.split(":")[1])) for s in args.settings.split(";"))
     saved = earlier["results"] if earlier else {}
@@ -244,7 +254,7 @@ def write_report(part: str, saved: dict, out: Path) -> str:
     """The results as a Markdown table with its provenance, written into BENCHMARKS.md."""
     results = saved["results"]
     table = ntk_table(results) if part == "ntk" else perplexity_table(results)
-    return publish(f"decoder-{part}-smollm2", "", table.splitlines(), saved, out)
+    return publish(out.stem, "", table.splitlines(), saved, out)
 
 
 if __name__ == "__main__":
