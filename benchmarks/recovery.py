@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import publish, run_header  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
-from webnlg import DATA, ROWS  # noqa: E402
+from webnlg import DATA, LORA, ROWS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
@@ -58,6 +58,7 @@ DEFAULT_ROWS = (
     "fusion+calibration+keep 0.5+teacher 0.5",
     "prune+calibration",
     "full+lora",
+    "fusion+calibration+keep 0.5+lora",
     "fusion (paper)",
 )
 CURVE_ROWS = ("full", "fusion+calibration+keep 0.5", "prune+calibration")
@@ -70,6 +71,7 @@ RECOVERY_ROWS = {
         "--teacher-weight",
         "0.5",
     ],
+    "fusion+calibration+keep 0.5+lora": [*ROWS["fusion+calibration+keep 0.5"], *LORA],
 }
 TRAINING = {"lr": "1e-4", "batch-size": "8", "max-length": "64", "max-new-tokens": "32", "epochs": "1"}
 
