@@ -10,6 +10,7 @@ from tiny_models import FAMILIES, FOODS, NAMES, build, inputs, outputs
 from mlp_fusion import FusionConfig, UserError, find_sites, fuse
 from mlp_fusion.calibration import ModelRuns, _output_of, _run_to_site, calibrate_site, refit_output
 from mlp_fusion.diagnostics import output_errors
+from mlp_fusion.fuse import fusion_records
 from mlp_fusion.parametrizations import NeuronScale
 
 
@@ -193,3 +194,18 @@ def test_reconstruct_steps_must_be_a_whole_number_at_least_zero():
     for bad in (-1, 1.5, True):
         with pytest.raises(UserError, match="reconstruct_steps"):
             FusionConfig(reconstruct_steps=bad)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_calibration_walk_leaves_the_model_whole_and_in_its_mode(family):
+    model, whole_runs = build(family), build(family)
+    layers = list(model.model.layers)
+    model.train()
+    config, batch = FusionConfig(ratio=0.5, layers="0,2"), calibration_batch()
+    report = fuse(model, config, calibration=batch)
+    assert model.training and all(m.training for m in model.modules())  # the mode it was given back
+    assert list(model.model.layers) == layers  # no recorder left in place of a layer
+    assert sorted({row.layer for row in report.layers}) == [0, 2]
+    fuse(whole_runs, config, calibration=ModelRuns(whole_runs, batch))
+    # each layer was fused by a call of its own, yet the records are those of one call
+    assert [r.settings for r in fusion_records(model)] == [r.settings for r in fusion_records(whole_runs)]
