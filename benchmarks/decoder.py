@@ -57,30 +57,27 @@ SETTINGS = {
 }
 SLOW = {"mmd"}  # variants run on the first (smaller) layer set only
 KEEP_SHARES = (0.25, 0.5, 0.75)  # --keep-fraction: the top-scored share of the width kept exactly
-# the refit's ridge weight the calibrated rows were measured with (the default before each MLP chose its own
-# on held-out tokens), pinned so that reruns keep measuring the same thing
-RIDGE_BEFORE = {"ridge": 0.1}
 # label -> (method, extra FusionConfig fields, calibrated, depends on the seed)
 VARIANTS = {
     "fusion": ("fusion", {}, False, True),
     "fusion (raw)": ("fusion", {"canonical": False}, False, True),
-    "fusion+calibration": ("fusion", RIDGE_BEFORE, True, True),
+    "fusion+calibration": ("fusion", {}, True, True),
     **{
-        f"fusion+calibration+keep {share}": ("fusion", {"keep_fraction": share, **RIDGE_BEFORE}, True, True)
+        f"fusion+calibration+keep {share}": ("fusion", {"keep_fraction": share}, True, True)
         for share in KEEP_SHARES
     },
     "fold": ("fold", {}, False, True),
     "cluster": ("cluster", {}, False, True),
     "mmd": ("mmd", {}, False, True),
     "prune": ("prune", {}, False, False),
-    "prune+calibration": ("prune", RIDGE_BEFORE, True, False),
+    "prune+calibration": ("prune", {}, True, False),
     "sketch": ("sketch", {}, False, True),
     "svd": ("svd", {}, False, False),
 }
 BUDGET_VARIANTS = {
     "fusion, budget": ("fusion", {}, False, True),
-    "fusion+calibration, budget": ("fusion", RIDGE_BEFORE, True, True),
-    "prune+calibration, budget": ("prune", RIDGE_BEFORE, True, False),
+    "fusion+calibration, budget": ("fusion", {}, True, True),
+    "prune+calibration, budget": ("prune", {}, True, False),
 }
 
 

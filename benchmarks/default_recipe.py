@@ -37,9 +37,8 @@ MODELS = {
     "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
     "gemma3": {"S1": ("12-17", 0.5), "S2": ("6-17", 0.25)},
 }
-# label -> (recipe, method, calibration: "sampled" (the recipe's own), "in-domain" (128 texts),
-# "in-domain 512" or None[, config fields])
-BASE_ROWS = {
+# label -> (recipe, method, calibration: "sampled" (the recipe's own), "in-domain" or None[, config fields])
+ROWS = {
     "default (calibrated recipe, sampled texts)": ("auto", "fusion", "sampled"),
     "paper recipe (data-free fusion)": ("paper", "fusion", None),
     "prune+calibration, sampled texts": ("calibrated", "prune", "sampled"),
@@ -53,16 +52,6 @@ BASE_ROWS = {
         "sampled",
         {"reconstruct_steps": 300},
     ),
-}
-# every calibrated row also with the refit's ridge weight at 0.1, the default before each MLP chose its own
-# on held-out calibration tokens
-ROWS = {
-    **BASE_ROWS,
-    **{
-        f"{label}, ridge 0.1": (recipe, method, calibration, {**(extra[0] if extra else {}), "ridge": 0.1})
-        for label, (recipe, method, calibration, *extra) in BASE_ROWS.items()
-        if calibration is not None
-    },
 }
 
 

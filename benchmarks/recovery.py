@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import publish, run_header  # noqa: E402
 from sst2 import run_finetune  # noqa: E402
-from webnlg import DATA, LORA, RIDGE_BEFORE, ROWS  # noqa: E402
+from webnlg import DATA, LORA, ROWS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
@@ -72,8 +72,6 @@ RECOVERY_ROWS = {
         "0.5",
     ],
     "fusion+calibration+keep 0.5+lora": [*ROWS["fusion+calibration+keep 0.5"], *LORA],
-    # the same recipe with each MLP's ridge weight chosen on held-out calibration tokens (today's default)
-    "fusion+calibration+keep 0.5, held-out ridge": ROWS["fusion+calibration+keep 0.5"][: -len(RIDGE_BEFORE)],
 }
 TRAINING = {"lr": "1e-4", "batch-size": "8", "max-length": "64", "max-new-tokens": "32", "epochs": "1"}
 

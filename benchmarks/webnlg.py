@@ -56,13 +56,7 @@ _ROWS = {
     "full+lora": ["--method", "full", *LORA],
     "fusion+calibration+lora": ["--method", "fusion", "--calibrate", *LORA],
 }
-# Calibrated rows pin the refit's ridge weight they were measured with (0.1, the default before each MLP
-# chose its own on held-out tokens), so that reruns and new seeds keep measuring the same thing.
-RIDGE_BEFORE = ["--ridge", "0.1"]
-ROWS = {
-    row: [*options, "--recipe", "paper", *(RIDGE_BEFORE if "--calibrate" in options else [])]
-    for row, options in _ROWS.items()
-}
+ROWS = {row: [*options, "--recipe", "paper"] for row, options in _ROWS.items()}
 
 
 def main() -> None:

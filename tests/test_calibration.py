@@ -209,20 +209,3 @@ def test_calibration_walk_leaves_the_model_whole_and_in_its_mode(family):
     fuse(whole_runs, config, calibration=ModelRuns(whole_runs, batch))
     # each layer was fused by a call of its own, yet the records are those of one call
     assert [r.settings for r in fusion_records(model)] == [r.settings for r in fusion_records(whole_runs)]
-
-
-def test_held_out_tokens_choose_the_ridge():
-    from mlp_fusion.calibration import RIDGES, _chosen_ridge, _ridge
-
-    generator = torch.Generator().manual_seed(0)
-    h = torch.randn(400, 12, generator=generator, dtype=torch.float64)
-    start = torch.randn(12, 3, generator=generator, dtype=torch.float64)
-    exact = h @ torch.randn(12, 3, generator=generator, dtype=torch.float64)
-    # outputs the inputs explain exactly: the least ridge; outputs unrelated to them: the most
-    assert _chosen_ridge(h, exact, start, with_bias=False) == RIDGES[0]
-    noise = torch.randn(400, 3, generator=generator, dtype=torch.float64) * 10
-    assert _chosen_ridge(h, h @ start + noise, start, with_bias=False) == RIDGES[-1]
-    # None fits with the chosen weight, and a given weight is used as given
-    chosen, given = _ridge(h, exact, start, None, False)[0], _ridge(h, exact, start, RIDGES[0], False)[0]
-    assert torch.equal(chosen, given)
-    assert not torch.allclose(_ridge(h, exact, start, RIDGES[-1], False)[0], given)

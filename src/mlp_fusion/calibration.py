@@ -121,15 +121,14 @@ def calibrate_hidden(runs: Runs, site: MlpSite) -> tuple[SiteCalibration, list[t
 
 
 @torch.no_grad()
-def refit_output(runs: Runs, site: MlpSite, calibration: SiteCalibration, ridge: float | None) -> float:
+def refit_output(runs: Runs, site: MlpSite, calibration: SiteCalibration, ridge: float) -> float:
     """Refit the site's output projection and bias by ridge least squares against the original outputs.
 
     Minimises ``||Y - H' diag(n) W^T - b||^2 + lam ||W - W_0||^2`` for the stored weight ``W`` (the scale
     ``n`` held fixed), with ``lam = ridge x`` the mean activation energy: the mean diagonal entry of the
     Gram matrix of ``H' diag(n)`` (centred when there is a bias), i.e. the squared activation of one hidden
-    coordinate summed over the calibration tokens, averaged over coordinates. ``ridge`` None: chosen per
-    expert by held-out tokens (:func:`_chosen_ridge`). Returns the relative error on the calibration
-    tokens after the refit.
+    coordinate summed over the calibration tokens, averaged over coordinates. Returns the relative error
+    on the calibration tokens after the refit.
     """
     _, hidden = _run_to_site(runs, site)
     errors, energy = 0.0, 0.0
@@ -205,47 +204,16 @@ def _maps_input_to_output(module: nn.Module, site: MlpSite, x: torch.Tensor) -> 
     return len(seen) == 1 and isinstance(out, torch.Tensor) and torch.equal(out, seen[0])
 
 
-RIDGES = (0.03, 0.1, 0.3, 1.0, 3.0)  # the ridge weights held-out tokens choose from (``ridge=None``)
-HELD_OUT = 5  # the last 1 / HELD_OUT of a site's calibration tokens choose its ridge weight
-
-
-def _ridge(h: torch.Tensor, y: torch.Tensor, start: torch.Tensor, ridge: float | None, with_bias: bool):
-    """Solve for ``W`` ``[c, d_out]`` (and ``b``) in ``y ~ h W + b``, pulled toward ``start`` by the ridge
-    (None: the one of :data:`RIDGES` that :func:`_chosen_ridge` picks)."""
-    if ridge is None:
-        ridge = _chosen_ridge(h, y, start, with_bias)
-    return next(_ridge_path(h, y, start, (ridge,), with_bias))
-
-
-def _chosen_ridge(h: torch.Tensor, y: torch.Tensor, start: torch.Tensor, with_bias: bool) -> float:
-    """The weight of :data:`RIDGES` whose fit on the first tokens best predicts the held-out last ones.
-
-    Too little ridge overfits a few calibration texts, too much keeps the method's weights; which is
-    worse depends on the number of tokens, so the tokens decide. They are in text order, so the held-out
-    ones come mostly from texts the fit did not see. With fewer than 2 x HELD_OUT tokens, the middle one."""
-    held_out = len(h) // HELD_OUT
-    if held_out < 2:
-        return RIDGES[len(RIDGES) // 2]
-    cut = len(h) - held_out
-    fits = _ridge_path(h[:cut], y[:cut], start, RIDGES, with_bias)
-    errors = [float((h[cut:] @ weight + offset - y[cut:]).pow(2).sum()) for weight, offset in fits]
-    return RIDGES[errors.index(min(errors))]
-
-
-def _ridge_path(h: torch.Tensor, y: torch.Tensor, start: torch.Tensor, ridges, with_bias: bool):
-    """The ridge solutions ``(W, b)`` for each of ``ridges``, from one eigendecomposition of the Gram matrix;
-    each weight is relative to the mean activation energy (the mean diagonal entry of the Gram matrix)."""
+def _ridge(h: torch.Tensor, y: torch.Tensor, start: torch.Tensor, ridge: float, with_bias: bool):
+    """Solve for ``W`` ``[c, d_out]`` (and ``b``) in ``y ~ h W + b``, pulled toward ``start`` by the ridge."""
     h_mean = h.mean(0) if with_bias else h.new_zeros(h.shape[1])
     y_mean = y.mean(0) if with_bias else y.new_zeros(y.shape[1])
     hc, yc = h - h_mean, y - y_mean
     gram = hc.T @ hc
-    energy = float(gram.diagonal().mean())
-    values, vectors = torch.linalg.eigh(gram)
-    cross, pull = vectors.T @ (hc.T @ yc), vectors.T @ start
-    for ridge in ridges:
-        lam = ridge * energy + 1e-12
-        weight = vectors @ ((cross + lam * pull) / (values.clamp_min(0) + lam).unsqueeze(1))
-        yield weight, y_mean - h_mean @ weight
+    lam = ridge * float(gram.diagonal().mean()) + 1e-12
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    weight = torch.linalg.solve(gram + lam * eye, hc.T @ yc + lam * start)
+    return weight, y_mean - h_mean @ weight
 
 
 def _run_to_site(runs: Runs, site: MlpSite) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -70,11 +70,10 @@ class FusionConfig:
             "off_help": "with calibration inputs: keep the method's output projection (no least-squares refit)",
         },
     )
-    ridge: float | None = field(
-        default=None,
+    ridge: float = field(
+        default=0.1,
         metadata={
-            "help": "ridge weight of the refit toward the method's weights, relative to the activation energy "
-            "(default: chosen for each MLP by the error on held-out calibration tokens)"
+            "help": "ridge weight of the refit toward the method's weights, relative to the activation energy"
         },
     )
     reconstruct_steps: int = field(
@@ -111,9 +110,7 @@ class FusionConfig:
         for name in ("n_init", "max_iter"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.ridge is not None and not (
-            isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0
-        ):
+        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
             raise UserError(f"ridge must be a number >= 0, got {self.ridge!r}")
         if isinstance(self.reconstruct_steps, bool) or not isinstance(self.reconstruct_steps, int):
             raise UserError(f"reconstruct_steps must be a whole number, got {self.reconstruct_steps!r}")
