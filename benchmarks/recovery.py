@@ -271,7 +271,7 @@ def report(results: dict, pairs: int, evals: int) -> str:
         f"the seeds run. {'; '.join(f'{name}: layers {layers} at ratio {ratio}' for name, (layers, ratio) in SETTINGS.items())}. "
         "`fusion+calibration+keep "
         "0.5`: fusion calibrated on 128 training inputs, half of each fused width kept as the top-scored "
-        "neurons; `+teacher W`: the training loss mixes the task loss with weight 1 - W and the KL divergence to the unfused model's next-token distribution on every real token with weight W (`--teacher-weight W`); `prune+calibration`: calibrated pruning; `fusion (paper)`: the paper's data-free fusion. "
+        "neurons; `+lora`: then LoRA instead of full fine-tuning; `+teacher W`: the training loss mixes the task loss with weight 1 - W and the KL divergence to the unfused model's next-token distribution on every real token with weight W (`--teacher-weight W`); `prune+calibration`: calibrated pruning; `fusion (paper)`: the paper's data-free fusion. "
         "Seconds per step and peak memory are the mean over the row's runs; the runs shared the CPU with other "
         "work, so they are indicative only. Decoding speed: greedy batch-1 decoding of each setting's shapes "
         "(untrained models of the same shapes), the models taking turns on every prompt, median round."
