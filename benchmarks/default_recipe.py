@@ -147,7 +147,7 @@ def report(model: str, results: dict) -> str:
         "top-scored neurons; calibrated pruning uses the same sampled texts; the in-domain rows use the "
         "first 128 (or 512) WebNLG train texts instead. Seconds include sampling and were measured while "
         "other benchmarks shared the CPU; rows measured before in-memory calibration walked the layers "
-        "(those of 2026-12-02) ran the whole model for every fused MLP."
+        "(SmolLM2's sampled-text and paper rows at S1, of 2026-12-02) ran the whole model for every fused MLP."
     )
     return publish(f"default-recipe-{model}", intro, lines, results, results_file(model))
 
