@@ -209,26 +209,30 @@ def fuse_walking(
     micro-batch on the hidden states the layer before it (fused when chosen) produced, so the cost grows
     with the layers, not with layers times sites as when the model runs from its start for every site.
     The same tensors either way. None, with nothing changed, when the chosen MLPs are not in one list of
-    layers (the caller then runs the whole model for each site)."""
-    sites = find_sites(model)
-    groups: dict[int, list[MlpSite]] = {}
+    layers (the caller then runs the whole model for each site). The model runs in eval mode and is
+    given back in its own."""
     was_training = model.training
     model.eval()
+    try:
+        return _walked(model, config, batch, progress)
+    finally:
+        model.train(was_training)
+
+
+def _walked(model: nn.Module, config: FusionConfig, batch: dict, progress) -> FusionReport | None:
+    sites = find_sites(model)
+    groups: dict[int, list[MlpSite]] = {}
     try:
         for site in select_sites(sites, config.layers):
             groups.setdefault(stack_index(model, site.name), []).append(site)
         walk = LayerWalk(model, None, groups, batch, next(model.parameters()).device)
     except LayerStackError:
-        model.train(was_training)
         return None
     start, done = time.perf_counter(), len(fusion_records(model))
     report = FusionReport(method=config.method, params_before=count_parameters(model))
     report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
-    try:
-        for index in range(walk.last + 1):
-            report.layers += walk.enter(index, config, progress)
-    finally:
-        model.train(was_training)
+    for index in range(walk.last + 1):
+        report.layers += walk.enter(index, config, progress)
     for record in fusion_records(model)[done:]:  # each layer was fused as a call of its own
         record.settings = {**record.settings, "layers": config.layers}
     report.params_after = count_parameters(model)
