@@ -61,6 +61,20 @@ class FusionReport:
     mlp_flops_after: int = 0
     seconds: float = 0.0
 
+    @classmethod
+    def begin(cls, model: nn.Module, sites: list[MlpSite], method: str) -> FusionReport:
+        """An empty report of ``model`` before fusing: its parameters and the MLP FLOPs of ``sites``."""
+        report = cls(method=method, params_before=count_parameters(model))
+        report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
+        return report
+
+    def finish(self, model: nn.Module, sites: list[MlpSite], start: float) -> FusionReport:
+        """The report completed after fusing: parameters, MLP FLOPs and seconds since ``start``."""
+        self.params_after = count_parameters(model)
+        self.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
+        self.seconds = time.perf_counter() - start
+        return self
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -110,8 +124,7 @@ def fuse(
     start = time.perf_counter()
     sites = find_sites(model)
     plans = _plan(model, sites, config, calibration)
-    report = FusionReport(method=config.method, params_before=count_parameters(model))
-    report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
+    report = FusionReport.begin(model, sites, config.method)
     records = fusion_records(model)
     stream = {site.name: position for position, site in enumerate(sites)}
     for number, (site, width) in enumerate(plans, 1):
@@ -155,10 +168,7 @@ def fuse(
     from .persistence import follow_native_save  # here, not at the top: persistence builds on this module
 
     follow_native_save(model)  # the model's own save_pretrained now writes the fused format
-    report.params_after = count_parameters(model)
-    report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
-    report.seconds = time.perf_counter() - start
-    return report
+    return report.finish(model, sites, start)
 
 
 def _fuse_site(
@@ -225,10 +235,18 @@ def _fuse_walking(
     None when it does not apply. A budget compares every site on the unfused model first, so it does not."""
     if config.budget is not None:
         return None
-    _plan(model, find_sites(model), config, None)  # every check before the first site is touched
+    sites = find_sites(model)
+    chosen = [site for site, _ in _plan(model, sites, config, None)]  # every check before any site is touched
     from .layer_runs import fuse_walking  # here, not at the top: layer_runs builds on this module
 
-    return fuse_walking(model, config, batch, progress)
+    return fuse_walking(model, config, batch, progress, sites, chosen)
+
+
+def record_layers(model: nn.Module, layers, since: int = 0) -> None:
+    """Record ``layers`` as the chosen layers of every record from the ``since``-th on: a call that fused
+    one layer at a time (each with a :func:`fuse` of its own) is recorded as the one call it was."""
+    for record in fusion_records(model)[since:]:
+        record.settings = {**record.settings, "layers": layers}
 
 
 def fusion_records(model: nn.Module) -> list[SiteRecord]:

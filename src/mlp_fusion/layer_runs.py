@@ -22,8 +22,7 @@ from torch import nn
 from .calibration import calibration_inputs, micro_batches
 from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
-from .families import find_sites
-from .fuse import FusionReport, LayerReport, count_parameters, fuse, fusion_records, select_sites
+from .fuse import FusionReport, LayerReport, fuse, fusion_records, record_layers
 from .sites import MlpSite
 
 
@@ -132,12 +131,9 @@ class LayerWalk:
         self.stack_name, self.stack = layer_stack(model, [s for group in groups.values() for s in group])
         self.last = max(groups)
         self.current: int | None = None
-        if read is not None:
-            outside = [n for n, _ in model.named_modules() if not _under(n, self.stack_name)]
-            _materialize(model, outside, read, device)
+        self._fill([n for n, _ in model.named_modules() if not _under(n, self.stack_name)])
         self.parts = self._record(batch)
-        if read is not None:
-            model.to("meta")  # the embeddings' work is done (no layer has been read yet)
+        self._drop(model)  # the embeddings' work is done (no layer has been read yet)
 
     def layer_of(self, name: str) -> int | None:
         """The stack index of the tensor ``name`` when it lies in a layer this walk runs, else None."""
@@ -150,10 +146,8 @@ class LayerWalk:
         """Read layer ``index`` (releasing the one before), fuse its chosen sites, and run it on to the next."""
         self.release()
         self.current = index
-        if self.read is not None:
-            prefix = f"{self.stack_name}.{index}"
-            names = [n for n, _ in self.model.named_modules() if _under(n, prefix)]
-            _materialize(self.model, names, self.read, self.device)
+        prefix = f"{self.stack_name}.{index}"
+        self._fill([n for n, _ in self.model.named_modules() if _under(n, prefix)])
         layer = self.stack[index]
         rows = []
         if index in self.groups:
@@ -168,8 +162,18 @@ class LayerWalk:
         return rows
 
     def release(self) -> None:
-        if self.current is not None and self.read is not None:
-            self.stack[self.current].to("meta")
+        if self.current is not None:
+            self._drop(self.stack[self.current])
+
+    def _fill(self, names: list[str]) -> None:
+        """Read the named modules' tensors from the checkpoint (nothing to do for a model in memory)."""
+        if self.read is not None:
+            _materialize(self.model, names, self.read, self.device)
+
+    def _drop(self, module: nn.Module) -> None:
+        """Release ``module``'s tensors once read from the checkpoint (a model in memory keeps them)."""
+        if self.read is not None:
+            module.to("meta")
 
     @torch.no_grad()
     def _carry(self, layer: nn.Module, index: int) -> None:
@@ -203,42 +207,38 @@ class LayerWalk:
 
 
 def fuse_walking(
-    model: nn.Module, config: FusionConfig, batch: dict, progress: Callable[[str], None] | None
+    model: nn.Module,
+    config: FusionConfig,
+    batch: dict,
+    progress: Callable[[str], None] | None,
+    sites: list[MlpSite],
+    chosen: list[MlpSite],
 ) -> FusionReport | None:
     """Calibrated :func:`fuse` of a model in memory, one layer at a time: each layer runs once per
     micro-batch on the hidden states the layer before it (fused when chosen) produced, so the cost grows
     with the layers, not with layers times sites as when the model runs from its start for every site.
-    The same tensors either way. None, with nothing changed, when the chosen MLPs are not in one list of
-    layers (the caller then runs the whole model for each site). The model runs in eval mode and is
-    given back in its own."""
+    The same tensors either way. ``sites``: every site of the model; ``chosen``: those ``config`` fuses,
+    checked. None, with nothing changed, when they are not in one list of layers (the caller then runs the
+    whole model for each site). The model runs in eval mode and is given back in its own."""
     was_training = model.training
     model.eval()
     try:
-        return _walked(model, config, batch, progress)
-    finally:
-        model.train(was_training)
-
-
-def _walked(model: nn.Module, config: FusionConfig, batch: dict, progress) -> FusionReport | None:
-    sites = find_sites(model)
-    groups: dict[int, list[MlpSite]] = {}
-    try:
-        for site in select_sites(sites, config.layers):
+        groups: dict[int, list[MlpSite]] = {}
+        for site in chosen:
             groups.setdefault(stack_index(model, site.name), []).append(site)
         walk = LayerWalk(model, None, groups, batch, next(model.parameters()).device)
     except LayerStackError:
+        model.train(was_training)
         return None
-    start, done = time.perf_counter(), len(fusion_records(model))
-    report = FusionReport(method=config.method, params_before=count_parameters(model))
-    report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
-    for index in range(walk.last + 1):
-        report.layers += walk.enter(index, config, progress)
-    for record in fusion_records(model)[done:]:  # each layer was fused as a call of its own
-        record.settings = {**record.settings, "layers": config.layers}
-    report.params_after = count_parameters(model)
-    report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
-    report.seconds = time.perf_counter() - start
-    return report
+    try:
+        start, done = time.perf_counter(), len(fusion_records(model))
+        report = FusionReport.begin(model, sites, config.method)
+        for index in range(walk.last + 1):
+            report.layers += walk.enter(index, config, progress)
+        record_layers(model, config.layers, since=done)
+        return report.finish(model, sites, start)
+    finally:
+        model.train(was_training)
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -49,10 +49,9 @@ from .fuse import (
     FusionReport,
     check_calibration_batch,
     check_memory,
-    count_parameters,
     fuse,
-    fusion_records,
     planned_width,
+    record_layers,
     select_sites,
 )
 from .layer_runs import LayerStackError, LayerWalk, stack_index
@@ -225,8 +224,7 @@ def fuse_checkpoint(
     if calibration is not None:
         check_calibration_batch(calibration)
     start = time.perf_counter()
-    report = FusionReport(method=config.method, params_before=count_parameters(model))
-    report.mlp_flops_before = sum(site.mlp_flops_per_token() for site in sites)
+    report = FusionReport.begin(model, sites, config.method)
     walk = _walk(model, reader, groups, calibration, device) if calibration is not None else None
     owners = {site.name: group for group in groups for site in group}
     done: set[int] = set()  # groups written
@@ -250,17 +248,13 @@ def fuse_checkpoint(
         if walk is not None:
             walk.release()
         shards.close()
-        for record in fusion_records(model):
-            record.settings = {**record.settings, "layers": config.layers}
+        record_layers(model, config.layers)
         if annotate is not None:
             annotate(model)
         write_description(model, tmp, tokenizer)
 
     atomic_directory(out, overwrite, write)
-    report.params_after = count_parameters(model)
-    report.mlp_flops_after = sum(site.mlp_flops_per_token() for site in sites)
-    report.seconds = time.perf_counter() - start
-    return report
+    return report.finish(model, sites, start)
 
 
 def _checked_plan(source: Path, config: FusionConfig, dtype: torch.dtype | None, device: torch.device):
