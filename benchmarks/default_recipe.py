@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,12 +54,25 @@ ROWS = {
         {"reconstruct_steps": 300},
     ),
 }
+# the refit's ridge weight (FusionConfig.ridge, default 0.1): each recipe on three disjoint sets of 128
+# in-domain texts (a spread over calibration sets) and on the sampled texts
+RIDGES = (0.1, 0.3, 1.0)
+IN_DOMAIN_SETS = 3
+RIDGE_RECIPES = {"default recipe": ("auto", "fusion"), "prune+calibration": ("calibrated", "prune")}
+for _ridge in RIDGES:
+    for _name, (_recipe, _method) in RIDGE_RECIPES.items():
+        for _set in range(1, IN_DOMAIN_SETS + 1):
+            ROWS[f"{_name}, ridge {_ridge:g}, in-domain set {_set}"] = (
+                _recipe, _method, f"in-domain set {_set}", {"ridge": _ridge}
+            )  # fmt: skip
+        ROWS[f"{_name}, ridge {_ridge:g}, sampled texts"] = (_recipe, _method, "sampled", {"ridge": _ridge})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", choices=MODELS)
     parser.add_argument("--settings", default="S1,S2")
+    parser.add_argument("--only", default="", help="only the rows whose label contains this text")
     parser.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md")
     args = parser.parse_args()
     raw = results_file(args.model)
@@ -68,7 +82,7 @@ def main() -> None:
     in_domain = webnlg_texts("train", 0, 512)
     if not args.report:
         settings = {name: MODELS[args.model][name] for name in args.settings.split(",")}
-        measure(args.model, settings, results, texts, in_domain)
+        measure(args.model, settings, results, texts, in_domain, args.only)
     print(report(args.model, results))
 
 
@@ -76,21 +90,29 @@ def results_file(model: str) -> Path:
     return ROOT / "benchmarks" / "results" / f"default-recipe-{model}.json"
 
 
-def measure(model: str, settings: dict, results: dict, texts: list[str], in_domain: list[str]) -> None:
+def calibration_sets(in_domain: list[str], sampled: list[str] | None) -> dict[str, list[str] | None]:
+    sets = {"in-domain": in_domain[:128], "in-domain 512": in_domain, "sampled": sampled}
+    for number in range(1, IN_DOMAIN_SETS + 1):
+        sets[f"in-domain set {number}"] = in_domain[128 * (number - 1) : 128 * number]
+    return sets
+
+
+def measure(
+    model: str, settings: dict, results: dict, texts: list[str], in_domain: list[str], only: str
+) -> None:
     rows = results["rows"]
     if "original" not in rows:
         loaded = load_model(model)
         rows["original"] = perplexity(loaded.model, loaded.tokenizer, texts)
         save(model, results)
-    sampled = None
+    # the recipe's samples (seeded), kept so that a rerun need not draw them again
+    sampled = results.get("samples")
     for setting, (layers, ratio) in settings.items():
         for label, (recipe, method, calibration, *extra) in ROWS.items():
             key = f"{label} | {setting}"
-            if key in rows:
+            if key in rows or only not in label:
                 continue
-            given = {"in-domain": in_domain[:128], "in-domain 512": in_domain, "sampled": sampled}.get(
-                calibration
-            )
+            given = calibration_sets(in_domain, sampled).get(calibration)
             start = time.perf_counter()
             done = compress(
                 model,
@@ -104,7 +126,7 @@ def measure(model: str, settings: dict, results: dict, texts: list[str], in_doma
             )
             seconds = time.perf_counter() - start
             if calibration == "sampled" and sampled is None:
-                sampled = getattr(done.model, RECIPE_ATTR)["samples"]  # the same for every later row
+                sampled = results["samples"] = getattr(done.model, RECIPE_ATTR)["samples"]
             rows[key] = {
                 **perplexity(done.model, done.tokenizer, texts),
                 "seconds": seconds,
@@ -137,6 +159,9 @@ def report(model: str, results: dict) -> str:
             f"| {setting} | {label} | {row['perplexity']:.1f} | {row['perplexity'] / original:.2f} "
             f"| {row['keep_fraction']} | {row['seconds']:.0f} |"
         )
+    ridge = ridge_lines(rows)
+    if ridge:
+        lines += ["", *ridge]
     settings = "; ".join(
         f"{name}: layers {layers} at {ratio}" for name, (layers, ratio) in MODELS[model].items()
     )
@@ -150,6 +175,31 @@ def report(model: str, results: dict) -> str:
         "(SmolLM2's sampled-text and paper rows at S1, of 2026-12-02) ran the whole model for every fused MLP."
     )
     return publish(f"default-recipe-{model}", intro, lines, results, results_file(model))
+
+
+def ridge_lines(rows: dict) -> list[str]:
+    """Perplexity by ridge weight: mean ± std over the in-domain sets measured, and on the sampled texts."""
+    lines = [
+        "| setting | recipe | ridge | in-domain sets | perplexity, in-domain (mean ± std) | perplexity, sampled texts |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting in dict.fromkeys(key.partition(" | ")[2] for key in rows if " | " in key):
+        for name in RIDGE_RECIPES:
+            for ridge in RIDGES:
+                label = f"{name}, ridge {ridge:g}"
+                values = [
+                    rows[key]["perplexity"]
+                    for number in range(1, IN_DOMAIN_SETS + 1)
+                    if (key := f"{label}, in-domain set {number} | {setting}") in rows
+                ]
+                sampled = rows.get(f"{label}, sampled texts | {setting}")
+                if not values and not sampled:
+                    continue
+                spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+                mean = f"{statistics.mean(values):.1f}{spread}" if values else "-"
+                on_samples = f"{sampled['perplexity']:.1f}" if sampled else "-"
+                lines.append(f"| {setting} | {name} | {ridge:g} | {len(values)} | {mean} | {on_samples} |")
+    return lines if len(lines) > 2 else []
 
 
 if __name__ == "__main__":
