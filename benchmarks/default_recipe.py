@@ -47,11 +47,11 @@ ROWS = {
     "prune+calibration, in-domain texts": ("calibrated", "prune", "in-domain"),
     "default recipe, 512 in-domain texts": ("auto", "fusion", "in-domain 512"),
     "prune+calibration, 512 in-domain texts": ("calibrated", "prune", "in-domain 512"),
-    "default + 300 reconstruction steps, sampled texts": (
+    "default + 300 reconstruction steps (ridge 0.1), sampled texts": (
         "auto",
         "fusion",
         "sampled",
-        {"reconstruct_steps": 300},
+        {"reconstruct_steps": 300, "ridge": 0.1},
     ),
 }
 # the refit's ridge weight (FusionConfig.ridge, default 0.1): each recipe on three disjoint sets of 128

@@ -11,7 +11,9 @@ from mlp_fusion import FusionConfig, from_pretrained, fuse
 from mlp_fusion.cli import main
 from mlp_fusion.fuse import fusion_records
 from mlp_fusion.persistence import FUSION_FILE
-from mlp_fusion.recipes import SAMPLES_FILE
+from mlp_fusion.recipes import RECIPES, SAMPLES_FILE
+
+CALIBRATED_RIDGE = RECIPES["calibrated"].ridge
 
 
 def compress(capsys, *args):
@@ -47,6 +49,8 @@ def test_default_on_a_causal_lm_samples_calibration_keeps_neurons_and_records_it
     samples = (tmp_path / "a" / SAMPLES_FILE).read_text().splitlines()
     assert len(samples) == recorded["texts"] > 0
     assert all(site["settings"]["keep_fraction"] == 0.5 for site in fusion["sites"])
+    assert CALIBRATED_RIDGE != FusionConfig().ridge  # the recipe's own refit weight, recorded
+    assert all(site["settings"]["ridge"] == CALIBRATED_RIDGE for site in fusion["sites"])
     # fusing in memory gives the same samples and tensors (seeded sampling) ...
     in_memory, _ = compress(capsys, decoder_dir, "--ratio", "0.5", "--in-memory", "--out", tmp_path / "b")
     assert not in_memory["streamed"]
@@ -119,6 +123,13 @@ def test_library_verb_applies_the_recipe_and_returns_the_model(tmp_path, decoder
     assert all(
         torch.equal(p, q) for p, q in zip(done.model.state_dict().values(), reloaded.state_dict().values())
     )
+    # a field given wins over the recipe's, and None means the recipe's
+    given = library_compress(
+        decoder_dir, ratio=0.5, layers="1", in_memory=True, ridge=0.3, keep_fraction=None
+    )
+    assert [(r.settings["ridge"], r.settings["keep_fraction"]) for r in fusion_records(given.model)] == [
+        (0.3, 0.5)
+    ]
 
 
 def test_finetune_on_a_causal_lm_calibrates_on_the_task_and_keeps_neurons_by_default(capsys, tmp_path):
@@ -128,7 +139,7 @@ def test_finetune_on_a_causal_lm_calibrates_on_the_task_and_keeps_neurons_by_def
     write_data_to_text_task(tmp_path / "d2t")
     base = model_dir(tmp_path, "llama")
     common = [*TASK, "--data", tmp_path / "d2t", "--ratio", "0.5", "--epochs", "1", *FAST]
-    for recipe, keep in (("auto", 0.5), ("paper", 0.0)):
+    for recipe, keep, ridge in (("auto", 0.5, CALIBRATED_RIDGE), ("paper", 0.0, FusionConfig().ridge)):
         out = tmp_path / recipe
         code, _, stderr = run(capsys, "finetune", base, *common, "--recipe", recipe, "--out", out)
         assert code == 0, stderr
@@ -137,6 +148,7 @@ def test_finetune_on_a_causal_lm_calibrates_on_the_task_and_keeps_neurons_by_def
         assert run_record["keep_fraction"] == keep and run_record["calibrate"] is (keep > 0)
         assert run_record["recipe"] == ("calibrated" if keep else "paper")
         assert all(site["settings"]["keep_fraction"] == keep for site in fusion["sites"])
+        assert all(site["settings"]["ridge"] == ridge for site in fusion["sites"])
         assert (fusion["recipe"]["calibration"] or {}).get("source") == ("task" if keep else None)
 
 

@@ -138,8 +138,9 @@ def calibration_inputs(
 
 
 def add_recipe_option(target) -> None:
-    """``--recipe``; it also makes ``--keep-fraction`` default to the recipe's (None until a recipe decides)."""
-    from ..recipes import RECIPE_CHOICES
+    """``--recipe``; it also makes ``--keep-fraction`` and ``--ridge`` default to the recipe's (None until a
+    recipe decides)."""
+    from ..recipes import RECIPE_CHOICES, RECIPE_FIELDS
 
     target.add_argument(
         "--recipe",
@@ -149,7 +150,8 @@ def add_recipe_option(target) -> None:
         "model when none are given, and half of each fused width kept as its top neurons), 'paper' "
         "otherwise; 'paper': the paper's data-free fusion",
     )
-    target.set_defaults(keep_fraction=None)
+    target.set_defaults(**dict.fromkeys(RECIPE_FIELDS))
+    chosen = {"keep_fraction": "(default 0.0)", "ridge": "(default 0.1)"}
     for action in target._actions:
-        if action.dest == "keep_fraction":
-            action.help = action.help.replace("(default 0.0)", "(default: the recipe's, 0.5 or 0)")
+        if action.dest in RECIPE_FIELDS:
+            action.help = action.help.replace(chosen[action.dest], "(default: the recipe's)")

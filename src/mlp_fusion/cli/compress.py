@@ -75,9 +75,7 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..compression import compress
 
-    fields = config_values(args, FusionConfig)
-    if fields["keep_fraction"] is None:
-        del fields["keep_fraction"]  # the recipe's
+    fields = config_values(args, FusionConfig)  # None: the recipe's
     done = compress(
         args.model, args.out, recipe=args.recipe, calibration_texts=calibration_texts(args),
         calibration_samples=args.calibration_samples, max_length=args.max_length, dtype=args.dtype,

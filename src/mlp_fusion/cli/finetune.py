@@ -77,8 +77,8 @@ def add_parser(commands) -> None:
     add_config_options(size, FusionConfig, SIZE_OPTIONS)
     add_config_options(fusion, FusionConfig, FUSION_OPTIONS[len(SIZE_OPTIONS) :])
     add_calibration_options(fusion, from_file=False)
-    add_recipe_option(fusion)
     add_config_options(fusion, FusionConfig, CALIBRATION_OPTIONS)
+    add_recipe_option(fusion)  # after the options whose defaults it hands to the recipe
     fusion.add_argument(
         "--distill-epochs",
         type=int,
@@ -185,7 +185,7 @@ def _check(args: argparse.Namespace) -> _Plan:
 def _fusion(args: argparse.Namespace, path: Path | None, fused_input: bool):
     """What happens to the model before training: the method (None for an already fused model), its
     config and recipe (None without fusion), and whether the task's inputs calibrate it."""
-    from ..recipes import choose_recipe, keep_fraction, source_config
+    from ..recipes import apply_recipe, choose_recipe, source_config
 
     fusion_options = (
         args.ratio
@@ -207,10 +207,7 @@ def _fusion(args: argparse.Namespace, path: Path | None, fused_input: bool):
     if method not in (None, "full"):
         recipe = choose_recipe(args.recipe, source_config(args.model, path))
         calibrate = args.calibrate or recipe.calibrate  # the task's inputs calibrate
-        keep = keep_fraction(recipe, method, args.keep_fraction)
-        config = FusionConfig(
-            **{**config_values(args, FusionConfig), "method": method, "keep_fraction": keep}
-        )
+        config = FusionConfig(**apply_recipe(recipe, method, config_values(args, FusionConfig)))
     elif method == "full" and fusion_options:
         raise UserError(
             "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, "
