@@ -316,10 +316,15 @@ def goal_lines(results: dict, pairs: int) -> list[str]:
         spread = max(std, prune[1])
         lead = mean - prune[0]
         gap, seeded = full[0] - mean, min(n, prune[2]) >= GOAL_SEEDS
+        undecided = f"undecided before {GOAL_SEEDS} seeds of each"
+        within = (
+            ("met" if gap <= GOAL_GAPS[setting] else "not met")
+            if min(n, full[2]) >= GOAL_SEEDS
+            else undecided
+        )
         lines.append(
             f"- {setting}: best fused row `{row}` ({n} seed(s)) is {gap:.2f} BLEU below full fine-tuning "
-            f"(`{full_row}`, {full[2]} seed(s)): goal within {GOAL_GAPS.get(setting, 0):g}, "
-            f"{'met' if gap <= GOAL_GAPS.get(setting, 0) else 'not met'}. It is "
+            f"(`{full_row}`, {full[2]} seed(s)): goal within {GOAL_GAPS[setting]:g}, {within}. It is "
             f"{'ahead of' if lead > 0 else 'behind'} calibrated pruning (`{prune_row}`, {prune[2]} seed(s)) by {abs(lead):.2f} "
             + (
                 f"against a larger seed std of {spread:.2f}"
@@ -327,11 +332,7 @@ def goal_lines(results: dict, pairs: int) -> list[str]:
                 else "(one seed: no spread)"
             )
             + ": goal ahead by more than that std, "
-            + (
-                ("met" if lead > spread else "not met")
-                if seeded
-                else f"undecided before {GOAL_SEEDS} seeds of each"
-            )
+            + (("met" if lead > spread else "not met") if seeded else undecided)
             + "."
         )
     return lines
