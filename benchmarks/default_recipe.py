@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -73,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", choices=MODELS)
     parser.add_argument("--settings", default="S1,S2")
-    parser.add_argument("--only", default="", help="only the rows whose label contains this text")
+    parser.add_argument("--only", default="", help="only the rows whose label this regular expression finds")
     parser.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md")
     args = parser.parse_args()
     raw = results_file(args.model)
@@ -111,7 +112,7 @@ def measure(
     for setting, (layers, ratio) in settings.items():
         for label, (recipe, method, calibration, *extra) in ROWS.items():
             key = f"{label} | {setting}"
-            if key in rows or only not in label:
+            if key in rows or not re.search(only, label):
                 continue
             given = calibration_sets(in_domain, sampled).get(calibration)
             start = time.perf_counter()
