@@ -271,12 +271,13 @@ def plot(results: dict, pairs: int) -> None:
 def report(results: dict, pairs: int, evals: int) -> str:
     intro = (
         f"{NAMES[MODEL]} fine-tuned on WebNLG 2017 ({pairs} training pairs, one epoch, batch 8, lr 1e-4, LoRA "
-        f"rows rank 8 at lr 1e-3, max length 64), then greedy decoding (at most 32 new tokens) of the first "
+        f"rows rank 8 at lr 1e-3, rows marked `(lr X)` at lr X, max length 64), then greedy decoding (at most 32 new tokens) of the first "
         f"{evals} dev inputs scored against all their references (sacrebleu BLEU, chrF); mean ± std over "
         f"the seeds run. {'; '.join(f'{name}: layers {layers} at ratio {ratio}' for name, (layers, ratio) in SETTINGS.items())}. "
         "`fusion+calibration+keep "
         "0.5`: fusion calibrated on 128 training inputs, half of each fused width kept as the top-scored "
         "neurons; `+lora`: then LoRA instead of full fine-tuning; `+teacher W`: the training loss mixes the task loss with weight 1 - W and the KL divergence to the unfused model's next-token distribution on every real token with weight W (`--teacher-weight W`); `prune+calibration`: calibrated pruning; `fusion (paper)`: the paper's data-free fusion. "
+        "The goals compare each side at its best learning rate measured (full fine-tuning, not LoRA). "
         "Seconds per step and peak memory are the mean over the row's runs; the runs shared the CPU with other "
         "work, so they are indicative only. Decoding speed: greedy batch-1 decoding of each setting's shapes "
         "(untrained models of the same shapes), the models taking turns on every prompt, median round."
