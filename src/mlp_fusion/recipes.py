@@ -4,9 +4,9 @@
 ``calibrated`` (the default for causal language models) fuses with calibration inputs, keeps half of each
 fused width as the top-scored neurons and refits with ridge weight 1. Measured on SmolLM2 and Gemma-3
 (BENCHMARKS.md) it is far ahead of ``paper`` before and after fine-tuning; calibrated pruning is level with
-it or ahead on SmolLM2 before fine-tuning, behind on Gemma-3. Calibration inputs come from a file or the task when there are any;
-otherwise they are sampled from the model itself (seeded), so no data is needed, and the samples are written
-next to the checkpoint. Encoders keep ``paper``: plain fusion measures best on SST-2.
+it or ahead on SmolLM2 before fine-tuning, behind on Gemma-3. Calibration inputs come from a file or the
+task when there are any; otherwise they are sampled from the model itself (seeded), so no data is needed,
+and the samples are written next to the checkpoint. Encoders keep ``paper``: plain fusion measures best on SST-2.
 """
 
 from __future__ import annotations

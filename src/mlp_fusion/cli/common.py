@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import typing
 from pathlib import Path
@@ -151,7 +152,6 @@ def add_recipe_option(target) -> None:
         "otherwise; 'paper': the paper's data-free fusion",
     )
     target.set_defaults(**dict.fromkeys(RECIPE_FIELDS))
-    chosen = {"keep_fraction": "(default 0.0)", "ridge": "(default 0.1)"}
     for action in target._actions:
         if action.dest in RECIPE_FIELDS:
-            action.help = action.help.replace(chosen[action.dest], "(default: the recipe's)")
+            action.help = re.sub(r"\(default [^)]*\)", "(default: the recipe's)", action.help)
