@@ -1,7 +1,7 @@
 """Calibrated fusion in memory: the layers walked once against the whole model run for every site.
 
-SmolLM2-135M, 128 WebNLG training texts as calibration (at most 128 tokens), the default calibrated recipe
-(fusion, keep fraction 0.5, refit), at S1 (layers 20-29 at 0.5) and S2 (layers 10-29 at 0.25). For each
+SmolLM2-135M, 128 WebNLG training texts as calibration (at most 128 tokens), calibrated fusion (keep fraction
+0.5, the output refit at ridge 0.1), at S1 (layers 20-29 at 0.5) and S2 (layers 10-29 at 0.25). For each
 setting and round, the two paths take turns on fresh copies of the model: ``fuse(model, config,
 calibration=batch)`` (what ``compress`` and ``finetune`` run: each layer on the hidden states the one before
 produced) and ``fuse(..., calibration=ModelRuns(model, batch))`` (the whole model from its start for every
@@ -74,7 +74,8 @@ def report(results: dict) -> str:
     intro = (
         "Calibrated fusion of SmolLM2-135M in memory (what `compress --in-memory`, `finetune` and "
         "`mlp_fusion.fuse(model, config, calibration=batch)` run): 128 WebNLG training texts "
-        f"({results['tokens']:,} tokens), the default calibrated recipe (fusion, keep fraction 0.5, refit). "
+        f"({results['tokens']:,} tokens), calibrated fusion with keep fraction 0.5 and the output refit "
+        "(ridge 0.1; the ridge weight does not change the work). "
         "S1: layers 20-29 at 0.5; S2: layers 10-29 at 0.25. The layers walked once (each layer runs on the "
         "hidden states the one before produced) against the whole model run from its start for every "
         f"site; the two take turns on fresh copies of the model, median of {results['rounds']} round(s), and "

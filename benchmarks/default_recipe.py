@@ -79,7 +79,10 @@ def main() -> None:
     args = parser.parse_args()
     raw = results_file(args.model)
     results = json.loads(raw.read_text()) if raw.exists() else {"rows": {}}
-    results.update({k: v for k, v in run_header().items() if not (args.report and k == "command")})
+    header = run_header()
+    results.update({k: v for k, v in header.items() if k != "command"})
+    if not args.report:  # every run that added rows, in order
+        results["commands"] = list(dict.fromkeys([*results.get("commands", []), header["command"]]))
     texts = webnlg_texts("dev", 100, 200)
     in_domain = webnlg_texts("train", 0, 512)
     if not args.report:
