@@ -164,7 +164,7 @@ def report(model: str, results: dict) -> str:
             f"| {setting} | {label} | {row['perplexity']:.1f} | {row['perplexity'] / original:.2f} "
             f"| {row['keep_fraction']} | {row['seconds']:.0f} |"
         )
-    ridge = ridge_lines(rows)
+    ridge = ridge_lines(rows, settings)
     if ridge:
         lines += ["", *ridge]
     settings = "; ".join(
@@ -186,13 +186,13 @@ def report(model: str, results: dict) -> str:
     return publish(f"default-recipe-{model}", intro, lines, results, results_file(model))
 
 
-def ridge_lines(rows: dict) -> list[str]:
+def ridge_lines(rows: dict, settings) -> list[str]:
     """Perplexity by ridge weight: mean ± std over the in-domain sets measured, and on the sampled texts."""
     lines = [
         "| setting | recipe | ridge | in-domain sets | perplexity, in-domain (mean ± std) | perplexity, sampled texts |",
         "|---|---|---|---|---|---|",
     ]
-    for setting in dict.fromkeys(key.partition(" | ")[2] for key in rows if " | " in key):
+    for setting in settings:
         for name in RIDGE_RECIPES:
             for ridge in RIDGES:
                 label = f"{name}, ridge {ridge:g}"
