@@ -61,13 +61,21 @@ MAIN_ROWS = tuple(ROWS)  # the main table's rows; the ridge rows below are summe
 RIDGES = (0.1, 0.3, 1.0)
 IN_DOMAIN_SETS = 3
 RIDGE_RECIPES = {"default recipe": ("auto", "fusion"), "prune+calibration": ("calibrated", "prune")}
-for _ridge in RIDGES:
-    for _name, (_recipe, _method) in RIDGE_RECIPES.items():
-        for _set in range(1, IN_DOMAIN_SETS + 1):
-            ROWS[f"{_name}, ridge {_ridge:g}, in-domain set {_set}"] = (
-                _recipe, _method, f"in-domain set {_set}", {"ridge": _ridge}
-            )  # fmt: skip
-        ROWS[f"{_name}, ridge {_ridge:g}, sampled texts"] = (_recipe, _method, "sampled", {"ridge": _ridge})
+
+
+def ridge_rows() -> dict[str, tuple]:
+    """Each ridge-table row: per recipe and weight, the in-domain sets and the sampled texts."""
+    rows = {}
+    for ridge in RIDGES:
+        for name, (recipe, method) in RIDGE_RECIPES.items():
+            sets = [f"in-domain set {number}" for number in range(1, IN_DOMAIN_SETS + 1)]
+            for calibration in (*sets, "sampled texts"):
+                source = "sampled" if calibration == "sampled texts" else calibration
+                rows[f"{name}, ridge {ridge:g}, {calibration}"] = (recipe, method, source, {"ridge": ridge})
+    return rows
+
+
+ROWS.update(ridge_rows())
 
 
 def main() -> None:

@@ -84,8 +84,7 @@ def compress(
         say("recipe paper: this model has no tokenizer to sample calibration texts with")
         chosen = recipes.RECIPES["paper"]
     if config is None:
-        method = config_fields.get("method") or "fusion"
-        config = FusionConfig(**recipes.apply_recipe(chosen, method, config_fields))
+        config = FusionConfig(**recipes.apply_recipe(chosen, config_fields))
     elif config_fields:
         raise UserError("give a FusionConfig or its fields, not both")
     if calibration_samples < 1 or max_length < 1:

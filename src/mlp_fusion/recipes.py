@@ -6,7 +6,8 @@ fused width as the top-scored neurons and refits with ridge weight 1. Measured o
 (BENCHMARKS.md) it is far ahead of ``paper`` before and after fine-tuning; calibrated pruning is level with
 it or ahead on SmolLM2 before fine-tuning, behind on Gemma-3. Calibration inputs come from a file or the
 task when there are any; otherwise they are sampled from the model itself (seeded), so no data is needed,
-and the samples are written next to the checkpoint. Encoders keep ``paper``: plain fusion measures best on SST-2.
+and the samples are written next to the checkpoint. Encoders keep ``paper``: plain fusion measures best on
+SST-2.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import transformers
 from torch import nn
 
+from .config import FusionConfig
 from .errors import UserError
 from .methods import METHODS
 
@@ -89,16 +91,16 @@ def is_causal_lm_class(name: str) -> bool:
     return False
 
 
-def apply_recipe(recipe: Recipe, method: str, given: dict) -> dict:
-    """The FusionConfig fields of a run with ``method``: those ``given`` that are not None, and for the
+def apply_recipe(recipe: Recipe, given: dict) -> dict:
+    """The FusionConfig fields of a run: those ``given`` that are not None, and for the
     :data:`RECIPE_FIELDS` not given the recipe's (its keep fraction only for the methods that keep neurons;
     its ridge weight when it has one, else FusionConfig's)."""
-    fields = {
-        "keep_fraction": recipe.keep_fraction if method in METHODS and METHODS[method].clusters else 0.0
-    }
+    fields = {name: value for name, value in given.items() if value is not None}
+    method = METHODS.get(fields.get("method", FusionConfig.method))  # an unknown one: FusionConfig says so
+    chosen = {"keep_fraction": recipe.keep_fraction if method is not None and method.clusters else 0.0}
     if recipe.ridge is not None:
-        fields["ridge"] = recipe.ridge
-    return {**fields, **{name: value for name, value in given.items() if value is not None}, "method": method}
+        chosen["ridge"] = recipe.ridge
+    return {**chosen, **fields}
 
 
 def sample_texts(model: nn.Module, tokenizer, sampling: Sampling) -> list[str]:

@@ -151,6 +151,8 @@ def add_recipe_option(target) -> None:
         "model when none are given, and half of each fused width kept as its top neurons), 'paper' "
         "otherwise; 'paper': the paper's data-free fusion",
     )
+    # set_defaults reaches only the options already added: the recipe's fields must come first
+    assert set(RECIPE_FIELDS) <= {action.dest for action in target._actions}, "add the recipe's fields first"
     target.set_defaults(**dict.fromkeys(RECIPE_FIELDS))
     for action in target._actions:
         if action.dest in RECIPE_FIELDS:

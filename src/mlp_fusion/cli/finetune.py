@@ -207,7 +207,7 @@ def _fusion(args: argparse.Namespace, path: Path | None, fused_input: bool):
     if method not in (None, "full"):
         recipe = choose_recipe(args.recipe, source_config(args.model, path))
         calibrate = args.calibrate or recipe.calibrate  # the task's inputs calibrate
-        config = FusionConfig(**apply_recipe(recipe, method, config_values(args, FusionConfig)))
+        config = FusionConfig(**apply_recipe(recipe, {**config_values(args, FusionConfig), "method": method}))
     elif method == "full" and fusion_options:
         raise UserError(
             "--method full fine-tunes the unfused model: drop --ratio, --width, --budget, --layers, "
