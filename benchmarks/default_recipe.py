@@ -63,19 +63,43 @@ IN_DOMAIN_SETS = 3
 RIDGE_RECIPES = {"default recipe": ("auto", "fusion"), "prune+calibration": ("calibrated", "prune")}
 
 
+# the kept share of each fused width (the recipe's is 0.5, in the ridge table's ridge-1 rows), refit with
+# the recipe's ridge weight, on the same calibration sets
+KEEPS = (0.25, 0.75)
+
+
+def grid_rows(label: str, recipe: str, method: str, fields: dict) -> dict[str, tuple]:
+    """``label``'s rows on each in-domain set and on the sampled texts, with ``fields`` given to compress."""
+    sets = [f"in-domain set {number}" for number in range(1, IN_DOMAIN_SETS + 1)]
+    return {
+        f"{label}, {calibration}": (
+            recipe,
+            method,
+            "sampled" if calibration == "sampled texts" else calibration,
+            fields,
+        )
+        for calibration in (*sets, "sampled texts")
+    }
+
+
 def ridge_rows() -> dict[str, tuple]:
     """Each ridge-table row: per recipe and weight, the in-domain sets and the sampled texts."""
     rows = {}
     for ridge in RIDGES:
         for name, (recipe, method) in RIDGE_RECIPES.items():
-            sets = [f"in-domain set {number}" for number in range(1, IN_DOMAIN_SETS + 1)]
-            for calibration in (*sets, "sampled texts"):
-                source = "sampled" if calibration == "sampled texts" else calibration
-                rows[f"{name}, ridge {ridge:g}, {calibration}"] = (recipe, method, source, {"ridge": ridge})
+            rows.update(grid_rows(f"{name}, ridge {ridge:g}", recipe, method, {"ridge": ridge}))
+    return rows
+
+
+def keep_rows() -> dict[str, tuple]:
+    rows = {}
+    for keep in KEEPS:
+        rows.update(grid_rows(f"default recipe, keep {keep:g}", "auto", "fusion", {"keep_fraction": keep}))
     return rows
 
 
 ROWS.update(ridge_rows())
+ROWS.update(keep_rows())
 
 
 def main() -> None:
@@ -172,9 +196,9 @@ def report(model: str, results: dict) -> str:
             f"| {setting} | {label} | {row['perplexity']:.1f} | {row['perplexity'] / original:.2f} "
             f"| {row['keep_fraction']} | {row['seconds']:.0f} |"
         )
-    ridge = ridge_lines(rows, settings)
-    if ridge:
-        lines += ["", *ridge]
+    for table in (ridge_lines(rows, settings), keep_lines(rows, settings)):
+        if table:
+            lines += ["", *table]
     settings = "; ".join(
         f"{name}: layers {layers} at {ratio}" for name, (layers, ratio) in MODELS[model].items()
     )
@@ -186,7 +210,9 @@ def report(model: str, results: dict) -> str:
         "first 128 (or 512) WebNLG train texts instead. The ridge table refits with the weight given "
         "(`ridge`) on three disjoint sets of 128 in-domain texts (train texts 0-127, 128-255, 256-383) and on "
         "the sampled texts; its ridge-0.1 rows include the main table's rows as they were measured before "
-        "the recipe's weight became 1. Seconds include sampling and were measured while "
+        "the recipe's weight became 1. The kept-share table refits with the recipe's weight on the same sets, "
+        "the share kept as top-scored neurons given (`keep_fraction`); calibrated pruning keeps all of them. "
+        "Seconds include sampling and were measured while "
         "other benchmarks shared the CPU; rows measured before in-memory calibration walked the layers "
         "(SmolLM2's paper row and ridge-0.1 sampled-text rows at S1, of 2026-12-02) ran the whole model for "
         "every fused MLP."
@@ -196,26 +222,42 @@ def report(model: str, results: dict) -> str:
 
 def ridge_lines(rows: dict, settings) -> list[str]:
     """Perplexity by ridge weight: mean ± std over the in-domain sets measured, and on the sampled texts."""
+    entries = [(name, f"{ridge:g}", f"{name}, ridge {ridge:g}") for name in RIDGE_RECIPES for ridge in RIDGES]
+    return grid_lines(rows, settings, ("recipe", "ridge"), entries)
+
+
+def keep_lines(rows: dict, settings) -> list[str]:
+    """Perplexity by kept share at the recipe's ridge weight; calibrated pruning keeps every neuron it keeps."""
+    shares = sorted([*KEEPS, 0.5])
+    entries = [
+        ("default recipe", f"{keep:g}", f"default recipe, {'ridge 1' if keep == 0.5 else f'keep {keep:g}'}")
+        for keep in shares
+    ]
+    entries.append(("prune+calibration", "all", "prune+calibration, ridge 1"))
+    return grid_lines(rows, settings, ("recipe", "kept share"), entries)
+
+
+def grid_lines(rows: dict, settings, columns: tuple[str, str], entries: list[tuple]) -> list[str]:
+    """A table of (name, value, row label) entries: mean ± std over the in-domain sets, and the sampled texts."""
     lines = [
-        "| setting | recipe | ridge | in-domain sets | perplexity, in-domain (mean ± std) | perplexity, sampled texts |",
+        f"| setting | {columns[0]} | {columns[1]} | in-domain sets | perplexity, in-domain (mean ± std) "
+        "| perplexity, sampled texts |",
         "|---|---|---|---|---|---|",
     ]
     for setting in settings:
-        for name in RIDGE_RECIPES:
-            for ridge in RIDGES:
-                label = f"{name}, ridge {ridge:g}"
-                values = [
-                    rows[key]["perplexity"]
-                    for number in range(1, IN_DOMAIN_SETS + 1)
-                    if (key := f"{label}, in-domain set {number} | {setting}") in rows
-                ]
-                sampled = rows.get(f"{label}, sampled texts | {setting}")
-                if not values and not sampled:
-                    continue
-                spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-                mean = f"{statistics.mean(values):.1f}{spread}" if values else "-"
-                on_samples = f"{sampled['perplexity']:.1f}" if sampled else "-"
-                lines.append(f"| {setting} | {name} | {ridge:g} | {len(values)} | {mean} | {on_samples} |")
+        for name, value, label in entries:
+            values = [
+                rows[key]["perplexity"]
+                for number in range(1, IN_DOMAIN_SETS + 1)
+                if (key := f"{label}, in-domain set {number} | {setting}") in rows
+            ]
+            sampled = rows.get(f"{label}, sampled texts | {setting}")
+            if not values and not sampled:
+                continue
+            spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+            mean = f"{statistics.mean(values):.1f}{spread}" if values else "-"
+            on_samples = f"{sampled['perplexity']:.1f}" if sampled else "-"
+            lines.append(f"| {setting} | {name} | {value} | {len(values)} | {mean} | {on_samples} |")
     return lines if len(lines) > 2 else []
 
 

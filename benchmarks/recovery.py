@@ -283,7 +283,7 @@ def report(results: dict, pairs: int, evals: int) -> str:
         "work, so they are indicative only. Decoding speed: greedy batch-1 decoding of each setting's shapes "
         "(untrained models of the same shapes), the models taking turns on every prompt, median round."
     )
-    lines = [*table(results, pairs), "", *goal_lines(results, pairs)]
+    lines = [*table(results, pairs), "", *goal_lines(results, pairs), *speed_goal_lines(results.get("speed"))]
     if any(r["pairs"] != pairs for r in results["runs"].values()):
         lines += ["", "Learning curve at S1 (seed 0):", "", *curve_table(results)]
     return publish(f"recovery-{MODEL}", intro, lines, results, RESULTS)
@@ -337,6 +337,39 @@ def goal_lines(results: dict, pairs: int) -> list[str]:
             + (("met" if lead > spread else "not met") if seeded else undecided)
             + "."
         )
+    return lines
+
+
+GOAL_SPEED_SHARE = (
+    0.9  # of the decoding gain the parameter count allows (reading every weight once per token)
+)
+
+
+def speed_goal_lines(speed: dict | None) -> list[str]:
+    """Each setting's fused decoding speed-up against the one its parameter count allows, and the per-token
+    cost that does not scale with parameters (a least-squares line of seconds per token on parameters)."""
+    if not speed:
+        return []
+    rates, params = speed["tokens_per_second"], speed["params"]
+    lines = []
+    for setting in SETTINGS:
+        if (name := f"fusion at {setting}") not in rates:
+            continue
+        measured, allowed = rates[name] / rates["original"], params["original"] / params[name]
+        share = (measured - 1) / (allowed - 1)
+        verdict = "met" if share >= GOAL_SPEED_SHARE else "not met"
+        lines.append(
+            f"- {setting} decoding: fused {measured:.3f}x the original's tokens/s; its parameter count allows "
+            f"{allowed:.3f}x. It reaches {share:.0%} of that gain: goal {GOAL_SPEED_SHARE:.0%}, {verdict}."
+        )
+    names = list(rates)
+    slope, fixed = statistics.linear_regression([params[n] for n in names], [1 / rates[n] for n in names])
+    original = 1 / rates["original"]
+    lines.append(
+        f"- Seconds per token against parameters (least squares over the {len(names)} models): "
+        f"{fixed * 1e3:.1f} ms per token that no parameter count removes, {fixed / original:.0%} of the "
+        f"original's {original * 1e3:.1f} ms; {slope * 1e9:.3f} ms per million parameters."
+    )
     return lines
 
 
