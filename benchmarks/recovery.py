@@ -5,7 +5,7 @@ one epoch, then greedy decoding of the first --eval dev inputs scored against al
 are saved to the results file as they finish, and a rerun skips the finished ones, so the benchmark can be
 stopped and resumed at will. The seeds go round first (every row's seed 0, then seed 1, ...), so a partial
 run already compares every row. ``--curve`` runs the learning-curve rows (one seed, S1, 200 / 1,000 / 4,000
-pairs); ``--speed`` times greedy decoding of each setting's shapes, the models taking turns; ``--report``
+pairs, each row at its best learning rate at 1,000 pairs); ``--speed`` times greedy decoding of each setting's shapes, the models taking turns; ``--report``
 only rewrites BENCHMARKS.md and the plot from the results file.
 
     python benchmarks/recovery.py                          # hours on 2 cores; resumable
@@ -285,7 +285,12 @@ def report(results: dict, pairs: int, evals: int) -> str:
     )
     lines = [*table(results, pairs), "", *goal_lines(results, pairs), *speed_goal_lines(results.get("speed"))]
     if any(r["pairs"] != pairs for r in results["runs"].values()):
-        lines += ["", "Learning curve at S1 (seed 0):", "", *curve_table(results)]
+        lines += [
+            "",
+            "Learning curve at S1 (seed 0, each row at its best rate at 1,000 pairs):",
+            "",
+            *curve_table(results),
+        ]
     return publish(f"recovery-{MODEL}", intro, lines, results, RESULTS)
 
 
