@@ -30,7 +30,7 @@ from mlp_fusion import compress  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
 from mlp_fusion.fuse import fusion_records  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
-from mlp_fusion.recipes import RECIPE_ATTR  # noqa: E402
+from mlp_fusion.recipes import RECIPE_ATTR, RECIPES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}
@@ -227,13 +227,19 @@ def ridge_lines(rows: dict, settings) -> list[str]:
 
 
 def keep_lines(rows: dict, settings) -> list[str]:
-    """Perplexity by kept share at the recipe's ridge weight; calibrated pruning keeps every neuron it keeps."""
-    shares = sorted([*KEEPS, 0.5])
+    """Perplexity by kept share at the recipe's ridge weight; calibrated pruning's neurons are all kept ones."""
+    recipe = RECIPES["calibrated"]
+    at_recipe_ridge = f"ridge {recipe.ridge:g}"  # the ridge table's rows hold the recipe's own share
+    shares = sorted([*KEEPS, recipe.keep_fraction])
     entries = [
-        ("default recipe", f"{keep:g}", f"default recipe, {'ridge 1' if keep == 0.5 else f'keep {keep:g}'}")
+        (
+            "default recipe",
+            f"{keep:g}",
+            f"default recipe, {at_recipe_ridge if keep == recipe.keep_fraction else f'keep {keep:g}'}",
+        )
         for keep in shares
     ]
-    entries.append(("prune+calibration", "all", "prune+calibration, ridge 1"))
+    entries.append(("prune+calibration", "all", f"prune+calibration, {at_recipe_ridge}"))
     return grid_lines(rows, settings, ("recipe", "kept share"), entries)
 
 
