@@ -92,9 +92,10 @@ def ridge_rows() -> dict[str, tuple]:
 
 
 def keep_rows() -> dict[str, tuple]:
+    recipe, method = RIDGE_RECIPES["default recipe"]
     rows = {}
     for keep in KEEPS:
-        rows.update(grid_rows(f"default recipe, keep {keep:g}", "auto", "fusion", {"keep_fraction": keep}))
+        rows.update(grid_rows(f"default recipe, keep {keep:g}", recipe, method, {"keep_fraction": keep}))
     return rows
 
 
