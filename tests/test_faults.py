@@ -68,14 +68,66 @@ def test_a_kill_while_overwriting_keeps_the_previous_output(tmp_path):
 
 
 def test_an_interrupted_swap_puts_the_previous_output_back(tmp_path):
-    from mlp_fusion.persistence import clean_interrupted
+    from mlp_fusion.checkpoint_files import _host, clean_interrupted
 
     out = tmp_path / "fused"
-    old = tmp_path / f".fused.old-{_dead_pid()}-abcd1234"
+    old = tmp_path / f".fused.old-{_host()}-{_dead_pid()}-abcd1234"
     old.mkdir()
     (old / "fusion.json").write_text("{}")
     clean_interrupted(out)
     assert (out / "fusion.json").read_text() == "{}" and not old.exists()
+
+
+def _user_folders(tmp_path) -> list:
+    """Folders of the user's next to ``model/`` whose names look like leftovers but are not this library's
+    (no host and random suffix; another host's; a live process's)."""
+    from mlp_fusion.checkpoint_files import _host
+
+    names = [
+        ".model.old-2023-backup",
+        f".model.tmp-{_dead_pid()}-mine",
+        f".model.tmp-{_dead_pid()}-abcd1234",  # the old pattern, without a host
+        f".model.tmp-0badc0de-{_dead_pid()}-abcd1234",  # a writer on another host sharing the disk
+        f".model.tmp-{_host()}-{os.getpid()}-abcd1234",  # a live writer here
+    ]
+    folders = []
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("mine")
+        folders.append(tmp_path / name)
+    return folders
+
+
+def test_a_refused_save_touches_no_folder_of_the_users(tmp_path, cli):
+    model = build("llama")
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    folders = _user_folders(tmp_path)
+    from mlp_fusion import FusionConfig, fuse, save_pretrained
+
+    fuse(model, FusionConfig(ratio=0.5, layers="0"))
+    import pytest
+
+    from mlp_fusion import UserError
+
+    with pytest.raises(UserError, match="already exists"):
+        save_pretrained(model, out)
+    assert all((folder / "notes.txt").read_text() == "mine" for folder in folders)
+    save_pretrained(model, out, overwrite=True)  # a save that goes ahead keeps them too
+    assert all((folder / "notes.txt").read_text() == "mine" for folder in folders)
+    assert (out / "fusion.json").is_file()
+
+
+def test_overwrite_never_replaces_a_folder_that_holds_no_checkpoint(tmp_path, cli):
+    build("llama").save_pretrained(tmp_path / "base")
+    out = tmp_path / "documents"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    code, _, err = cli("compress", tmp_path / "base", "--ratio", "0.5", "--out", out, "--overwrite")
+    assert code == 2 and err.count("error:") == 1 and "no model checkpoint" in err
+    assert (out / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "documents"]
 
 
 def _dead_pid() -> int:

@@ -45,25 +45,58 @@ def test_dora_on_a_fused_model_is_refused_and_leaves_it_unchanged():
     assert not has_input_scales(model) and torch.equal(outputs(model, batch), before)
 
 
-@pytest.mark.parametrize("loaded", [False, True])
-def test_peft_wrapping_a_fused_model_directly_fails_loudly(tmp_path, loaded):
+def _fused_llama(tmp_path, loaded: bool):
     model = build("llama")
     fuse(model, FusionConfig(ratio=0.5, layers="0"))
     if loaded:
-        mlp_fusion.save_pretrained(model, tmp_path / "fused")
+        mlp_fusion.save_pretrained(model, tmp_path / "fused", overwrite=True)
         model = mlp_fusion.from_pretrained(tmp_path / "fused")
-    wrapped = peft.get_peft_model(
-        model, peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"])
-    )
+    return model
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("loaded", [False, True])
+def test_peft_wrapping_a_fused_projection_directly_is_refused_before_any_forward(tmp_path, loaded, use_dora):
+    """peft's merge would add the delta to a computed weight and lose it: refused at wrapping, so a merge
+    that never ran a forward pass cannot slip through."""
+    model = _fused_llama(tmp_path, loaded)
+    config = peft.LoraConfig(r=4, target_modules=["gate_proj", "up_proj", "down_proj"], use_dora=use_dora)
     with pytest.raises(UserError, match="add_lora"):
-        outputs(wrapped, inputs())
+        peft.get_peft_model(model, config)
+
+
+def test_an_adapter_saved_from_add_lora_loads_exactly_with_load_lora_and_not_with_plain_peft(tmp_path):
+    model = _fused_llama(tmp_path, loaded=False)
+    batch = inputs()
+    wrapped = add_lora(model, LoraSettings(lora_rank=4).peft_config(None))
+    _trained_adapters(wrapped)
+    trained = outputs(wrapped, batch)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    fresh = _fused_llama(tmp_path, loaded=True)
+    with pytest.raises(UserError, match="load_lora"):
+        peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    fresh = _fused_llama(tmp_path, loaded=True)
+    loaded = mlp_fusion.load_lora(fresh, tmp_path / "adapter")
+    assert (outputs(loaded, batch) - trained).abs().max() < 1e-5
+    merged = loaded.merge_and_unload()  # no forward pass in between would change this
+    assert (outputs(merged, batch) - trained).abs().max() < 1e-5
+
+
+def test_load_lora_refuses_a_missing_adapter_with_one_line(tmp_path):
+    model = _fused_llama(tmp_path, loaded=False)
+    with pytest.raises(UserError, match="cannot read the adapter"):
+        mlp_fusion.load_lora(model, tmp_path / "nothing")
+    assert not has_input_scales(model)
 
 
 def test_peft_on_an_unfused_model_or_unfused_layers_is_untouched():
     model = build("llama")
     fuse(model, FusionConfig(ratio=0.5, layers="0"))
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert torch.isfinite(outputs(wrapped, inputs())).all()
+    _trained_adapters(wrapped)
+    before = outputs(wrapped, inputs())
+    merged = wrapped.merge_and_unload()  # plain weights: peft's own merge is exact
+    assert (outputs(merged, inputs()) - before).abs().max() < 1e-5
 
 
 def test_adapter_on_a_scaled_projection_has_the_fused_dynamics():

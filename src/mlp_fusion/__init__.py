@@ -18,7 +18,7 @@ def __getattr__(name: str):
         from .training import distill
 
         return distill
-    if name in ("add_lora", "merge_lora"):
+    if name in ("add_lora", "load_lora", "merge_lora"):
         from .training import lora
 
         return getattr(lora, name)
@@ -41,6 +41,7 @@ __all__ = [
     "from_pretrained",
     "fuse",
     "k_means",
+    "load_lora",
     "merge_lora",
     "save_pretrained",
     "upcycle",

@@ -5,9 +5,13 @@ Nothing here knows about fusion."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -132,27 +136,48 @@ def write_side_files(
 
 
 def check_writable(directory: str | Path, overwrite: bool) -> None:
-    """Fail early, before any work, when ``directory`` exists and may not be replaced."""
+    """Fail early, before any work, when ``directory`` exists and may not be replaced: without
+    ``overwrite``, or (even with it) when it is not empty and holds no checkpoint, so that a mistyped
+    ``--out`` never replaces a folder of the user's."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} exists and is not a directory; choose another output path")
     if directory.exists() and not overwrite:
         raise UserError(
             f"{directory} already exists; pass --overwrite (overwrite=True) or choose another directory"
         )
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"{directory} exists and is not a directory; choose another output path")
+    if directory.exists() and not _replaceable(directory):
+        raise UserError(
+            f"{directory} holds files but no model checkpoint, so --overwrite will not replace it; "
+            "choose another directory"
+        )
+
+
+CHECKPOINT_MARKERS = ("config.json", "fusion.json")  # a folder holding one of these is a checkpoint
+
+
+def _replaceable(directory: Path) -> bool:
+    return any(directory.joinpath(name).is_file() for name in CHECKPOINT_MARKERS) or not any(
+        directory.iterdir()
+    )
 
 
 def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Write into a temporary sibling, then swap it in; a failure leaves ``target`` as it was."""
+    """Write into a temporary sibling, then swap it in; a failure leaves ``target`` as it was.
+
+    Every check comes before anything is removed: the leftovers of this library's own killed writes are
+    cleaned only once the write may go ahead.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_interrupted(target)
+    restore_interrupted(target)
     check_writable(target, overwrite)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    clean_interrupted(target)
+    tmp = _sibling(target, "tmp")
     tmp.mkdir()
     try:
         write(tmp)
         if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            old = _sibling(target, "old")
             target.rename(old)
             tmp.rename(target)
             shutil.rmtree(old)
@@ -164,18 +189,46 @@ def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None
     return target
 
 
+# This library's temporary siblings: ``.NAME.tmp-HOST-PID-RANDOM`` while writing, ``.NAME.old-...`` while
+# swapping. HOST (a hash of the host name) keeps a writer on another machine sharing the disk from looking
+# dead to a local process check; any other name, however close, is not ours and is never touched.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _dead_leftovers(target: Path) -> list[tuple[str, Path]]:
+    """(kind, path) of every temporary sibling of ``target`` that a killed write on this host left."""
+    found = []
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.*")):
+        match = _LEFTOVER.fullmatch(path.name)
+        if match and match["name"] == target.name and match["host"] == _host() and path.is_dir():
+            if not _alive(int(match["pid"])):
+                found.append((match["kind"], path))
+    return found
+
+
+def restore_interrupted(target: Path) -> None:
+    """Put back the previous version of ``target`` when a killed write stopped between its two renames."""
+    if target.exists():
+        return
+    for kind, path in _dead_leftovers(target):
+        if kind == "old":
+            path.rename(target)
+            return
+
+
 def clean_interrupted(target: Path) -> None:
-    """Remove what a killed write of ``target`` left: its unfinished temporary sibling, and the previous
-    version it was replacing (put back when the swap did not finish). Another live process's are kept."""
-    for leftover in sorted(target.parent.glob(f".{target.name}.*-*")):
-        kind, _, rest = leftover.name.removeprefix(f".{target.name}.").partition("-")
-        pid = rest.partition("-")[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old" and not target.exists():
-            leftover.rename(target)  # the swap stopped between its two renames: the old version is back
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
+    """Remove what killed writes of ``target`` on this host left (after :func:`restore_interrupted`)."""
+    restore_interrupted(target)
+    for _, path in _dead_leftovers(target):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

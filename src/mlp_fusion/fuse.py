@@ -17,7 +17,6 @@ from .families import find_sites
 from .memory import check_fits, experts_per_chunk
 from .methods import METHODS, MethodResult, SubMlps, join_results
 from .narrowing import apply_result, use_compatible_experts_kernel
-from .parametrizations import guard_against_plain_adapters
 from .sites import MlpSite, StackedExperts
 
 RECORD_ATTR = "mlp_fusion_record"
@@ -164,7 +163,6 @@ def fuse(
             )
         # Kept current, so that an interrupted call still says what it changed.
         setattr(model, RECORD_ATTR, records)
-    guard_against_plain_adapters(model, [record.name for record in records])
     from .persistence import follow_native_save  # here, not at the top: persistence builds on this module
 
     follow_native_save(model)  # the model's own save_pretrained now writes the fused format

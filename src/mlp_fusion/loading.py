@@ -260,7 +260,8 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path, keep: list[Pa
 
 
 def _from_pretrained(name: str, settings: LoadSettings) -> torch.nn.Module:
-    """The class the config names; the bare model instead when the checkpoint lacks that class's head."""
+    """The class the config names; the bare model instead when the checkpoint lacks that class's head and
+    the head is not what the model is for (an encoder saved without its pre-training head)."""
     config = transformers.AutoConfig.from_pretrained(name)
     architectures = getattr(config, "architectures", None) or []
     model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
@@ -271,11 +272,22 @@ def _from_pretrained(name: str, settings: LoadSettings) -> torch.nn.Module:
         if not info["missing_keys"]:
             return model.eval()
         missing = sorted(info["missing_keys"])
+        check_head(model_class, missing, name)
     bare, info = transformers.AutoModel.from_pretrained(name, output_loading_info=True, **options)
     if info["missing_keys"]:  # not only the head is absent: refuse rather than start tensors at random
         shown = ", ".join((missing or sorted(info["missing_keys"]))[:3])
         raise UserError(f"the checkpoint in {name} lacks tensors the model needs: {shown}")
     return bare.eval()
+
+
+def check_head(model_class: type, missing: list[str], source: object) -> None:
+    """Refuse a checkpoint that lacks tensors of a model that generates (an untied ``lm_head``): without
+    them it is a different model, and falling back to the bare one would quietly drop its output."""
+    if missing and model_class.can_generate():
+        raise UserError(
+            f"the checkpoint in {source} lacks {', '.join(missing[:3])}, which {model_class.__name__} needs; "
+            "save the whole model (its output head included)"
+        )
 
 
 TOKENIZER_FILES = (

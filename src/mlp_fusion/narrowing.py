@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.nn.utils import parametrize
 
 from .methods import MethodResult
-from .parametrizations import LowRank, NeuronScale, direct_forward
+from .parametrizations import LowRank, NeuronScale, parametrize_weight
 from .sites import MlpSite, StackedExperts, WeightSlot
 
 
@@ -26,16 +25,14 @@ def attach_scale(site: MlpSite, scale: torch.Tensor) -> None:
             values = scale if slot.expert is None else scale[slot.expert]
             weight = getattr(slot.module, slot.attr)
             shaped = values.to(device=weight.device, dtype=torch.float32).reshape(_scale_shape(slot, weight))
-            parametrize.register_parametrization(slot.module, slot.attr, NeuronScale(shaped.clone()))
-            direct_forward(slot.module)
+            parametrize_weight(slot.module, slot.attr, NeuronScale(shaped.clone()))
 
 
 def attach_low_rank(site: MlpSite, rank: int, *, decompose: bool = True) -> None:
     """Replace every weight of ``site`` by a rank-``rank`` factorisation: the truncated SVD of the current
     weight, or (``decompose=False``, for factors about to be loaded) empty factors of the right shapes."""
     for slot in site.slots():
-        parametrize.register_parametrization(slot.module, slot.attr, LowRank(rank, decompose=decompose))
-        direct_forward(slot.module)  # stacked experts: the experts' own forward reads the full weight
+        parametrize_weight(slot.module, slot.attr, LowRank(rank, decompose=decompose))
 
 
 def use_compatible_experts_kernel(model: torch.nn.Module, sites: list[MlpSite]) -> None:

@@ -10,6 +10,7 @@ import functools
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.module import register_module_module_registration_hook
 from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
@@ -153,8 +154,7 @@ def scales_to_weights(model: nn.Module) -> None:
             getattr(module, _HOOK_ATTR).remove()
             delattr(module, _HOOK_ATTR)
             scale = module._buffers.pop(INPUT_SCALE)
-            parametrize.register_parametrization(module, "weight", NeuronScale(scale))
-            direct_forward(module)
+            parametrize_weight(module, "weight", NeuronScale(scale))
 
 
 def has_input_scales(model: nn.Module) -> bool:
@@ -177,29 +177,40 @@ def _weight_scale(module: nn.Module) -> NeuronScale | None:
     return chain[0]
 
 
-_GUARD_ATTR = "_mlp_fusion_adapter_guard"
+def parametrize_weight(module: nn.Module, attr: str, parametrization: nn.Module) -> None:
+    """Compute ``module.<attr>`` from stored tensors through ``parametrization``, with the direct forward
+    where there is one; adapter libraries are refused the module from then on (:func:`_refuse_wrapping`)."""
+    parametrize.register_parametrization(module, attr, parametrization)
+    direct_forward(module)  # stacked experts: the experts' own forward reads the full weight
+    if not _WRAPPING_REFUSED:
+        _WRAPPING_REFUSED.append(register_module_module_registration_hook(_refuse_wrapping))
 
 
-def guard_against_plain_adapters(model: nn.Module, names: list[str]) -> None:
-    """Make the fused MLPs ``names`` refuse to run once a projection with a fixed scale or factors has been
-    wrapped by an adapter library directly (``peft.get_peft_model``).
+_WRAPPING_REFUSED: list = []  # the handle of the one registration hook, once a weight is computed
 
-    Such a wrapper trains, but its in-place merge adds the delta to a weight that is computed, not stored, so
-    the merged model silently loses it; :func:`mlp_fusion.add_lora` moves the scales first and is exact.
+
+def _refuse_wrapping(parent: nn.Module, name: str, child: nn.Module) -> None:
+    """torch's hook on every submodule registration: refuse ``child`` as the ``base_layer`` of an adapter
+    wrapper (peft's name for the layer it wraps, set as the wrapper is built, before it replaces the layer).
+
+    peft merges an adapter by adding its delta to ``base_layer.weight`` in place; where that weight is
+    computed from stored tensors (a fixed scale, low-rank factors) the merge would be lost, so the wrapping
+    must not happen. Putting a layer back (peft's unload) registers it under its own name, not this one.
     """
-    for name in names:
-        module = model.get_submodule(name)
-        if not hasattr(module, _GUARD_ATTR):
-            setattr(module, _GUARD_ATTR, module.register_forward_pre_hook(_refuse_plain_adapters))
+    kinds = {type(p) for chain in _chains(child) for p in chain} if name == "base_layer" else set()
+    if LowRank in kinds:
+        raise UserError(
+            "an adapter cannot wrap a projection whose weight is computed from low-rank factors (an svd "
+            "site): its merge could not land; leave that module out of the adapter's targets"
+        )
+    if NeuronScale in kinds:
+        raise UserError(
+            "peft cannot wrap a fused projection directly: its weight is the stored weight times fixed "
+            "scales, and peft's merge would lose the adapter; use mlp_fusion.add_lora(model, config) to add "
+            "adapters, mlp_fusion.load_lora(model, directory) to load saved ones (exact, merged by "
+            "mlp_fusion.merge_lora)"
+        )
 
 
-def _refuse_plain_adapters(module: nn.Module, args: tuple) -> None:
-    for child in module.modules():
-        if hasattr(child, "lora_A") and hasattr(child, "get_base_layer"):
-            base = child.get_base_layer()
-            if parametrize.is_parametrized(base, "weight"):
-                raise UserError(
-                    "this fused model was wrapped by peft directly, and peft's merge would lose the "
-                    "adapters of its scaled projections; wrap it with mlp_fusion.add_lora(model, config) "
-                    "instead (exact, merged by mlp_fusion.merge_lora)"
-                )
+def _chains(module: nn.Module) -> list:
+    return list(module.parametrizations.values()) if parametrize.is_parametrized(module) else []

@@ -38,7 +38,7 @@ from .errors import UserError, first_line
 from .families import find_sites
 from .fuse import RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
-from .parametrizations import guard_against_plain_adapters, has_input_scales
+from .parametrizations import has_input_scales
 from .recipes import RECIPE_ATTR, SAMPLES_FILE
 from .sites import MlpSite
 
@@ -123,7 +123,6 @@ def from_pretrained(
     _load_stored_tensors(model, weight_files(directory), device)
     follow_native_save(model)
     use_compatible_experts_kernel(model, sites)
-    guard_against_plain_adapters(model, [record.name for record in fusion_records(model)])
     return model.eval()
 
 

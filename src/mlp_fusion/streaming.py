@@ -55,6 +55,7 @@ from .fuse import (
     select_sites,
 )
 from .layer_runs import LayerStackError, LayerWalk, stack_index
+from .loading import check_head
 from .persistence import fused_skeleton, write_description
 from .sites import MlpSite
 
@@ -323,6 +324,8 @@ def _meta_model(source: Path, reader: CheckpointReader, dtype: torch.dtype | Non
         model = meta_model(build, config, dtype, source)
         if _names_match(model, reader):
             return model.eval()
+        if build is not builders[-1] and reader.names() <= set(model.state_dict()):
+            check_head(type(model), missing_tensors(model, reader.names()), source)
     raise NotStreamable("its tensor names do not match the model's")
 
 

@@ -36,10 +36,12 @@ def check_out(out: Path, run_record: dict, resume: bool, overwrite: bool) -> Non
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_record.items() if saved.get(k) != v]
         if changed:
             raise UserError(f"--resume needs the settings of the run in {out}; changed: {'; '.join(changed)}")
+    elif out.exists() and any(out.iterdir()) and not (out / RUN_FILE).is_file():
+        raise UserError(f"{out} holds files but no run, so it is never replaced; choose another --out")
     elif out.exists() and any(out.iterdir()) and not overwrite:
-        unfinished = (out / RUN_FILE).is_file() and not (out / METRICS_FILE).is_file()
+        unfinished = not (out / METRICS_FILE).is_file()
         hint = "pass --resume to continue it, or --overwrite" if unfinished else "pass --overwrite"
-        raise UserError(f"{out} already holds {'an unfinished run' if unfinished else 'files'}; {hint}")
+        raise UserError(f"{out} already holds {'an unfinished run' if unfinished else 'a run'}; {hint}")
 
 
 def start_out(out: Path, run_record: dict, resume: bool, overwrite: bool) -> None:

@@ -11,9 +11,9 @@ unmerged models agree. :func:`merge_lora` merges and puts the scales back into t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import UserError, first_line
 from ..fuse import fusion_records
@@ -65,24 +65,45 @@ def add_lora(model: nn.Module, config) -> nn.Module:
     targets whose weight is computed from factors (``svd`` sites): a merge could not land in them.
     """
     peft = require_peft()
+    _refuse_dora(model, config)
+    return _wrapped(model, lambda: peft.get_peft_model(model, config), "cannot add LoRA")
+
+
+def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
+    """``peft.PeftModel.from_pretrained(model, directory)`` for an adapter that :func:`add_lora` trained and
+    peft saved: the same exact wrapping, so the loaded model and its merge compute what was trained."""
+    peft = require_peft()
+    try:
+        config = peft.PeftConfig.from_pretrained(str(directory))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the adapter in {directory}: {first_line(error)}") from None
+    _refuse_dora(model, config)
+    load = lambda: peft.PeftModel.from_pretrained(model, str(directory))  # noqa: E731
+    return _wrapped(model, load, f"cannot load the adapter in {directory}")
+
+
+def _refuse_dora(model: nn.Module, config) -> None:
     if getattr(config, "use_dora", False) and fusion_records(model):
         raise UserError(
             "DoRA cannot be merged exactly into a fused model (its weight norm would see the fixed scales); "
             "use plain LoRA (use_dora=False)"
         )
+
+
+def _wrapped(model: nn.Module, wrap, failure: str) -> nn.Module:
+    """``wrap()`` (peft wrapping ``model``) with every fixed scale moved onto its layer's input first, and
+    each adapter of a scaled layer reading that scaled input; the scales go back if peft refuses."""
     scales_to_inputs(model)
     try:
-        wrapped = peft.get_peft_model(model, config)
-    except ValueError as error:
+        wrapped = wrap()
+    except UserError:  # a target whose weight is computed from factors (parametrizations.py)
         scales_to_weights(model)
-        raise UserError(f"cannot add LoRA: {first_line(error)}") from None
-    for name, layer in _lora_layers(wrapped):
+        raise
+    except (ValueError, OSError) as error:
+        scales_to_weights(model)
+        raise UserError(f"{failure}: {first_line(error)}") from None
+    for _, layer in _lora_layers(wrapped):
         base = layer.get_base_layer()
-        if parametrize.is_parametrized(base):
-            raise UserError(
-                f"LoRA cannot adapt {name}: its weight is computed from low-rank factors (an svd site); "
-                "leave it out of the targets"
-            )
         if hasattr(base, INPUT_SCALE):
             for adapter in layer.lora_A.values():
                 adapter.register_buffer(INPUT_SCALE, getattr(base, INPUT_SCALE), persistent=False)
