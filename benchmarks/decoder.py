@@ -37,7 +37,7 @@ from mlp_fusion.batches import probe_batch  # noqa: E402
 from mlp_fusion.calibration import calibration_batch  # noqa: E402
 from mlp_fusion.diagnostics import compare_methods  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
-from mlp_fusion.fuse import count_parameters  # noqa: E402
+from mlp_fusion.records import count_parameters  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

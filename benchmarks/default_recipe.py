@@ -28,7 +28,7 @@ from decoder import webnlg_texts  # noqa: E402
 
 from mlp_fusion import compress  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
-from mlp_fusion.fuse import fusion_records  # noqa: E402
+from mlp_fusion.records import fusion_records  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
 from mlp_fusion.recipes import RECIPE_ATTR, RECIPES  # noqa: E402
 

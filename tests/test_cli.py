@@ -153,8 +153,13 @@ def test_existing_output_is_kept_without_overwrite(capsys, model_dir, tmp_path):
     code, _, stderr = run(capsys, "compress", model_dir, "--out", out)
     assert code == 2 and "--overwrite" in stderr
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    code, _, stderr = run(capsys, "compress", model_dir, "--out", out, "--overwrite")
+    assert code == 2 and "no model checkpoint" in stderr  # not a checkpoint: never replaced
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    (out / "precious.txt").unlink()
+    assert run(capsys, "compress", model_dir, "--out", out)[0] == 2  # empty, but still only with --overwrite
     assert run(capsys, "compress", model_dir, "--out", out, "--overwrite")[0] == 0
-    assert (out / "fusion.json").is_file() and not (out / "precious.txt").exists()
+    assert (out / "fusion.json").is_file()
 
 
 def test_damaged_fused_directory(capsys, model_dir, tmp_path):

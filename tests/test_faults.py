@@ -181,13 +181,13 @@ def test_resume_after_a_killed_finetune_ends_where_an_uninterrupted_run_ends(cap
 # export in a child that hangs after writing its first shard
 HANGING_EXPORT = """
 import sys, time
-import mlp_fusion.streaming as streaming
-close = streaming.ShardWriter.close
+import mlp_fusion.shard_io as shard_io
+close = shard_io.ShardWriter.close
 def slow(self):
     close(self)
     print("written", flush=True)
     time.sleep(600)
-streaming.ShardWriter.close = slow
+shard_io.ShardWriter.close = slow
 from mlp_fusion.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -12,7 +12,7 @@ from tiny_models import build, inputs, outputs, save_tokenizer, write_sentiment_
 
 from mlp_fusion import from_pretrained
 from mlp_fusion.cli import main
-from mlp_fusion.fuse import fusion_records
+from mlp_fusion.records import fusion_records
 
 FAST = ["--lr", "1e-2", "--batch-size", "16", "--max-length", "32", "--warmup-ratio", "0"]
 

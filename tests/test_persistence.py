@@ -8,7 +8,8 @@ from tiny_models import build, inputs, outputs
 
 import mlp_fusion
 from mlp_fusion import FusionConfig, UserError, fuse
-from mlp_fusion.persistence import FUSION_FILE, WEIGHTS_FILE
+from mlp_fusion.checkpoint_files import WEIGHTS_FILE
+from mlp_fusion.persistence import FUSION_FILE
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from tiny_models import build, save_tokenizer
 
 from mlp_fusion import FusionConfig, from_pretrained, fuse
 from mlp_fusion.cli import main
-from mlp_fusion.fuse import fusion_records
+from mlp_fusion.records import fusion_records
 from mlp_fusion.persistence import FUSION_FILE
 from mlp_fusion.recipes import RECIPES, SAMPLES_FILE
 

@@ -10,7 +10,7 @@ from tiny_models import FAMILIES, build, inputs, outputs
 import mlp_fusion
 from mlp_fusion.calibration import ModelRuns
 from mlp_fusion.cli import main
-from mlp_fusion.persistence import INDEX_FILE, WEIGHTS_FILE
+from mlp_fusion.checkpoint_files import INDEX_FILE, WEIGHTS_FILE
 
 
 def run(capsys, *args):

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import build, save_tokenizer
 
@@ -40,3 +39,118 @@ def test_an_encoder_without_its_pretraining_head_still_loads_bare(tmp_path, cli)
     code, _, err = cli("compress", tmp_path / "base", "--ratio", "0.5", "--out", tmp_path / "out")
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "fusion.json").read_text())["architecture"] == "MPNetModel"
+
+
+LONG_TEXT = " ".join(["the movie was very good and the plot was quite nice"] * 8)  # about 90 tokens
+
+
+def _short_gpt2(path) -> int:
+    """A GPT-2 with 32 positions and a tokenizer; returns the position limit."""
+    model = build("gpt2")
+    model.save_pretrained(path)
+    save_tokenizer(path)
+    return model.config.n_positions
+
+
+@pytest.mark.parametrize("where", [[], ["--in-memory"]])
+def test_calibration_text_longer_than_the_positions_is_cut_to_them(tmp_path, cli, where):
+    limit = _short_gpt2(tmp_path / "base")
+    (tmp_path / "texts.txt").write_text(LONG_TEXT + "\nthe film was good\n")
+    code, _, err = cli(
+        "compress", tmp_path / "base", "--ratio", "0.5", "--calibration", tmp_path / "texts.txt",
+        "--out", tmp_path / "out", *where,
+    )  # fmt: skip
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "out" / "fusion.json").read_text())["recipe"]["calibration"]
+    assert recorded["max_length"] == limit and recorded["texts"] == 2
+
+
+def test_the_default_recipe_samples_no_more_tokens_than_the_positions_hold(tmp_path, cli):
+    limit = _short_gpt2(tmp_path / "base")
+    code, _, err = cli("compress", tmp_path / "base", "--ratio", "0.5", "--out", tmp_path / "out")
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "out" / "fusion.json").read_text())["recipe"]["calibration"]
+    assert recorded["source"] == "sampled" and recorded["new_tokens"] == limit - 1
+
+
+def test_roberta_positions_start_after_the_padding_index():
+    from transformers import RobertaConfig, RobertaForCausalLM
+
+    from mlp_fusion.batches import position_limit
+    from mlp_fusion.diagnostics.perplexity import perplexity
+    from mlp_fusion.loading import load_tokenizer
+
+    config = RobertaConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
+        max_position_embeddings=40, is_decoder=True,
+    )  # fmt: skip
+    model = RobertaForCausalLM(config).eval()
+    assert position_limit(model) == 40 - config.pad_token_id - 1
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_tokenizer(Path(folder))
+        tokenizer = load_tokenizer(Path(folder))
+    result = perplexity(model, tokenizer, [LONG_TEXT])
+    assert result["max_length"] == 38 and result["tokens"] == 37
+
+
+def test_finetune_records_the_calibration_texts_it_used(tmp_path, cli):
+    from tiny_models import write_data_to_text_task
+
+    build("llama").save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    write_data_to_text_task(tmp_path / "data", train=32, dev=4)
+    code, _, err = cli(
+        "finetune", tmp_path / "base", "--task", "text2text", "--source-column", "mr", "--target-column", "text", "--data", tmp_path / "data", "--ratio", "0.5",
+        "--epochs", "1", "--batch-size", "16", "--out", tmp_path / "run",
+    )  # fmt: skip
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "run" / "fusion.json").read_text())["recipe"]["calibration"]
+    assert recorded["source"] == "task" and recorded["texts"] == 32
+
+
+def test_a_reloaded_and_resaved_model_keeps_its_recipe_and_samples(tmp_path, cli):
+    from mlp_fusion import from_pretrained, save_pretrained
+
+    build("llama").save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    assert cli("compress", tmp_path / "base", "--ratio", "0.5", "--out", tmp_path / "a")[0] == 0
+    save_pretrained(from_pretrained(tmp_path / "a"), tmp_path / "b")
+    for name in ("fusion.json", "calibration-samples.txt"):
+        first, again = ((tmp_path / d / name).read_text() for d in ("a", "b"))
+        if name == "fusion.json":
+            first, again = (json.loads(text)["recipe"] for text in (first, again))
+        assert first == again
+
+
+def test_sampled_calibration_does_not_depend_on_the_models_generation_config(tmp_path, cli):
+    from transformers import GenerationConfig
+
+    build("llama").save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    assert cli("compress", tmp_path / "base", "--ratio", "0.5", "--out", tmp_path / "a")[0] == 0
+    GenerationConfig(temperature=0.3, repetition_penalty=1.5, do_sample=True).save_pretrained(
+        tmp_path / "base"
+    )
+    assert cli("compress", tmp_path / "base", "--ratio", "0.5", "--out", tmp_path / "b")[0] == 0
+    samples = [(tmp_path / d / "calibration-samples.txt").read_text() for d in ("a", "b")]
+    assert samples[0] == samples[1]
+
+
+def test_the_default_uses_the_bos_id_the_models_config_gives(tmp_path, cli):
+    """A tokenizer that names no BOS or EOS token, with a model config that gives their ids."""
+    import transformers as tf
+
+    model = build("llama")
+    model.save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "base")
+    tokenizer.bos_token, tokenizer.eos_token = None, None
+    tokenizer.save_pretrained(tmp_path / "base")
+    assert tf.AutoTokenizer.from_pretrained(tmp_path / "base").bos_token_id is None
+    code, _, err = cli("compress", tmp_path / "base", "--ratio", "0.5", "--out", tmp_path / "out")
+    assert code == 0, err
+    fusion = json.loads((tmp_path / "out" / "fusion.json").read_text())
+    assert fusion["recipe"]["name"] == "calibrated" and fusion["recipe"]["calibration"]["texts"] > 0

@@ -5,11 +5,13 @@ from .config import FusionConfig
 from .errors import UserError
 from .exporting import export
 from .families import find_sites
-from .fuse import FusionReport, fuse
+from .fuse import fuse
 from .kmeans import KMeans, k_means
 from .methods import METHODS
 from .persistence import from_pretrained, save_pretrained
+from .records import FusionReport
 from .upcycle import upcycle
+from .version import __version__
 
 
 def __getattr__(name: str):
@@ -25,8 +27,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mlp_fusion' has no attribute {name!r}")
 
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
     "METHODS",
     "Compressed",
     "FusionConfig",

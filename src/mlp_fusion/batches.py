@@ -105,3 +105,30 @@ def model_inputs(model: nn.Module, batch: dict) -> dict:
     if getattr(model.config, "is_encoder_decoder", False):
         return {**batch, "decoder_input_ids": batch["input_ids"]}
     return batch
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest input the model's positions allow, where its config says (None: no fixed limit).
+
+    Models whose position ids start after the padding index (RoBERTa, MPNet: ``padding_idx + 1``) have that
+    many fewer positions than their table holds.
+    """
+    limit = next(
+        (value for name in ("max_position_embeddings", "n_positions")
+         if isinstance(value := getattr(model.config, name, None), int) and value > 0),
+        None,
+    )  # fmt: skip
+    for module in model.modules():
+        table = getattr(module, "position_embeddings", None)
+        if isinstance(table, nn.Embedding) and table.padding_idx is not None:
+            offset_limit = table.num_embeddings - table.padding_idx - 1
+            limit = offset_limit if limit is None else min(limit, offset_limit)
+    return limit
+
+
+def fit_to_positions(batch: dict, model: nn.Module) -> dict:
+    """A right-padded batch cut to the model's position limit (its longest rows lose their last tokens)."""
+    limit = position_limit(model)
+    if limit is None or batch["input_ids"].shape[1] <= limit:
+        return batch
+    return {key: value[:, :limit] if value.dim() == 2 else value for key, value in batch.items()}

@@ -15,7 +15,8 @@ from pathlib import Path
 from . import recipes
 from .config import FusionConfig
 from .errors import UserError
-from .fuse import FusionReport, fuse
+from .fuse import fuse
+from .records import FusionReport
 
 
 @dataclass
@@ -69,62 +70,82 @@ def compress(
     model loaded whole, released before fusing) unless ``verify`` is set or ``in_memory`` is asked for;
     ``.streamed`` says which.
     """
-    from .loading import LoadSettings, has_tokenizer_files, is_fused, load_model, resolve
+    from .checkpoint_files import check_writable
+    from .loading import LoadSettings, is_fused, resolve
 
     say = progress or (lambda message: None)
     settings = LoadSettings(dtype=dtype, device=device)
+    if calibration_samples < 1 or max_length < 1:
+        raise UserError("calibration_samples and max_length must be at least 1")
     path = resolve(str(source))
-    chosen = recipes.choose_recipe(recipe, recipes.source_config(source, path))
-    if (
-        recipe == "auto"
-        and chosen.calibrate
-        and calibration_texts is None
-        and not (path is None or has_tokenizer_files(path))
-    ):
-        say("recipe paper: this model has no tokenizer to sample calibration texts with")
-        chosen = recipes.RECIPES["paper"]
+    chosen = _recipe(recipe, source, path, calibration_texts is not None, say)
     if config is None:
         config = FusionConfig(**recipes.apply_recipe(chosen, config_fields))
     elif config_fields:
         raise UserError("give a FusionConfig or its fields, not both")
-    if calibration_samples < 1 or max_length < 1:
-        raise UserError("calibration_samples and max_length must be at least 1")
-    if out is not None:
-        from .checkpoint_files import check_writable
-
-        check_writable(out, overwrite)
-    whole = in_memory or out is None or path is None or is_fused(path)
+    job = _Job(
+        source, path, None if out is None else Path(out), config, chosen, settings, calibration_texts,
+        calibration_samples, max_length, overwrite, say,
+    )  # fmt: skip
+    if job.out is not None:
+        check_writable(job.out, overwrite)
+    whole = in_memory or job.out is None or path is None or is_fused(path)
     if not (whole or verify):
-        # the model loaded whole only to sample, and released before the first layer is read
-        load = lambda: load_model(str(path), settings)  # noqa: E731
-        texts, record = _chosen_texts(chosen, calibration_texts, calibration_samples, max_length, load, say)
-        done = _streamed(
-            path, Path(out), config, settings, chosen, texts, record, max_length, overwrite, shard_bytes, say
-        )
-        if done is not None:
-            return Compressed(str(path), done, chosen.name, True, Path(out))
+        streamed = _streamed(job, shard_bytes)
+        if streamed is not None:
+            return streamed
     elif verify and not whole:
         say("fusing in memory: --verify needs the whole model")
-    return _in_memory(
-        source, out, config, chosen, settings, calibration_texts, calibration_samples, max_length,
-        overwrite=overwrite, verify=verify, say=say,
-    )  # fmt: skip
+    return _in_memory(job, verify)
 
 
-def _chosen_texts(recipe, texts, samples: int, max_length: int, load, say):
+@dataclass
+class _Job:
+    """What one :func:`compress` call decided before any model is loaded."""
+
+    source: str | Path
+    path: Path | None  # the local directory, None for a hub id
+    out: Path | None
+    config: FusionConfig
+    recipe: recipes.Recipe
+    settings: object  # LoadSettings
+    texts: list[str] | None  # calibration texts given by the caller
+    samples: int
+    max_length: int
+    overwrite: bool
+    say: Callable[[str], None]
+
+
+def _recipe(name: str, source, path: Path | None, texts_given: bool, say) -> recipes.Recipe:
+    """The recipe ``name`` asks for; ``auto`` falls back to ``paper`` (and says so) for a local model with
+    no tokenizer to sample calibration texts with."""
+    from .loading import has_tokenizer_files
+
+    chosen = recipes.choose_recipe(name, recipes.source_config(source, path))
+    if name == "auto" and chosen.calibrate and not texts_given and path is not None:
+        if not has_tokenizer_files(path):
+            say("recipe paper: this model has no tokenizer to sample calibration texts with")
+            return recipes.RECIPES["paper"]
+    return chosen
+
+
+def _chosen_texts(job: _Job, load) -> tuple[list[str] | None, dict | None]:
     """The calibration texts and their record for ``fusion.json``: the given ones, or (the recipe's
     default) texts sampled from the model ``load()`` gives; (None, None) for a data-free recipe."""
-    if texts is not None:
-        used = texts[:samples]
-        return used, {"source": "given", "max_length": max_length, "texts": len(used)}
-    if not recipe.calibrate:
+    if job.texts is not None:
+        used = job.texts[: job.samples]
+        return used, {"source": "given", "max_length": job.max_length, "texts": len(used)}
+    if not job.recipe.calibrate:
         return None, None
-    say(f"recipe {recipe.name}: sampling {recipe.sampling.count} calibration texts from the model")
+    job.say(
+        f"recipe {job.recipe.name}: sampling {job.recipe.sampling.count} calibration texts from the model"
+    )
     loaded = load()
     if loaded.tokenizer is None:
         raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
-    used = recipes.sample_texts(loaded.model, loaded.tokenizer, recipe.sampling)[:samples]
-    return used, recipes.sampled_calibration(recipe.sampling, max_length, len(used))
+    sampling = recipes.fitted_sampling(job.recipe.sampling, loaded.model)
+    used = recipes.sample_texts(loaded.model, loaded.tokenizer, sampling)[: job.samples]
+    return used, recipes.sampled_calibration(sampling, job.max_length, len(used))
 
 
 def _sampled(record: dict | None, texts):
@@ -132,64 +153,63 @@ def _sampled(record: dict | None, texts):
     return texts if record is not None and record["source"] == "sampled" else None
 
 
-def _streamed(
-    path: Path, out: Path, config, settings, recipe, texts, record, max_length, overwrite, shard_bytes, say
-) -> FusionReport | None:
+def _calibration(job: _Job, tokenizer, texts: list[str] | None) -> dict | None:
     from .calibration import calibration_batch
-    from .loading import load_tokenizer
+
+    if texts is None:
+        return None
+    if tokenizer is None:
+        raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
+    return calibration_batch(tokenizer, texts, None, job.max_length)
+
+
+def _streamed(job: _Job, shard_bytes: int) -> Compressed | None:
+    """Fuse the local checkpoint layer by layer into ``job.out``; None when it cannot be streamed."""
+    from .loading import load_model, load_tokenizer
     from .streaming import NotStreamable, fuse_checkpoint
 
-    tokenizer = load_tokenizer(path)
-    batch = None
-    if texts is not None:
-        if tokenizer is None:
-            raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
-        batch = calibration_batch(tokenizer, texts, None, max_length)
+    # the model loaded whole only to sample, and released before the first layer is read
+    texts, record = _chosen_texts(job, lambda: load_model(str(job.path), job.settings))
+    tokenizer = load_tokenizer(job.path)
+    batch = _calibration(job, tokenizer, texts)
     samples = _sampled(record, texts)
     try:
-        say(f"fusing {path} layer by layer into {out}")
-        return fuse_checkpoint(
-            path, out, config, dtype=settings.torch_dtype(), device=settings.torch_device(),
-            tokenizer=tokenizer, overwrite=overwrite, shard_bytes=shard_bytes, progress=say, calibration=batch,
-            annotate=lambda model: recipes.record(model, recipe, record, samples),
+        job.say(f"fusing {job.path} layer by layer into {job.out}")
+        report = fuse_checkpoint(
+            job.path, job.out, job.config, dtype=job.settings.torch_dtype(),
+            device=job.settings.torch_device(), tokenizer=tokenizer, overwrite=job.overwrite,
+            shard_bytes=shard_bytes, progress=job.say, calibration=batch,
+            annotate=lambda model: recipes.record(model, job.recipe, record, samples),
         )  # fmt: skip
     except NotStreamable as reason:
-        say(f"fusing in memory: this checkpoint cannot be streamed ({reason})")
+        job.say(f"fusing in memory: this checkpoint cannot be streamed ({reason})")
         return None
+    return Compressed(str(job.path), report, job.recipe.name, True, job.out)
 
 
-def _in_memory(
-    source, out, config, recipe, settings, texts, samples, max_length, *, overwrite, verify, say
-) -> Compressed:
+def _in_memory(job: _Job, verify: bool) -> Compressed:
     from .batches import probe_batch
-    from .calibration import calibration_batch
     from .loading import load_model
     from .persistence import from_pretrained, save_pretrained
     from .verification import compare, main_output
 
-    say(f"loading {source}")
-    loaded = load_model(str(source), settings)
+    job.say(f"loading {job.source}")
+    loaded = load_model(str(job.source), job.settings)
     model, tokenizer = loaded.model, loaded.tokenizer
     if verify:
         batch = probe_batch(model, tokenizer)
         original = main_output(model, batch)
-    used, record = _chosen_texts(recipe, texts, samples, max_length, lambda: loaded, say)
-    calibration = None
-    if used is not None:
-        if tokenizer is None:
-            raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
-        calibration = calibration_batch(tokenizer, used, None, max_length)
-    recipes.record(model, recipe, record, _sampled(record, used))
-    report = fuse(model, config, progress=say, calibration=calibration)
-    result = Compressed(
-        loaded.source, report, recipe.name, False, Path(out) if out else None, model, tokenizer
-    )
+    used, record = _chosen_texts(job, lambda: loaded)
+    calibration = _calibration(job, tokenizer, used)
+    recipes.record(model, job.recipe, record, _sampled(record, used))
+    report = fuse(model, job.config, progress=job.say, calibration=calibration)
+    result = Compressed(loaded.source, report, job.recipe.name, False, job.out, model, tokenizer)
     if verify:
         fused = main_output(model, batch)
         result.verify["fused_vs_original"] = compare(original, fused, batch["attention_mask"])
-    if out is not None:
-        save_pretrained(model, out, tokenizer, overwrite=overwrite)
+    if job.out is not None:
+        save_pretrained(model, job.out, tokenizer, overwrite=job.overwrite)
         if verify:
-            reloaded = main_output(from_pretrained(out, device=settings.torch_device()), batch)
+            reloaded = main_output(from_pretrained(job.out, device=job.settings.torch_device()), batch)
             result.verify["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
     return result

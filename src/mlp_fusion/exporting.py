@@ -14,9 +14,9 @@ from torch.nn.utils import parametrize
 from .checkpoint_files import atomic_directory, write_side_files
 from .errors import UserError
 from .families import find_sites
-from .fuse import RECORD_ATTR, fusion_records
 from .parametrizations import plain_forward
 from .persistence import check_fused_format
+from .records import RECORD_ATTR, fusion_records
 
 EXPORT_NOTE_FILE = "mlp_fusion_export.json"
 

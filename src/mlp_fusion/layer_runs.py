@@ -6,7 +6,7 @@ recorder, which keeps the arguments the model gives that layer (attention masks,
 windows, routing flags) and passes its input on. Then each layer, read from the checkpoint when its turn
 comes, runs on the hidden states the layer before it produced, with its recorded arguments: the model's
 layers run as the model runs them, and attention is never re-implemented. A layer whose MLPs are chosen is
-fused on those runs (:func:`mlp_fusion.fuse`, exactly as in memory), and its fused outputs are what the next
+fused on those runs (:func:`mlp_fusion.site_fusion.fuse_sites`, exactly as in memory), and its fused outputs are what the next
 layer sees, as they are when the whole model is fused in memory.
 """
 
@@ -22,7 +22,8 @@ from torch import nn
 from .calibration import calibration_inputs, micro_batches
 from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
-from .fuse import FusionReport, LayerReport, fuse, fusion_records, record_layers
+from .records import FusionReport, LayerReport, fusion_records, record_layers
+from .site_fusion import fuse_sites
 from .sites import MlpSite
 
 
@@ -154,9 +155,7 @@ class LayerWalk:
             site = self.groups[index][0]
             reference = f"{site.stack}:{site.layer}" if site.stack else site.layer
             runs = LayerRuns(self.model, layer, index, self.parts)
-            rows = fuse(
-                self.model, replace(config, layers=[reference]), progress=progress, calibration=runs
-            ).layers
+            rows = fuse_sites(self.model, replace(config, layers=[reference]), progress, runs).layers
         if index < self.last:
             self._carry(layer, index)
         return rows

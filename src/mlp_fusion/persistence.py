@@ -18,15 +18,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
-from .checkpoint_files import (  # noqa: F401  (also importable from here, their former home)
-    ALIGNMENT,
+from .checkpoint_files import (
     DTYPES,
-    INDEX_FILE,
     WEIGHTS_FILE,
     aligned,
     atomic_directory,
-    check_writable,
-    clean_interrupted,
     materialise_derived_buffers,
     meta_model,
     resolve_dtype,
@@ -36,11 +32,13 @@ from .checkpoint_files import (  # noqa: F401  (also importable from here, their
 )
 from .errors import UserError, first_line
 from .families import find_sites
-from .fuse import RECORD_ATTR, SiteRecord, fusion_records
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
 from .parametrizations import has_input_scales
 from .recipes import RECIPE_ATTR, SAMPLES_FILE
+from .records import RECORD_ATTR, SiteRecord, fusion_records
 from .sites import MlpSite
+from .textfiles import read_text
+from .version import __version__
 
 FORMAT_VERSION = 1
 FUSION_FILE = "fusion.json"
@@ -84,8 +82,6 @@ def _write_fused(model: nn.Module, directory: Path, tokenizer) -> None:
 
 def write_description(model: nn.Module, directory: Path, tokenizer) -> None:
     """Everything of a fused checkpoint but its tensors: configs, tokenizer, ``fusion.json``."""
-    from . import __version__
-
     records = fusion_records(model)
     fusion = {
         "format_version": FORMAT_VERSION,
@@ -151,7 +147,18 @@ def fused_skeleton(
         if record.rank is not None:
             attach_low_rank(site, record.rank, decompose=False)
     setattr(model, RECORD_ATTR, records)
+    _restore_recipe(model, directory, fusion)
     return model, list(sites.values())
+
+
+def _restore_recipe(model: nn.Module, directory: Path, fusion: dict) -> None:
+    """The recipe record (and sampled texts) ``fusion.json`` holds, kept so that a re-save writes them."""
+    recipe = fusion.get("recipe")
+    if not isinstance(recipe, dict):
+        return
+    samples = directory / SAMPLES_FILE
+    texts = read_text(samples, "calibration samples").splitlines() if samples.is_file() else None
+    setattr(model, RECIPE_ATTR, {**recipe, "samples": texts})
 
 
 def _architecture(directory: Path, fusion: dict) -> tuple[type, transformers.PretrainedConfig]:
@@ -252,20 +259,3 @@ def _valid_site(site: object) -> bool:
         and isinstance(site.get("scaled", False), bool)
         and (site.get("rank") is None or isinstance(site["rank"], int) and site["rank"] >= 1)
     )
-
-
-def __getattr__(name: str):
-    # export's names lived here before :mod:`mlp_fusion.exporting`, which builds on this module
-    if name in (
-        "export",
-        "folded_copy",
-        "export_widths",
-        "set_widths",
-        "export_notes",
-        "save_plain",
-        "EXPORT_NOTE_FILE",
-    ):
-        from . import exporting
-
-        return getattr(exporting, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -219,8 +219,9 @@ def _fusion(args: argparse.Namespace, path: Path | None, fused_input: bool):
 def _prepare(args: argparse.Namespace, plan: _Plan):
     """The task's job (data and model loaded), fused by the plan; the parameter count before fusion, and
     the unfused copy that layer-wise tuning or a teacher needs."""
-    from ..fuse import count_parameters, fuse
+    from ..fuse import fuse
     from ..recipes import record as record_recipe
+    from ..records import count_parameters
     from ..training.jobs import load_job
 
     settings = plan.settings
@@ -234,7 +235,8 @@ def _prepare(args: argparse.Namespace, plan: _Plan):
     if plan.config is not None:
         texts, pairs = job.distill_texts if plan.calibrate else (None, None)
         calibration = calibration_inputs(args, job.loaded.tokenizer, texts, pairs)
-        source = {"source": "task", "max_length": args.max_length, "texts": args.calibration_samples}
+        used = len(calibration["input_ids"]) if calibration else 0
+        source = {"source": "task", "max_length": args.max_length, "texts": used}
         record_recipe(model, plan.recipe, source if calibration else None, None)
         fuse(model, plan.config, progress=log, calibration=calibration)
     return job, params_before, original
@@ -291,7 +293,7 @@ def _train(args: argparse.Namespace, plan: _Plan, job, original):
 
 def _finish(args, plan: _Plan, job, outcome: dict, distilled, params_before: int, trainable: int) -> None:
     """Merge adapters, save the model and the run's files, report."""
-    from ..fuse import count_parameters, fusion_records
+    from ..records import count_parameters, fusion_records
     from ..training.lora import merge_lora
 
     model = merge_lora(outcome["model"]) if plan.lora else outcome["model"]

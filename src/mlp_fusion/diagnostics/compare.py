@@ -9,7 +9,8 @@ from collections.abc import Callable
 from torch import nn
 
 from ..config import FusionConfig, parse_layers
-from ..fuse import count_parameters, fuse
+from ..fuse import fuse
+from ..records import count_parameters
 from .kernels import KERNELS, empirical_kernels, kernel_error
 from .outputs import output_errors
 from .parameters import kernel_modules

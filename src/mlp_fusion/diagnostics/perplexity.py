@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..batches import pad_right
+from ..batches import pad_right, position_limit
 from ..errors import UserError
 from ..recipes import is_causal_lm_class
 
@@ -19,16 +19,6 @@ def has_lm_head(model: nn.Module) -> bool:
         and hasattr(model, "get_output_embeddings")
         and model.get_output_embeddings() is not None
     )
-
-
-def position_limit(model: nn.Module) -> int | None:
-    """The longest input the model's positions allow, where its config says (None: no fixed limit)."""
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 @torch.no_grad()

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from ..config import FusionConfig
+
+class MethodSettings(Protocol):
+    """What a method reads of its settings (:class:`mlp_fusion.FusionConfig` has all of it): methods depend on
+    this, not on the config, which sits above them."""
+
+    seed: int
+    n_init: int
+    max_iter: int
+    hartigan_rounds: int
+    keep_fraction: float
+    canonical: bool
 
 
 @dataclass
@@ -109,7 +118,7 @@ def join_results(parts: list[MethodResult]) -> MethodResult:
     return MethodResult(sub, scale, first.rank, inertia)
 
 
-Method = Callable[[SubMlps, int, "FusionConfig"], MethodResult]
+Method = Callable[[SubMlps, int, MethodSettings], MethodResult]
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,7 @@ class RegisteredMethod:
     clusters: bool = False  # runs k-means: keeps neurons, chunks a layer's experts to fit in memory
     exact_at_full_width: bool = True  # at ratio 1.0 the model computes what it did
 
-    def __call__(self, sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+    def __call__(self, sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
         return self.fn(sub, width, config)
 
 

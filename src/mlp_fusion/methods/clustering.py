@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..kmeans import k_means
-from .base import MethodResult, SubMlps, register
+from .base import MethodResult, MethodSettings, SubMlps, register
 from .pruning import kept_count, split_top
 from .symmetry import canonicalise, restore
-
-if TYPE_CHECKING:
-    from ..config import FusionConfig
-
 
 # The methods below: k-means on each expert's sub-MLPs on its own, so a layer's experts can be fused in chunks.
 CLUSTERING_METHODS = ("fusion", "fold", "cluster")  # kept for old imports: the registry's ``clusters`` trait
 
 
-def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def cluster_sub_mlps(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     """Fusion's result: k-means centroids (of canonical sub-MLPs unless ``config.canonical`` is off) with
     the cluster sizes as their scale. With ``config.keep_fraction``, that share of the width goes to the
     top-scored neurons, kept exactly (clusters of one), and k-means fills the rest from the other neurons."""
@@ -32,7 +26,7 @@ def cluster_sub_mlps(sub: SubMlps, width: int, config: FusionConfig) -> MethodRe
     return MethodResult(kept.joined(fused.sub), torch.cat([ones, fused.scale], dim=1), inertia=fused.inertia)
 
 
-def _k_means_fusion(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def _k_means_fusion(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     factors, first_expert = None, sub.first_expert
     if config.canonical:
         sub, factors = canonicalise(sub)
@@ -57,12 +51,12 @@ def _k_means_fusion(sub: SubMlps, width: int, config: FusionConfig) -> MethodRes
 @register(
     "fusion", "k-means centroids with the cluster sizes as a fixed, separate scale (the paper)", clusters=True
 )
-def fusion(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def fusion(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     return cluster_sub_mlps(sub, width, config)
 
 
 @register("fold", "k-means centroids, cluster sizes folded into the output weights", clusters=True)
-def fold(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def fold(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     fused = cluster_sub_mlps(sub, width, config)
     sizes = fused.scale.to(fused.sub.output.dtype).unsqueeze(-1)
     return MethodResult(
@@ -75,7 +69,7 @@ def fold(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
     "k-means centroids, sqrt(cluster size) folded into the last input and the output projection",
     clusters=True,
 )
-def cluster(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def cluster(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     fused = cluster_sub_mlps(sub, width, config)
     centroids = fused.sub
     # sqrt(n) on (w_in, b_in) and w_out, or on up and down of a gated MLP (never inside the gate's

@@ -8,14 +8,9 @@ that is its fixed scale, kept apart from the weights as fusion keeps the cluster
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .base import MethodResult, SubMlps, register
-
-if TYPE_CHECKING:
-    from ..config import FusionConfig
+from .base import MethodResult, MethodSettings, SubMlps, register
 
 STEPS = 200
 BANDWIDTH_SAMPLE = 512
@@ -42,7 +37,7 @@ def median_bandwidth(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 
 
 @register("mmd", "learned vectors matching the sub-MLP distribution by MMD, each with the fixed scale D/c")
-def mmd(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def mmd(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     rows = sub.rows().float()
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + sub.stream)
     bandwidth = median_bandwidth(rows, generator)

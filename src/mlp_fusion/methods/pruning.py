@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .base import MethodResult, SubMlps, register
-
-if TYPE_CHECKING:
-    from ..config import FusionConfig
+from .base import MethodResult, MethodSettings, SubMlps, register
 
 
 def top_neurons(sub: SubMlps, count: int) -> torch.Tensor:
@@ -34,5 +29,5 @@ def split_top(sub: SubMlps, count: int) -> tuple[SubMlps, SubMlps]:
 
 
 @register("prune", "keep the neurons with the largest ||w_in|| * ||w_out||, drop the rest")
-def prune(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def prune(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     return MethodResult(gather_neurons(sub, top_neurons(sub, width)))

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .base import MethodResult, SubMlps, register
+from .base import MethodResult, MethodSettings, SubMlps, register
 from .pruning import kept_count, split_top
-
-if TYPE_CHECKING:
-    from ..config import FusionConfig
 
 
 @register(
@@ -18,7 +13,7 @@ if TYPE_CHECKING:
     "Gaussian sketch S (D x c, N(0, 1/c)): W_in' = S^T W_in, W_out' = W_out S",
     exact_at_full_width=False,  # a random projection even at full width
 )
-def sketch(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def sketch(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     keep = kept_count(width, config.keep_fraction)
     kept, rest = split_top(sub, keep) if keep else (None, sub)
     columns = width - keep

@@ -6,12 +6,7 @@ r is chosen so that the MLP's parameter count matches what fusion would have at 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .base import MethodResult, SubMlps, register
-
-if TYPE_CHECKING:
-    from ..config import FusionConfig
+from .base import MethodResult, MethodSettings, SubMlps, register
 
 
 def matched_rank(sub: SubMlps, width: int) -> int:
@@ -30,5 +25,5 @@ def matched_rank(sub: SubMlps, width: int) -> int:
     "keep the width, factorise each weight matrix at the rank that matches fusion's parameters",
     exact_at_full_width=False,  # the matched rank stays below full rank
 )
-def svd(sub: SubMlps, width: int, config: FusionConfig) -> MethodResult:
+def svd(sub: SubMlps, width: int, config: MethodSettings) -> MethodResult:
     return MethodResult(sub, rank=matched_rank(sub, width))

@@ -14,7 +14,6 @@ from torch import nn
 
 from ..errors import UserError, first_line
 from ..families import find_sites
-from ..fuse import RECORD_ATTR, fusion_records
 from ..loading import (
     LoadedModel,
     LoadSettings,
@@ -25,6 +24,7 @@ from ..loading import (
     transformers_options,
     with_pad_token,
 )
+from ..records import RECORD_ATTR, fusion_records
 from .tasks import Task
 
 

@@ -17,7 +17,7 @@ from ..batches import model_inputs
 from ..diagnostics.parameters import module_tensors, site_modules
 from ..errors import UserError
 from ..families import find_sites
-from ..fuse import fusion_records
+from ..records import fusion_records
 
 
 def fused_tensors(model: nn.Module) -> list[nn.Parameter]:

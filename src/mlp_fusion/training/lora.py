@@ -16,8 +16,8 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UserError, first_line
-from ..fuse import fusion_records
 from ..parametrizations import INPUT_SCALE, scale_input, scales_to_inputs, scales_to_weights
+from ..records import fusion_records
 
 
 @dataclass
