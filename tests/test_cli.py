@@ -174,6 +174,26 @@ def test_damaged_fused_directory(capsys, model_dir, tmp_path):
     assert not (tmp_path / "plain").exists()
 
 
+@pytest.mark.parametrize(
+    "family, number", [("bert", "embedding_cosine_mean"), ("llama", "next_token_agreement")]
+)
+def test_verify_reports_in_the_terms_of_the_models_job(capsys, tmp_path, family, number):
+    """An encoder's sentence embeddings, a language model's next token: the same at full width (fusion is
+    exact there), less so at half, and said in those words."""
+    build(family).save_pretrained(tmp_path / "model")
+    seen = {}
+    for ratio in ("1.0", "0.5"):
+        code, stdout, stderr = run(
+            capsys, "compress", tmp_path / "model", "--ratio", ratio, "--verify", "--json"
+        )
+        assert code == 0, stderr
+        seen[ratio] = json.loads(stdout)["verify"]["fused_vs_original"][number]
+    assert seen["1.0"] == pytest.approx(1.0, abs=1e-6) and seen["0.5"] < seen["1.0"]
+    code, stdout, _ = run(capsys, "compress", tmp_path / "model", "--ratio", "0.5", "--verify")
+    words = "sentence-embedding cosine" if family == "bert" else "same next token at"
+    assert code == 0 and words in stdout
+
+
 @pytest.mark.slow
 def test_console_script_on_the_bundled_model(tmp_path):
     script = shutil.which("mlp-fusion") or str(
@@ -187,6 +207,7 @@ def test_console_script_on_the_bundled_model(tmp_path):
     assert [r["layer"] for r in report["layers"]] == [2, 3, 4, 5]
     assert {(r["width_before"], r["width_after"]) for r in report["layers"]} == {(1536, 384)}
     assert report["verify"]["reloaded_vs_fused"]["max_abs_diff"] == 0
+    assert 0 < report["verify"]["fused_vs_original"]["embedding_cosine_mean"] < 1  # real weights: not kept
     assert report["params_after"] < report["params_before"]
 
 

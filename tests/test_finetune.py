@@ -374,9 +374,11 @@ def test_two_sharded_processes_train_as_one_process_does(model, task_dir, tmp_pa
     torch.testing.assert_close(outputs(sharded, batch), outputs(single, batch), atol=1e-4, rtol=1e-3)
 
 
-def test_a_fused_checkpoint_is_read_already_sharded_and_trains_as_one_process_does(tmp_path):
+@pytest.mark.parametrize("size, port", [(["--ratio", "0.5"], 29524), (["--width", "11"], 29525)])
+def test_a_fused_checkpoint_is_read_already_sharded_and_trains_as_one_process_does(tmp_path, size, port):
     """finetune FUSED_DIR --fsdp: no process loads the whole model, each reads its own rows of every
-    tensor; the losses, and the gathered checkpoint's outputs, are those of one process reading it whole."""
+    tensor; the losses, and the gathered checkpoint's outputs, are those of one process reading it whole.
+    An odd fused width (11 rows over 2 processes: 6 and 5) checks sizes that do not divide evenly."""
     from tiny_models import write_data_to_text_task
 
     task = tmp_path / "d2t"
@@ -384,16 +386,13 @@ def test_a_fused_checkpoint_is_read_already_sharded_and_trains_as_one_process_do
     source = tmp_path / "tiny-llama"
     build("llama").save_pretrained(source)
     save_tokenizer(source)
-    assert (
-        main(["compress", str(source), "--ratio", "0.5", "--recipe", "paper", "--out", str(tmp_path / "f")])
-        == 0
-    )
+    assert main(["compress", str(source), *size, "--recipe", "paper", "--out", str(tmp_path / "f")]) == 0
     common = [tmp_path / "f", "--task", "text2text", "--source-column", "mr", "--target-column", "text"]
     common += ["--data", task, "--epochs", "1", "--lr", "1e-2", "--max-length", "32", "--warmup-ratio", "0"]
     common += ["--max-new-tokens", "4", "--max-eval-samples", "4"]
     log = []
     one = finetune_processes(1, tmp_path / "one", [*common, "--batch-size", "16"], 0)
-    two = finetune_processes(2, tmp_path / "two", [*common, "--batch-size", "8", "--fsdp"], 29524, log)
+    two = finetune_processes(2, tmp_path / "two", [*common, "--batch-size", "8", "--fsdp"], port, log)
     assert "each process read only its own rows" in log[0]
     assert len(one["losses"]) == len(two["losses"]) == 6  # 96 pairs / 16 per step
     assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-3

@@ -191,7 +191,7 @@ def _in_memory(job: _Job, verify: bool) -> Compressed:
     from .batches import probe_batch
     from .loading import load_model
     from .persistence import from_pretrained, save_pretrained
-    from .verification import compare, main_output
+    from .verification import agreement, compare, main_output
 
     job.say(f"loading {job.source}")
     loaded = load_model(str(job.source), job.settings)
@@ -206,7 +206,7 @@ def _in_memory(job: _Job, verify: bool) -> Compressed:
     result = Compressed(loaded.source, report, job.recipe.name, False, job.out, model, tokenizer)
     if verify:
         fused = main_output(model, batch)
-        result.verify["fused_vs_original"] = compare(original, fused, batch["attention_mask"])
+        result.verify["fused_vs_original"] = agreement(model, original, fused, batch["attention_mask"])
     if job.out is not None:
         save_pretrained(model, job.out, tokenizer, overwrite=job.overwrite)
         if verify:

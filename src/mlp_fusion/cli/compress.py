@@ -92,9 +92,27 @@ def _print_result(result: dict, report, as_json: bool) -> int:
     print(f"{result['model']}: {report.method}, recipe {result['recipe']}")
     print(report.format_table())
     for name, numbers in result.get("verify", {}).items():
-        print(
-            f"{name}: max abs diff {numbers['max_abs_diff']:.3g}, relative error {numbers['relative_error']:.4f}"
-        )
+        print(_verified(name, numbers))
     out = result["out"]
     print(f"saved to {out}" if out else "not saved: pass --out DIR to keep the fused model")
     return 0
+
+
+def _verified(name: str, numbers: dict) -> str:
+    """One line of ``--verify``, in the terms of the model's job where there are some."""
+    if name == "reloaded_vs_fused":
+        same = "identical" if numbers["max_abs_diff"] == 0 else f"max abs diff {numbers['max_abs_diff']:.3g}"
+        return f"reloaded from disk vs fused in memory: {same}"
+    if "next_token_agreement" in numbers:
+        shown = f"same next token at {100 * numbers['next_token_agreement']:.1f}% of positions"
+    elif "embedding_cosine_mean" in numbers:
+        shown = (
+            f"sentence-embedding cosine {numbers['embedding_cosine_mean']:.3f} on average "
+            f"(lowest {numbers['embedding_cosine_min']:.3f})"
+        )
+    else:
+        shown = f"relative error {numbers['relative_error']:.4f}"
+    return (
+        f"fused vs original on the probe sentences: {shown}; fusion keeps the training dynamics, not every "
+        "output: fine-tune the fused model (mlp-fusion finetune) to get its quality back"
+    )
