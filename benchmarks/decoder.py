@@ -37,8 +37,8 @@ from mlp_fusion.batches import probe_batch  # noqa: E402
 from mlp_fusion.calibration import calibration_batch  # noqa: E402
 from mlp_fusion.diagnostics import compare_methods  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
-from mlp_fusion.records import count_parameters  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
+from mlp_fusion.records import count_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"

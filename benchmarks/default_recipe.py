@@ -28,9 +28,9 @@ from decoder import webnlg_texts  # noqa: E402
 
 from mlp_fusion import compress  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
-from mlp_fusion.records import fusion_records  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
 from mlp_fusion.recipes import RECIPE_ATTR, RECIPES  # noqa: E402
+from mlp_fusion.records import fusion_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}

@@ -10,8 +10,8 @@ from tiny_models import FAMILIES, FOODS, NAMES, build, inputs, outputs
 from mlp_fusion import FusionConfig, UserError, find_sites, fuse
 from mlp_fusion.calibration import ModelRuns, _output_of, _run_to_site, calibrate_site, refit_output
 from mlp_fusion.diagnostics import output_errors
-from mlp_fusion.records import fusion_records
 from mlp_fusion.parametrizations import NeuronScale
+from mlp_fusion.records import fusion_records
 
 
 def calibration_batch():

@@ -9,9 +9,9 @@ from tiny_models import build, save_tokenizer
 
 from mlp_fusion import FusionConfig, from_pretrained, fuse
 from mlp_fusion.cli import main
-from mlp_fusion.records import fusion_records
 from mlp_fusion.persistence import FUSION_FILE
 from mlp_fusion.recipes import RECIPES, SAMPLES_FILE
+from mlp_fusion.records import fusion_records
 
 CALIBRATED_RIDGE = RECIPES["calibrated"].ridge
 

@@ -9,8 +9,8 @@ from tiny_models import FAMILIES, build, inputs, outputs
 
 import mlp_fusion
 from mlp_fusion.calibration import ModelRuns
-from mlp_fusion.cli import main
 from mlp_fusion.checkpoint_files import INDEX_FILE, WEIGHTS_FILE
+from mlp_fusion.cli import main
 
 
 def run(capsys, *args):
