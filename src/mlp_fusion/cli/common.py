@@ -55,7 +55,8 @@ def add_config_options(target, config_class: type, names: tuple[str, ...]) -> No
             )
             continue
         shown = "" if field.default is None else f" (default {field.default})"
-        target.add_argument(flag, type=kind, default=field.default, help=help_text + shown)
+        choices = field.metadata.get("choices")
+        target.add_argument(flag, type=kind, default=field.default, choices=choices, help=help_text + shown)
 
 
 def config_values(args: argparse.Namespace, config_class: type) -> dict:

@@ -96,7 +96,7 @@ def add_parser(commands) -> None:
     add_config_options(finetune, LoadSettings, ("device",))
     finetune.set_defaults(dtype="float32")  # training keeps float32 weights
     training = finetune.add_argument_group("training")
-    add_config_options(training, TaskOptions, ("max_train_samples",))
+    add_config_options(training, TaskOptions, ("max_train_samples", "sample_seed"))
     add_config_options(training, TrainSettings, TRAIN_OPTIONS)
     finetune.add_argument("--out", type=Path, help="output directory (default runs/TASK-METHOD-seedN)")
     finetune.add_argument(

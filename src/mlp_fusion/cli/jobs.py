@@ -6,10 +6,10 @@ import argparse
 
 from .common import add_config_options, config_values
 
-# TaskOptions fields both commands take (max_train_samples is finetune's, among its training options)
+# TaskOptions fields both commands take (max_train_samples and sample_seed are finetune's, among its training options)
 SHARED = (
     "data", "train_file", "eval_file", "text_column", "text_pair_column", "label_column", "source_column",
-    "target_column", "max_new_tokens", "num_beams", "max_eval_samples", "max_length",
+    "target_column", "max_new_tokens", "num_beams", "max_eval_samples", "sample", "max_length",
 )  # fmt: skip
 
 

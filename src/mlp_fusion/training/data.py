@@ -13,6 +13,7 @@ import torch
 
 from ..errors import UserError, first_line
 from ..textfiles import read_text, table_rows
+from .subsets import EVAL_SEED, stratified_indices
 from .tasks import Task
 
 EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
@@ -28,11 +29,18 @@ class Examples:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, count: int | None) -> Examples:
+    def subset(self, count: int | None, sample: str, seed: int) -> Examples:
+        """The first ``count`` examples, or (``sample="random"``) ``count`` drawn keeping each label's share
+        (a regression target is not stratified)."""
         if count is None:
             return self
-        pairs = self.pairs[:count] if self.pairs is not None else None
-        return Examples(self.texts[:count], pairs, self.labels[:count], self.source)
+        if sample == "first":
+            chosen = range(min(count, len(self)))
+        else:
+            strata = [label if isinstance(label, int) else 0 for label in self.labels]
+            chosen = stratified_indices(strata, count, seed)
+        pairs = [self.pairs[i] for i in chosen] if self.pairs is not None else None
+        return Examples([self.texts[i] for i in chosen], pairs, [self.labels[i] for i in chosen], self.source)
 
 
 @dataclass
@@ -51,6 +59,8 @@ def load_task_data(
     need_train: bool = True,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    sample: str = "first",
+    sample_seed: int = 0,
 ) -> TaskData:
     """Read the training and evaluation splits of ``task`` from files, or from the hub without any."""
     check_counts(max_train_samples, max_eval_samples)
@@ -74,8 +84,11 @@ def load_task_data(
             )
     if task.labels == ():  # csv: the label names come from the training data
         task = replace(task, labels=_label_names(task, raw_train))
-    train = _examples(task, *raw_train).head(max_train_samples) if raw_train else None
-    evals = {prefix: _examples(task, *rows).head(max_eval_samples) for prefix, rows in raw_evals.items()}
+    train = _examples(task, *raw_train).subset(max_train_samples, sample, sample_seed) if raw_train else None
+    evals = {
+        prefix: _examples(task, *rows).subset(max_eval_samples, sample, EVAL_SEED)
+        for prefix, rows in raw_evals.items()
+    }
     return TaskData(task, train, evals)
 
 

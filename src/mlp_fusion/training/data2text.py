@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
@@ -27,6 +27,13 @@ class Item:
     source: str  # the linearised input
     references: list[str]
     category: str | None = None  # WebNLG: the DBpedia category (seen in training or not)
+    triples: int | None = None  # WebNLG, DART: how many triples the input holds
+    index: int | None = None  # the entry's 0-based position among the file's entries
+
+    @property
+    def stratum(self) -> tuple:
+        """What a stratified draw keeps in proportion (:mod:`mlp_fusion.training.subsets`)."""
+        return (self.category or "", self.triples or 0)
 
     @property
     def seen(self) -> bool | None:
@@ -139,7 +146,7 @@ def _item(path, number, triples, references, category=None) -> Item:
     if not triples or any(len(t) != 3 for t in triples):
         raise UserError(f"{path} entry {number}: every triple needs a subject, a property and an object")
     references = [r.strip() for r in references if isinstance(r, str) and r.strip()]
-    return Item(linearise_triples(triples), references, category)
+    return Item(linearise_triples(triples), references, category, len(triples))
 
 
 def _linearise_mr(path: Path, mr: str) -> str:
@@ -165,7 +172,7 @@ def _field(row: list[str], index: int) -> str:
 
 
 def _non_empty(path: Path, items: list[Item]) -> list[Item]:
-    items = [item for item in items if item.references]
+    items = [replace(item, index=position) for position, item in enumerate(items) if item.references]
     if not items:
         raise UserError(f"{path} has no examples with a reference text")
     return items

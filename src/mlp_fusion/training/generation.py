@@ -6,7 +6,7 @@ decodes one output per input (greedy, or beam search) and compares it with all o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import UserError
 from .data import check_counts, find_split
 from .data2text import Item, format_example
+from .subsets import EVAL_SEED, stratified_indices
 from .tasks import GenerationTask, TaskOptions
 from .text_metrics import generation_scores
 
@@ -54,13 +55,20 @@ def load_generation_data(
     if need_train:
         train = task.read(options.train_file or _split(options, ("train",), "--train-file"), options)
         if options.max_train_samples is not None:
-            train = _first_pairs(train, options.max_train_samples)
+            train = _pairs(train, options.max_train_samples, options.sample, options.sample_seed)
     evaluation = task.read(
         options.eval_file or _split(options, ("dev", "validation"), "--eval-file"), options
     )
     if options.max_eval_samples is not None:
-        evaluation = evaluation[: options.max_eval_samples]
+        evaluation = _items(evaluation, options.max_eval_samples, options.sample)
     return GenerationData(task.name, train, evaluation)
+
+
+def _items(items: list[Item], count: int, sample: str) -> list[Item]:
+    """The first ``count`` items, or ``count`` drawn at random keeping each stratum's share."""
+    if sample == "first":
+        return items[:count]
+    return [items[i] for i in stratified_indices([item.stratum for item in items], count, EVAL_SEED)]
 
 
 def _split(options: TaskOptions, stems: tuple[str, ...], option: str) -> Path:
@@ -151,21 +159,31 @@ def score_generation(model: nn.Module, tokenizer, items: list[Item], **decoding)
             part = generation_scores([outputs[i] for i in chosen], [items[i].references for i in chosen])
             metrics.update({prefix + name: value for name, value in part.items()})
     records = [
-        {"input": item.source, "output": output, "references": item.references, "category": item.category}
+        {
+            "index": item.index,
+            "input": item.source,
+            "output": output,
+            "references": item.references,
+            "category": item.category,
+        }  # fmt: skip
         for item, output in zip(items, outputs)
     ]
     return metrics, records
 
 
-def _first_pairs(items: list[Item], count: int) -> list[Item]:
-    """The leading items holding ``count`` (input, reference) pairs, the last one cut to fit."""
-    kept, left = [], count
-    for item in items:
-        if left <= 0:
-            break
-        kept.append(Item(item.source, item.references[:left], item.category))
-        left -= len(kept[-1].references)
-    return kept
+def _pairs(items: list[Item], count: int, sample: str, seed: int) -> list[Item]:
+    """Items holding ``count`` (input, reference) pairs: the leading ones (the last cut to fit), or pairs
+    drawn at random keeping each stratum's share, grouped back by input."""
+    pairs = [(position, reference) for position, item in enumerate(items) for reference in item.references]
+    if sample == "first":
+        chosen = range(min(count, len(pairs)))
+    else:
+        chosen = stratified_indices([items[position].stratum for position, _ in pairs], count, seed)
+    kept: dict[int, list[str]] = {}
+    for number in chosen:
+        position, reference = pairs[number]
+        kept.setdefault(position, []).append(reference)
+    return [replace(items[position], references=references) for position, references in kept.items()]
 
 
 def generation_inputs(data: GenerationData, tokenizer, max_length: int) -> dict:

@@ -173,7 +173,15 @@ def _score_generation(model: str, name: str, options: TaskOptions, load) -> tupl
 
 def _file_options(options: TaskOptions) -> dict:
     """The keyword arguments of :func:`~mlp_fusion.training.data.load_task_data` that the options give."""
-    names = ("data", "train_file", "eval_file", "max_train_samples", "max_eval_samples")
+    names = (
+        "data",
+        "train_file",
+        "eval_file",
+        "max_train_samples",
+        "max_eval_samples",
+        "sample",
+        "sample_seed",
+    )
     return {name: getattr(options, name) for name in names}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .data2text import Item, read_dart, read_e2e, read_text2text, read_webnlg
+from .subsets import SAMPLES
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,27 @@ class TaskOptions:
     max_new_tokens: int = field(default=64, metadata={"help": "generation tasks: longest output"})
     num_beams: int = field(default=1, metadata={"help": "generation tasks: beam width (1: greedy)"})
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "train on the first N examples only"}
+        default=None, metadata={"help": "train on N examples only (generation tasks: N input-text pairs)"}
     )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "evaluate on the first N examples only"}
+    max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on N examples only"})
+    sample: str = field(
+        default="first",
+        metadata={
+            "help": "how --max-train-samples / --max-eval-samples choose: 'first' (the file's first N) or "
+            "'random' (a seeded draw keeping each category's or label's share; the evaluation draw is "
+            "the same for every --sample-seed)",
+            "choices": SAMPLES,
+        },
     )
+    sample_seed: int = field(default=0, metadata={"help": "seed of the random draw of training examples"})
     max_length: int = field(default=128, metadata={"help": "longest input in tokens"})
 
     def __post_init__(self) -> None:
         for name in ("data", "train_file", "eval_file"):  # the CLI passes strings
             if isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.sample not in SAMPLES:
+            raise UserError(f"unknown sample {self.sample!r}: choose {' or '.join(SAMPLES)}")
 
     def check_decoding(self) -> None:
         if self.max_new_tokens < 1 or self.num_beams < 1:
