@@ -98,3 +98,25 @@ def test_default_recipe_keeps_smollm2_closer_than_the_paper_recipe():
     original = load_model("smollm2")
     base = perplexity(original.model, original.tokenizer, texts)["perplexity"]
     assert base < scores["auto"] < scores["paper"]
+
+
+def test_healing_brings_a_compressed_smollm2_closer_to_the_original_on_texts_it_never_saw(tmp_path):
+    from mlp_fusion import compress
+    from mlp_fusion.batches import PROBE_SENTENCES
+    from mlp_fusion.diagnostics.perplexity import perplexity
+    from mlp_fusion.training.heal import HealSettings
+
+    (tmp_path / "heal.txt").write_text("\n".join(PROBE_SENTENCES) + "\n")
+    held_out = [
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
+        "Alan Bean was born in Wheeler, Texas, and served as a test pilot before joining NASA.",
+        "Aarhus Airport serves the city of Aarhus in Denmark and has a runway of 2,776 metres.",
+    ]
+    settings = HealSettings(heal_steps=24, heal_data=tmp_path / "heal.txt", heal_batch_size=4, heal_lr=1e-4)
+    scores = {}
+    for name, heal in (("compressed", None), ("healed", settings)):
+        done = compress("smollm2", recipe="paper", layers="24-29", ratio=0.25, heal=heal)
+        scores[name] = perplexity(done.model, done.tokenizer, held_out)["perplexity"]
+    original = load_model("smollm2")
+    base = perplexity(original.model, original.tokenizer, held_out)["perplexity"]
+    assert base < scores["healed"] < 0.8 * scores["compressed"], scores

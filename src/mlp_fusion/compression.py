@@ -8,15 +8,20 @@ or loaded whole.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import recipes
 from .config import FusionConfig
 from .errors import UserError
 from .fuse import fuse
 from .records import FusionReport
+
+if TYPE_CHECKING:
+    from .training.heal import HealSettings
 
 
 @dataclass
@@ -59,6 +64,7 @@ def compress(
     shard_bytes: int = 2 * 2**30,
     verify: bool = False,
     progress: Callable[[str], None] | None = None,
+    heal: HealSettings | None = None,
     **config_fields,
 ) -> Compressed:
     """Fuse ``source`` (a bundled alias, directory or hub id) and save it to ``out`` when given.
@@ -67,8 +73,9 @@ def compress(
     the recipe fills in the keep fraction. ``calibration_texts`` are used instead of the recipe's own
     calibration source (samples from the model). A local safetensors checkpoint saved to ``out`` is fused
     one layer at a time, calibrated with ``calibration_texts`` or the recipe's samples (drawn from the
-    model loaded whole, released before fusing) unless ``verify`` is set or ``in_memory`` is asked for;
-    ``.streamed`` says which.
+    model loaded whole, released before fusing) unless ``verify`` or healing is asked for, or
+    ``in_memory``; ``.streamed`` says which. ``heal`` with steps trains the compressed model toward the
+    original afterwards (:mod:`mlp_fusion.training.heal`; both models whole in memory).
     """
     from .checkpoint_files import check_writable
     from .loading import LoadSettings, is_fused, resolve
@@ -83,19 +90,20 @@ def compress(
         config = FusionConfig(**recipes.apply_recipe(chosen, config_fields))
     elif config_fields:
         raise UserError("give a FusionConfig or its fields, not both")
+    healing = heal if heal is not None and heal.heal_steps else None
     job = _Job(
         source, path, None if out is None else Path(out), config, chosen, settings, calibration_texts,
-        calibration_samples, max_length, overwrite, say,
+        calibration_samples, max_length, overwrite, say, healing, _heal_texts(healing, source, path),
     )  # fmt: skip
     if job.out is not None:
         check_writable(job.out, overwrite)
-    whole = in_memory or job.out is None or path is None or is_fused(path)
-    if not (whole or verify):
+    streamable = not (in_memory or job.out is None or path is None or is_fused(path))
+    if streamable and not (verify or healing):
         streamed = _streamed(job, shard_bytes)
         if streamed is not None:
             return streamed
-    elif verify and not whole:
-        say("fusing in memory: --verify needs the whole model")
+    elif streamable:
+        say(f"fusing in memory: {'--verify' if verify else 'healing'} needs the whole model")
     return _in_memory(job, verify)
 
 
@@ -114,6 +122,30 @@ class _Job:
     max_length: int
     overwrite: bool
     say: Callable[[str], None]
+    heal: HealSettings | None = None  # with steps: heal after fusing
+    heal_texts: list[str] | None = None  # the texts of --heal-data, read before any work
+
+
+def _heal_texts(heal: HealSettings | None, source, path: Path | None) -> list[str] | None:
+    """Healing's checks before any work (a causal language model with its tokenizer), and the texts of
+    ``heal_data`` when given (None: they are sampled from the model after fusing)."""
+    from .loading import has_tokenizer_files
+    from .textfiles import read_text
+
+    if heal is None:
+        return None
+    if not recipes.is_causal_lm(recipes.source_config(source, path)):
+        raise UserError(
+            "healing needs a causal language model (it trains toward the next-token distributions)"
+        )
+    if path is not None and not has_tokenizer_files(path):
+        raise UserError("healing needs the model's tokenizer, and this model has no tokenizer files")
+    if heal.heal_data is None:
+        return None
+    texts = [line.strip() for line in read_text(heal.heal_data, "healing data").splitlines() if line.strip()]
+    if not texts:
+        raise UserError(f"healing data {heal.heal_data} holds no text")
+    return texts
 
 
 def _recipe(name: str, source, path: Path | None, texts_given: bool, say) -> recipes.Recipe:
@@ -202,14 +234,54 @@ def _in_memory(job: _Job, verify: bool) -> Compressed:
     used, record = _chosen_texts(job, lambda: loaded)
     calibration = _calibration(job, tokenizer, used)
     recipes.record(model, job.recipe, record, _sampled(record, used))
+    teacher = copy.deepcopy(model) if job.heal is not None else None
     report = fuse(model, job.config, progress=job.say, calibration=calibration)
+    if teacher is not None:
+        _heal(job, model, teacher, tokenizer)
+        del teacher
     result = Compressed(loaded.source, report, job.recipe.name, False, job.out, model, tokenizer)
     if verify:
         fused = main_output(model, batch)
         result.verify["fused_vs_original"] = agreement(model, original, fused, batch["attention_mask"])
     if job.out is not None:
         save_pretrained(model, job.out, tokenizer, overwrite=job.overwrite)
+        if job.heal is not None:
+            _drop_heal_state(job.out)
         if verify:
             reloaded = main_output(from_pretrained(job.out, device=job.settings.torch_device()), batch)
             result.verify["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
     return result
+
+
+def _heal(job: _Job, model, teacher, tokenizer) -> None:
+    """Heal the fused ``model`` toward ``teacher`` as ``job.heal`` says; recorded with the recipe. A
+    killed run leaves its state next to ``--out`` and the same command goes on from it."""
+    from .training.heal import heal
+
+    texts, source = job.heal_texts, "given"
+    if texts is None:
+        sampling = recipes.Sampling(count=job.heal.heal_texts, seed=job.heal.heal_seed)
+        job.say(f"healing: sampling {sampling.count} texts from the original model")
+        texts, source = (
+            recipes.sample_texts(teacher, tokenizer, recipes.fitted_sampling(sampling, teacher)),
+            "sampled",
+        )
+    state = None if job.out is None else _heal_state(job.out)
+    done = heal(model, teacher, tokenizer, texts, job.heal, job.say, state)
+    record = getattr(model, recipes.RECIPE_ATTR)
+    setattr(model, recipes.RECIPE_ATTR, {**record, "heal": {**done, "source": source}})
+
+
+def _heal_state(out: Path) -> Path:
+    return out.parent / f".{out.name}.heal-state"
+
+
+def _drop_heal_state(out: Path) -> None:
+    """Remove the files a healing run kept for resuming (only those: never the folder's other contents)."""
+    from .training.heal import STATE_FILE, TENSORS_FILE
+
+    state = _heal_state(out)
+    for name in (STATE_FILE, TENSORS_FILE):
+        (state / name).unlink(missing_ok=True)
+    if state.is_dir() and not any(state.iterdir()):
+        state.rmdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from ..config import FusionConfig
@@ -35,6 +36,7 @@ FUSION_OPTIONS = (
 
 def add_parser(commands) -> None:
     from ..loading import BUNDLED, DEFAULT_MODEL
+    from ..training.heal import HealSettings
 
     compress = commands.add_parser("compress", help="fuse a model's MLPs and save the result")
     compress.add_argument(
@@ -52,6 +54,8 @@ def add_parser(commands) -> None:
         "--max-length", type=int, default=128, help="longest calibration input in tokens (default 128)"
     )
     add_config_options(calibration, FusionConfig, CALIBRATION_OPTIONS)
+    healing = compress.add_argument_group("healing (causal language models; both models held whole)")
+    add_config_options(healing, HealSettings, tuple(f.name for f in fields(HealSettings)))
     add_load_options(compress)
     compress.add_argument("--out", type=Path, help="save the fused model to this directory")
     compress.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -74,13 +78,15 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..compression import compress
+    from ..training.heal import HealSettings
 
     fields = config_values(args, FusionConfig)  # None: the recipe's
     done = compress(
         args.model, args.out, recipe=args.recipe, calibration_texts=calibration_texts(args),
         calibration_samples=args.calibration_samples, max_length=args.max_length, dtype=args.dtype,
         device=args.device, in_memory=args.in_memory, overwrite=args.overwrite,
-        shard_bytes=shard_bytes(args), verify=args.verify, progress=log, **fields,
+        shard_bytes=shard_bytes(args), verify=args.verify, progress=log,
+        heal=HealSettings(**config_values(args, HealSettings)), **fields,
     )  # fmt: skip
     return _print_result(done.to_dict(), done.report, args.json)
 

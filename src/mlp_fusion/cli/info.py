@@ -42,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {v}" for k, v in source.items() if k != "source")
         calibration = f"calibration {source['source']} ({shown})" if source else "no calibration"
         print(f"recipe {recipe['name']}: {calibration}")
+        healed = recipe.get("heal")
+        if healed:
+            print(
+                f"healed: {healed['steps']} steps on {healed['texts']} {healed['source']} texts, lr {healed['lr']}, "
+                f"{healed['train']} weights, KL {healed['kl_first']:.4f} -> {healed['kl_last']:.4f}"
+            )
     print(
         f"{'layer':>5} {'experts':>7} {'width':>13} {'method':>7} {'scale':>5} {'rank':>5}  settings / module"
     )

@@ -1,0 +1,223 @@
+"""Healing: after compression, train the compressed model toward the original model's next-token
+distributions, once, before any task (as Minitron and Sheared-LLaMA distil a pruned model on generic text).
+
+The original is the frozen teacher; both models run in eval mode (no dropout), and the loss is the KL
+divergence from the teacher's next-token distribution to the student's over every real token, with AdamW at
+a constant rate. The texts need no data set: by default they are sampled from the original model (seeded),
+or they are the user's own. The fixed scales of a fused model are buffers and never change; which weights
+train is a setting. Both models are held whole: healing costs the memory of two models plus the student's
+gradients and optimizer state.
+
+A healing run with a state folder saves its trainable tensors, the optimizer's moments and the step every
+``SAVE_EVERY`` steps (safetensors and JSON, never pickle); started again with the same settings it goes on
+from there, and ends with the same tensors as a run that was never stopped (the batch order is a function
+of the seed and the step).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..batches import fit_to_positions, padded_batch
+from ..errors import UserError
+from ..families import find_sites
+from ..layer_runs import LayerStackError, stack_index
+from ..records import fusion_records
+from .distill import fused_tensors, next_token_kl
+
+TRAINED = ("all", "layers", "mlps")
+SAVE_EVERY = 25
+
+
+@dataclass
+class HealSettings:
+    """How ``compress --heal-steps N`` heals a compressed causal language model."""
+
+    heal_steps: int = field(
+        default=0,
+        metadata={
+            "help": "steps of healing after compression: the compressed model trained toward the original's "
+            "next-token distributions on text sampled from it (0: off)"
+        },
+    )
+    heal_texts: int = field(
+        default=512, metadata={"help": "texts sampled from the original model to heal on"}
+    )
+    heal_data: Path | None = field(
+        default=None, metadata={"help": "heal on the texts of this file (one a line) instead of sampled ones"}
+    )
+    heal_lr: float = field(default=5e-5, metadata={"help": "healing learning rate (AdamW, constant)"})
+    heal_batch_size: int = field(default=8, metadata={"help": "texts per healing step"})
+    heal_max_length: int = field(default=128, metadata={"help": "longest healing text in tokens"})
+    heal_train: str = field(
+        default="all",
+        metadata={
+            "help": "which weights heal: 'all', the fused 'layers', or the fused 'mlps' (fixed scales never)",
+            "choices": TRAINED,
+        },
+    )
+    heal_seed: int = field(default=0, metadata={"help": "seed of the healing texts and of their order"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heal_data, str):
+            self.heal_data = Path(self.heal_data)
+        for name in ("heal_steps",):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 0, not {getattr(self, name)}")
+        for name in ("heal_texts", "heal_batch_size", "heal_max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if not self.heal_lr > 0:
+            raise UserError(f"--heal-lr must be above 0, not {self.heal_lr}")
+        if self.heal_train not in TRAINED:
+            raise UserError(f"unknown --heal-train {self.heal_train!r}: choose one of {', '.join(TRAINED)}")
+
+    def record(self) -> dict:
+        """The settings as ``fusion.json`` keeps them (without the ``heal_`` prefixes)."""
+        return {
+            k.removeprefix("heal_"): (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
+        }
+
+
+def heal(
+    student: nn.Module,
+    teacher: nn.Module,
+    tokenizer,
+    texts: list[str],
+    settings: HealSettings,
+    progress: Callable[[str], None] | None = None,
+    state: Path | None = None,
+) -> dict:
+    """Heal ``student`` toward ``teacher`` on ``texts`` for ``settings.heal_steps`` steps, in place; the
+    record of what was done (KL of the first and last steps, seconds). ``state``: a folder for a resumable
+    run (created, and left for the caller to remove once the result is saved)."""
+    say = progress or (lambda line: None)
+    batch = fit_to_positions(padded_batch(tokenizer, texts, max_length=settings.heal_max_length), student)
+    trained = trainable(student, settings.heal_train)
+    optimizer = torch.optim.AdamW(trained, lr=settings.heal_lr, weight_decay=0.0)
+    first_step, kls = _resume(state, settings, len(texts), trained, optimizer)
+    teacher.eval().requires_grad_(False)
+    was_training = student.training
+    student.eval()
+    start = time.perf_counter()
+    try:
+        for step in range(first_step, settings.heal_steps):
+            rows = _rows(step, len(texts), settings)
+            inputs = {key: value[rows] for key, value in batch.items()}
+            longest = int(inputs["attention_mask"].sum(1).max())
+            inputs = {key: value[:, :longest] for key, value in inputs.items()}
+            with torch.no_grad():
+                target = teacher(**inputs).logits
+            loss = next_token_kl(student(**inputs).logits, target, inputs["attention_mask"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            kls.append(float(loss.detach()))
+            if (step + 1) % max(1, settings.heal_steps // 20) == 0 or step + 1 == settings.heal_steps:
+                say(f"heal: step {step + 1}/{settings.heal_steps}, KL {kls[-1]:.4f}")
+            if state is not None and ((step + 1) % SAVE_EVERY == 0 or step + 1 == settings.heal_steps):
+                _save(state, settings, len(texts), step + 1, trained, optimizer, kls)
+    finally:
+        student.train(was_training)
+        for parameter in student.parameters():
+            parameter.requires_grad_(True)
+    return {
+        **settings.record(),
+        "texts": len(texts),
+        "kl_first": kls[0] if kls else None,
+        "kl_last": kls[-1] if kls else None,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """The parameters healing trains (the rest are frozen): every one, those of the layers holding a fused
+    MLP, or those of the fused MLPs alone."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(which == "all")
+    if which == "all":
+        return [p for p in model.parameters()]
+    if which == "mlps":
+        chosen = fused_tensors(model)
+    else:
+        chosen = [p for layer in _fused_layers(model) for p in layer.parameters()]
+    chosen = list({id(p): p for p in chosen}.values())
+    if not chosen:
+        raise UserError(f"--heal-train {which} names no weight: nothing of this model was fused")
+    for parameter in chosen:
+        parameter.requires_grad_(True)
+    return chosen
+
+
+def _fused_layers(model: nn.Module) -> list[nn.Module]:
+    fused = {record.name for record in fusion_records(model)}
+    layers = {}
+    for site in find_sites(model):
+        if site.name in fused:
+            try:
+                index = stack_index(model, site.name)
+            except LayerStackError:
+                raise UserError("--heal-train layers needs the fused MLPs in a list of layers") from None
+            prefix = site.name[: site.name.index(f".{index}.") + len(f".{index}")]
+            layers[prefix] = model.get_submodule(prefix)
+    return list(layers.values())
+
+
+def _rows(step: int, count: int, settings: HealSettings) -> torch.Tensor:
+    """The texts of ``step``: consecutive slices of a seeded shuffle of all texts, reshuffled each pass."""
+    per_pass = max(1, count // settings.heal_batch_size)
+    rounds, position = divmod(step, per_pass)
+    order = torch.randperm(
+        count, generator=torch.Generator().manual_seed(settings.heal_seed * 100_003 + rounds)
+    )
+    start = position * settings.heal_batch_size
+    return order[start : start + settings.heal_batch_size]
+
+
+STATE_FILE, TENSORS_FILE = "heal-state.json", "heal-state.safetensors"
+
+
+def _save(state: Path, settings: HealSettings, texts: int, step: int, trained, optimizer, kls) -> None:
+    """The run's state after ``step`` steps; the JSON written last, so a kill mid-write leaves the previous."""
+    state.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for number, parameter in enumerate(trained):
+        tensors[f"{number}.weight"] = parameter.detach().contiguous()
+        moments = optimizer.state.get(parameter, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in moments:
+                tensors[f"{number}.{key}"] = moments[key].contiguous()
+    save_file(tensors, str(state / f".{TENSORS_FILE}.tmp"))
+    (state / f".{TENSORS_FILE}.tmp").replace(state / TENSORS_FILE)
+    record = {"settings": settings.record(), "texts": texts, "step": step, "kls": kls}
+    (state / f".{STATE_FILE}.tmp").write_text(json.dumps(record))
+    (state / f".{STATE_FILE}.tmp").replace(state / STATE_FILE)
+
+
+def _resume(state: Path | None, settings: HealSettings, texts: int, trained, optimizer) -> tuple[int, list]:
+    """The step to start from and the KLs so far: 0 and none, unless ``state`` holds a run of the same
+    settings and texts, whose tensors and optimizer moments are then put back."""
+    if state is None or not (state / STATE_FILE).is_file():
+        return 0, []
+    saved = json.loads((state / STATE_FILE).read_text())
+    if saved["settings"] != settings.record() or saved["texts"] != texts:
+        return 0, []
+    tensors = load_file(str(state / TENSORS_FILE))
+    with torch.no_grad():
+        for number, parameter in enumerate(trained):
+            parameter.copy_(tensors[f"{number}.weight"])
+            if f"{number}.exp_avg" in tensors:
+                optimizer.state[parameter] = {
+                    "step": torch.tensor(float(saved["step"])),
+                    "exp_avg": tensors[f"{number}.exp_avg"].clone(),
+                    "exp_avg_sq": tensors[f"{number}.exp_avg_sq"].clone(),
+                }
+    return saved["step"], list(saved["kls"])

@@ -1,0 +1,137 @@
+"""Healing after compression: the compressed model trained toward the original's next-token distributions."""
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import build, inputs, save_tokenizer
+
+from mlp_fusion import FusionConfig, fuse
+from mlp_fusion.training.distill import next_token_kl
+from mlp_fusion.training.heal import HealSettings, heal
+
+TEXTS = [
+    " ".join(words)
+    for words in (
+        ("the", "movie", "was", "good", "and", "the", "plot", "was", "nice"),
+        ("a", "film", "is", "quite", "dull", "and", "grim"),
+        ("ana", "serves", "rice", "in", "the", "north"),
+        ("bo", "serves", "fish", "food", "in", "the", "south"),
+    )
+    for _ in range(4)
+]
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A tiny LLaMA and its fused copy, with the word-level tokenizer of the tests."""
+    from mlp_fusion.loading import load_tokenizer
+
+    original = build("llama")
+    with torch.no_grad():  # tiny random models are nearly linear: make the MLPs and the head matter
+        for name, parameter in original.named_parameters():
+            parameter.mul_(8 if ".mlp." in name else 30 if "lm_head" in name else 1)
+    save_tokenizer(tmp_path / "tokenizer")
+    fused = copy.deepcopy(original)
+    fuse(fused, FusionConfig(ratio=0.25))
+    return original, fused, load_tokenizer(tmp_path / "tokenizer")
+
+
+def _kl(student, teacher) -> float:
+    batch = inputs(seed=7, batch=4, length=9)
+    with torch.no_grad():
+        return float(next_token_kl(student(**batch).logits, teacher(**batch).logits, batch["attention_mask"]))
+
+
+@pytest.mark.parametrize("train", ["all", "layers", "mlps"])
+def test_healing_lowers_the_kl_to_the_original_and_keeps_the_scales(pair, train):
+    original, fused, tokenizer = pair
+    scales = {n: b.clone() for n, b in fused.named_buffers() if n.endswith("scale")}
+    frozen = {n: p.clone() for n, p in fused.named_parameters() if "embed" in n}
+    before = _kl(fused, original)
+    done = heal(
+        fused, original, tokenizer, TEXTS, HealSettings(heal_steps=30, heal_lr=3e-3, heal_train=train)
+    )
+    assert _kl(fused, original) < 0.9 * before  # held-out token ids, not the healing texts
+    assert done["kl_last"] < done["kl_first"] and done["steps"] == 30 and done["train"] == train
+    assert all(torch.equal(b, scales[n]) for n, b in fused.named_buffers() if n in scales)
+    embeddings_moved = any(not torch.equal(p, frozen[n]) for n, p in fused.named_parameters() if n in frozen)
+    assert embeddings_moved == (train == "all")
+    assert all(p.requires_grad for p in fused.parameters())  # given back trainable
+
+
+def test_a_stopped_heal_resumes_to_the_tensors_of_one_that_never_stopped(pair, tmp_path):
+    original, fused, tokenizer = pair
+    settings = HealSettings(heal_steps=60, heal_lr=3e-3, heal_batch_size=4)
+    whole = copy.deepcopy(fused)
+    heal(whole, original, tokenizer, TEXTS, settings)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_40(line):
+        if "step 39/" in line or "step 42/" in line:
+            raise Stop
+
+    stopped = copy.deepcopy(fused)
+    with pytest.raises(Stop):
+        heal(stopped, original, tokenizer, TEXTS, settings, stop_at_40, tmp_path / "state")
+    assert json.loads((tmp_path / "state" / "heal-state.json").read_text())["step"] == 25
+    resumed = copy.deepcopy(fused)  # a new process: the fused model again, then the saved state
+    done = heal(resumed, original, tokenizer, TEXTS, settings, None, tmp_path / "state")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len(json.loads((tmp_path / "state" / "heal-state.json").read_text())["kls"]) == 60
+    assert done["kl_last"] is not None
+
+
+def test_compress_heals_records_it_and_removes_its_state(tmp_path, cli):
+    build("llama").save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    out = tmp_path / "out"
+    code, _, err = cli(
+        "compress", tmp_path / "base", "--ratio", "0.5", "--recipe", "paper", "--heal-steps", "10",
+        "--heal-data", tmp_path / "texts.txt", "--heal-lr", "1e-3", "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "healing needs the whole model" in err and "heal: step 10/10" in err
+    healed = json.loads((out / "fusion.json").read_text())["recipe"]["heal"]
+    assert (healed["steps"], healed["texts"], healed["source"], healed["lr"]) == (10, 16, "given", 1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out", "texts.txt"]  # no state left
+    code, shown, _ = cli("info", out)
+    assert code == 0 and "healed: 10 steps on 16 given texts" in shown
+
+
+def test_compress_samples_healing_texts_from_the_original_by_default(tmp_path, cli):
+    build("llama").save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    code, _, err = cli(
+        "compress", tmp_path / "base", "--ratio", "0.5", "--heal-steps", "3", "--heal-texts", "12",
+        "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 0, err
+    healed = json.loads((tmp_path / "out" / "fusion.json").read_text())["recipe"]["heal"]
+    assert healed["source"] == "sampled" and 0 < healed["texts"] <= 12
+
+
+@pytest.mark.parametrize(
+    "family, tokenizer, message",
+    [("bert", True, "causal language model"), ("llama", False, "tokenizer")],
+)
+def test_healing_refuses_an_encoder_and_a_model_without_tokenizer(tmp_path, cli, family, tokenizer, message):
+    build(family).save_pretrained(tmp_path / "base")
+    if tokenizer:
+        save_tokenizer(tmp_path / "base")
+    code, _, err = cli("compress", tmp_path / "base", "--heal-steps", "5", "--out", tmp_path / "out")
+    assert code == 2 and err.count("error:") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--heal-steps", "-1"), ("--heal-lr", "0"), ("--heal-batch-size", "0")]
+)
+def test_bad_healing_settings_are_refused_with_one_line(tmp_path, cli, option, value):
+    code, _, err = cli("compress", "--heal-steps", "5", option, value, "--out", tmp_path / "out")
+    assert code == 2 and err.count("error:") == 1 and option in err
