@@ -95,10 +95,12 @@ def heal(
     settings: HealSettings,
     progress: Callable[[str], None] | None = None,
     state: Path | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Heal ``student`` toward ``teacher`` on ``texts`` for ``settings.heal_steps`` steps, in place; the
     record of what was done (KL of the first and last steps, seconds). ``state``: a folder for a resumable
-    run (created, and left for the caller to remove once the result is saved)."""
+    run (created, and left for the caller to remove once the result is saved). ``after_step(n)`` is called
+    after the n-th step (a benchmark measures the student there, without gradients)."""
     say = progress or (lambda line: None)
     batch = fit_to_positions(padded_batch(tokenizer, texts, max_length=settings.heal_max_length), student)
     trained = trainable(student, settings.heal_train)
@@ -125,6 +127,8 @@ def heal(
                 say(f"heal: step {step + 1}/{settings.heal_steps}, KL {kls[-1]:.4f}")
             if state is not None and ((step + 1) % SAVE_EVERY == 0 or step + 1 == settings.heal_steps):
                 _save(state, settings, len(texts), step + 1, trained, optimizer, kls)
+            if after_step is not None:
+                after_step(step + 1)
     finally:
         student.train(was_training)
         for parameter in student.parameters():

@@ -1,0 +1,125 @@
+"""Healing after compression: held-out perplexity against healing steps and CPU minutes.
+
+Each row compresses a model as `mlp-fusion compress` does (the default recipe, or calibrated pruning on the
+same sampled calibration texts) at the S1 or S2 shape, then heals it toward the original on texts sampled
+from the original (one sampling seed per run), and measures perplexity at 0 and after each of STEPS
+healing steps on three held-out domains that no choice was made on and that never heal: WebNLG 2017 test
+texts, E2E test references and SST-2 test sentences (from ../shared/data), reported separately. Rows are
+saved as they finish, and a rerun skips them.
+
+    python benchmarks/heal.py --models smollm2 --settings S1 --seeds 0     # one row first
+    python benchmarks/heal.py                                               # every row (hours)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, run_header  # noqa: E402
+
+from mlp_fusion import compress, recipes  # noqa: E402
+from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
+from mlp_fusion.loading import load_model  # noqa: E402
+from mlp_fusion.training.heal import HealSettings, heal  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "heal.json"
+SETTINGS = {
+    "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
+    "gemma3": {"S1": ("12-17", 0.5), "S2": ("6-17", 0.25)},
+}
+ROWS = {"default": {}, "prune": {"method": "prune"}}  # compress options beyond the shape
+STEPS = (100, 300, 1000)
+HEALING = dict(heal_texts=1000, heal_lr=5e-5, heal_batch_size=8, heal_train="all")
+HELD_OUT = 200  # texts per domain
+
+
+def held_out_texts() -> dict[str, list[str]]:
+    """The three held-out domains, the first HELD_OUT texts of each test file."""
+    webnlg = (DATA / "webnlg2017" / "enriched_v1.6_flat" / "test.jsonl").read_text().splitlines()
+    with (DATA / "e2e" / "testset_w_refs.csv").open() as handle:
+        e2e = list(dict.fromkeys(row["ref"] for row in csv.DictReader(handle)))
+    sst2 = [line.split("\t", 1)[1] for line in (DATA / "sst2" / "test.tsv").read_text().splitlines()[1:]]
+    return {
+        "webnlg": [json.loads(line)["lex"][0]["text"] for line in webnlg[:HELD_OUT]],
+        "e2e": e2e[:HELD_OUT],
+        "sst2": sst2[:HELD_OUT],
+    }
+
+
+def measure(model, tokenizer, domains: dict[str, list[str]]) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    scores = {name: perplexity(model, tokenizer, texts)["perplexity"] for name, texts in domains.items()}
+    model.train(was_training)
+    return scores
+
+
+def run_row(model_name: str, row: str, setting: str, seed: int, domains: dict) -> dict:
+    layers, ratio = SETTINGS[model_name][setting]
+    original = load_model(model_name)
+    start = time.perf_counter()
+    done = compress(model_name, layers=layers, ratio=ratio, **ROWS[row])
+    compress_seconds = time.perf_counter() - start
+    sampling = recipes.fitted_sampling(
+        recipes.Sampling(count=HEALING["heal_texts"], seed=seed), original.model
+    )
+    start = time.perf_counter()
+    texts = recipes.sample_texts(original.model, original.tokenizer, sampling)
+    sampling_seconds = time.perf_counter() - start
+    curve = {0: {"perplexity": measure(done.model, done.tokenizer, domains), "heal_seconds": 0.0}}
+    healing_seconds = [0.0]
+    clock = [time.perf_counter()]
+
+    def after_step(step: int) -> None:
+        healing_seconds[0] += time.perf_counter() - clock[0]
+        if step in STEPS:
+            curve[step] = {
+                "perplexity": measure(done.model, done.tokenizer, domains),
+                "heal_seconds": healing_seconds[0],
+            }
+        clock[0] = time.perf_counter()  # measuring is not healing
+
+    settings = HealSettings(heal_steps=max(STEPS), heal_seed=seed, **HEALING)
+    heal(done.model, original.model, original.tokenizer, texts, settings, after_step=after_step)
+    return {
+        "model": model_name, "row": row, "setting": setting, "layers": layers, "ratio": ratio, "seed": seed,
+        "params": done.report.params_after, "params_original": done.report.params_before,
+        "original_perplexity": measure(original.model, original.tokenizer, domains),
+        "compress_seconds": compress_seconds, "sampling_seconds": sampling_seconds, "texts": len(texts),
+        "curve": curve, "healing": settings.record(),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,gemma3")
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--settings", default="S1,S2")
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"needs the held-out texts in {DATA}")
+    domains = held_out_texts()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {**run_header(), "runs": {}}
+    for seed in map(int, args.seeds.split(",")):
+        for model_name in args.models.split(","):
+            for setting in args.settings.split(","):
+                for row in args.rows.split(","):
+                    key = f"{model_name} | {row} | {setting} | seed {seed}"
+                    if key in results["runs"]:
+                        continue
+                    print(f"heal: {key}", file=sys.stderr, flush=True)
+                    results["runs"][key] = run_row(model_name, row, setting, seed, domains)
+                    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
