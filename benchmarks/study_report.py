@@ -40,6 +40,8 @@ INTRO = (
 
 def validation_table() -> list[str]:
     runs = load_validation()["runs"]
+    if not runs:
+        return ["No validation run has finished yet."]
     chosen = choices()
     lines = ["| row | rate | validation BLEU | chrF | train steps | chosen |", "|---|---|---|---|---|---|"]
     for run in runs.values():
