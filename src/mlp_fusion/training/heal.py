@@ -69,9 +69,8 @@ class HealSettings:
     def __post_init__(self) -> None:
         if isinstance(self.heal_data, str):
             self.heal_data = Path(self.heal_data)
-        for name in ("heal_steps",):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 0, not {getattr(self, name)}")
+        if self.heal_steps < 0:
+            raise UserError(f"--heal-steps must be at least 0, not {self.heal_steps}")
         for name in ("heal_texts", "heal_batch_size", "heal_max_length"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
