@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -26,6 +27,16 @@ def run_header() -> dict:
         "date": date.today().isoformat(),
         "machine": machine(),
     }
+
+
+def run_cli(arguments: list[str], label: str) -> dict:
+    """``mlp-fusion ARGUMENTS --json`` in a fresh process, run from the repository root (so that data paths
+    relative to it work); its JSON result. A failure stops the benchmark with the command's last words."""
+    command = [sys.executable, "-c", "import sys; from mlp_fusion.cli import main; sys.exit(main())"]
+    done = subprocess.run([*command, *arguments, "--json"], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def write_results(raw: Path, fields: dict) -> dict:

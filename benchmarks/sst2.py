@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import publish, run_header  # noqa: E402
+from _report import publish, run_cli, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("..") / "shared" / "data" / "sst2"  # relative to ROOT, where every run starts
@@ -52,13 +51,7 @@ FUSED = ["--layers", "2-5", "--ratio", "0.25"]
 def run_finetune(arguments: list[str], label: str) -> dict:
     """``mlp-fusion finetune ARGUMENTS --json`` in a fresh process, run from the repository root (so that data
     paths relative to it work); its JSON result without this machine's paths (the model as named)."""
-    command = [sys.executable, "-c", "import sys; from mlp_fusion.cli import main; sys.exit(main())"]
-    done = subprocess.run(
-        [*command, "finetune", *arguments, "--json"], capture_output=True, text=True, cwd=ROOT
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_cli(["finetune", *arguments], label)
     result.pop("out", None)
     return {**result, "model": arguments[0]}
 

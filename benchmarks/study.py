@@ -25,16 +25,16 @@ saved as they finish and a rerun skips them: the study can be stopped and resume
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import run_header  # noqa: E402
+from _report import run_cli, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("..") / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"  # relative to ROOT
@@ -99,6 +99,7 @@ ROWS = study_rows()
 # ---- the inputs ---------------------------------------------------------------------------------------
 
 
+@functools.cache
 def seen_test_file() -> tuple[Path, list[int]]:
     """The test entries of the seen categories, written to a file of their own, and each one's 0-based line
     in ``test.jsonl`` (so that outputs are kept under the test file's own numbering)."""
@@ -127,15 +128,6 @@ def data_options(split: str, seed: int) -> list[str]:
 # ---- running ------------------------------------------------------------------------------------------
 
 
-def mlp_fusion(arguments: list[str], label: str) -> dict:
-    """``mlp-fusion ARGUMENTS --json`` in a fresh process run from the repository root; its JSON result."""
-    command = [sys.executable, "-c", "import sys; from mlp_fusion.cli import main; sys.exit(main())"]
-    done = subprocess.run([*command, *arguments, "--json"], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def compressed(row: Row, seed: int) -> tuple[str, list[str] | None]:
     """The model a row fine-tunes, compressing it first (once per options and seed) when the row says so;
     and the compress command, for the record."""
@@ -146,7 +138,7 @@ def compressed(row: Row, seed: int) -> tuple[str, list[str] | None]:
     out = WORK / "models" / "_".join(part.strip("-").replace("/", "") for part in options)
     command = ["compress", MODEL, *options, "--out", str(out)]
     if not (ROOT / out / "fusion.json").is_file():
-        mlp_fusion(command, f"compress {shlex.join(options)}")
+        run_cli(command, f"compress {shlex.join(options)}")
     return str(out), command
 
 
@@ -160,7 +152,7 @@ def run(row: Row, rate: str, seed: int, split: str) -> dict:
         *row.finetune, "--lr", rate, "--out", str(out), "--overwrite",
     ]  # fmt: skip
     start = time.perf_counter()
-    result = mlp_fusion(command, f"{row.name} at lr {rate}, seed {seed}, {split}")
+    result = run_cli(command, f"{row.name} at lr {rate}, seed {seed}, {split}")
     settings = {
         "row": row.name, "split": split, "rate": rate, "seed": seed, "setting": row.setting,
         "compress_command": None if compress_command is None else shlex.join(compress_command),

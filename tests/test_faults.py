@@ -68,13 +68,13 @@ def test_a_kill_while_overwriting_keeps_the_previous_output(tmp_path):
 
 
 def test_an_interrupted_swap_puts_the_previous_output_back(tmp_path):
-    from mlp_fusion.checkpoint_files import _host, clean_interrupted
+    from mlp_fusion.checkpoint_files import _host, restore_interrupted
 
     out = tmp_path / "fused"
     old = tmp_path / f".fused.old-{_host()}-{_dead_pid()}-abcd1234"
     old.mkdir()
     (old / "fusion.json").write_text("{}")
-    clean_interrupted(out)
+    restore_interrupted(out)
     assert (out / "fusion.json").read_text() == "{}" and not old.exists()
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tiny_models import build, inputs, save_tokenizer
 
 from mlp_fusion import FusionConfig, fuse
@@ -78,6 +79,8 @@ def test_a_stopped_heal_resumes_to_the_tensors_of_one_that_never_stopped(pair, t
     with pytest.raises(Stop):
         heal(stopped, original, tokenizer, TEXTS, settings, stop_at_40, tmp_path / "state")
     assert json.loads((tmp_path / "state" / "heal-state.json").read_text())["step"] == 25
+    # a kill after the next tensors were written but before the JSON naming them: they must not be read
+    save_file({"0.weight": torch.zeros(1)}, str(tmp_path / "state" / "heal-state-000050.safetensors"))
     resumed = copy.deepcopy(fused)  # a new process: the fused model again, then the saved state
     done = heal(resumed, original, tokenizer, TEXTS, settings, None, tmp_path / "state")
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):

@@ -35,18 +35,18 @@ PROBE_SENTENCES = [
 TEXT_COLUMNS = ("sentence", "text", "sentence1", "question", "premise")
 
 
-def read_probe_texts(path: str | Path, count: int | None = None) -> list[str]:
+def read_probe_texts(path: str | Path, count: int | None = None, what: str = "probe file") -> list[str]:
     """Inputs from a text file (one per line), a TSV/CSV with a header, or JSONL; the text column is the
-    first of :data:`TEXT_COLUMNS` present (else the first column)."""
+    first of :data:`TEXT_COLUMNS` present (else the first column). ``what`` names the file in messages."""
     path = Path(path)
-    raw = read_text(path, "probe file")
+    raw = read_text(path, what)
     if path.suffix.lower() in (".jsonl", ".tsv", ".csv"):
         texts = [_text_of(row) for _, row in table_rows(raw, path)]
     else:
         texts = [line.strip() for line in raw.splitlines()]
     texts = [t for t in texts if t]
     if not texts:
-        raise UserError(f"probe file {path} holds no inputs")
+        raise UserError(f"{what} {path} holds no inputs")
     return texts[:count] if count else texts
 
 

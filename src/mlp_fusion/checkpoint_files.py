@@ -5,6 +5,7 @@ Nothing here knows about fusion."""
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -171,7 +172,7 @@ def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_interrupted(target)
     check_writable(target, overwrite)
-    clean_interrupted(target)
+    _remove_dead_leftovers(target)
     tmp = _sibling(target, "tmp")
     tmp.mkdir()
     try:
@@ -199,6 +200,7 @@ def _sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+@functools.cache
 def _host() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -224,9 +226,8 @@ def restore_interrupted(target: Path) -> None:
             return
 
 
-def clean_interrupted(target: Path) -> None:
+def _remove_dead_leftovers(target: Path) -> None:
     """Remove what killed writes of ``target`` on this host left (after :func:`restore_interrupted`)."""
-    restore_interrupted(target)
     for _, path in _dead_leftovers(target):
         shutil.rmtree(path, ignore_errors=True)
 

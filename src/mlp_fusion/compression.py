@@ -129,8 +129,8 @@ class _Job:
 def _heal_texts(heal: HealSettings | None, source, path: Path | None) -> list[str] | None:
     """Healing's checks before any work (a causal language model with its tokenizer), and the texts of
     ``heal_data`` when given (None: they are sampled from the model after fusing)."""
+    from .batches import read_probe_texts
     from .loading import has_tokenizer_files
-    from .textfiles import read_text
 
     if heal is None:
         return None
@@ -140,12 +140,7 @@ def _heal_texts(heal: HealSettings | None, source, path: Path | None) -> list[st
         )
     if path is not None and not has_tokenizer_files(path):
         raise UserError("healing needs the model's tokenizer, and this model has no tokenizer files")
-    if heal.heal_data is None:
-        return None
-    texts = [line.strip() for line in read_text(heal.heal_data, "healing data").splitlines() if line.strip()]
-    if not texts:
-        raise UserError(f"healing data {heal.heal_data} holds no text")
-    return texts
+    return None if heal.heal_data is None else read_probe_texts(heal.heal_data, what="healing data")
 
 
 def _recipe(name: str, source, path: Path | None, texts_given: bool, say) -> recipes.Recipe:
@@ -246,7 +241,9 @@ def _in_memory(job: _Job, verify: bool) -> Compressed:
     if job.out is not None:
         save_pretrained(model, job.out, tokenizer, overwrite=job.overwrite)
         if job.heal is not None:
-            _drop_heal_state(job.out)
+            from .training.heal import drop_state
+
+            drop_state(_heal_state(job.out))
         if verify:
             reloaded = main_output(from_pretrained(job.out, device=job.settings.torch_device()), batch)
             result.verify["reloaded_vs_fused"] = compare(fused, reloaded, batch["attention_mask"])
@@ -274,14 +271,3 @@ def _heal(job: _Job, model, teacher, tokenizer) -> None:
 
 def _heal_state(out: Path) -> Path:
     return out.parent / f".{out.name}.heal-state"
-
-
-def _drop_heal_state(out: Path) -> None:
-    """Remove the files a healing run kept for resuming (only those: never the folder's other contents)."""
-    from .training.heal import STATE_FILE, TENSORS_FILE
-
-    state = _heal_state(out)
-    for name in (STATE_FILE, TENSORS_FILE):
-        (state / name).unlink(missing_ok=True)
-    if state.is_dir() and not any(state.iterdir()):
-        state.rmdir()

@@ -29,7 +29,7 @@ from torch import nn
 from ..batches import fit_to_positions, padded_batch
 from ..errors import UserError
 from ..families import find_sites
-from ..layer_runs import LayerStackError, stack_index
+from ..layer_runs import LayerStackError, layer_stack, stack_index
 from ..records import fusion_records
 from .distill import fused_tensors, next_token_kl
 
@@ -52,7 +52,10 @@ class HealSettings:
         default=512, metadata={"help": "texts sampled from the original model to heal on"}
     )
     heal_data: Path | None = field(
-        default=None, metadata={"help": "heal on the texts of this file (one a line) instead of sampled ones"}
+        default=None,
+        metadata={
+            "help": "heal on the texts of this file (one a line, or a TSV/CSV/JSONL text column) instead"
+        },
     )
     heal_lr: float = field(default=5e-5, metadata={"help": "healing learning rate (AdamW, constant)"})
     heal_batch_size: int = field(default=8, metadata={"help": "texts per healing step"})
@@ -147,7 +150,7 @@ def trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
     for parameter in model.parameters():
         parameter.requires_grad_(which == "all")
     if which == "all":
-        return [p for p in model.parameters()]
+        return list(model.parameters())
     if which == "mlps":
         chosen = fused_tensors(model)
     else:
@@ -161,17 +164,16 @@ def trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
 
 
 def _fused_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers (of the one list of layers) that hold a fused MLP."""
     fused = {record.name for record in fusion_records(model)}
-    layers = {}
-    for site in find_sites(model):
-        if site.name in fused:
-            try:
-                index = stack_index(model, site.name)
-            except LayerStackError:
-                raise UserError("--heal-train layers needs the fused MLPs in a list of layers") from None
-            prefix = site.name[: site.name.index(f".{index}.") + len(f".{index}")]
-            layers[prefix] = model.get_submodule(prefix)
-    return list(layers.values())
+    sites = [site for site in find_sites(model) if site.name in fused]
+    if not sites:
+        return []
+    try:
+        _, stack = layer_stack(model, sites)
+    except LayerStackError:
+        raise UserError("--heal-train layers needs the fused MLPs in one list of layers") from None
+    return [stack[index] for index in sorted({stack_index(model, site.name) for site in sites})]
 
 
 def _rows(step: int, count: int, settings: HealSettings) -> torch.Tensor:
@@ -185,11 +187,16 @@ def _rows(step: int, count: int, settings: HealSettings) -> torch.Tensor:
     return order[start : start + settings.heal_batch_size]
 
 
-STATE_FILE, TENSORS_FILE = "heal-state.json", "heal-state.safetensors"
+STATE_FILE = "heal-state.json"  # the step reached, the KLs, and which tensors file holds that step
+
+
+def _tensors_file(step: int) -> str:
+    return f"heal-state-{step:06d}.safetensors"
 
 
 def _save(state: Path, settings: HealSettings, texts: int, step: int, trained, optimizer, kls) -> None:
-    """The run's state after ``step`` steps; the JSON written last, so a kill mid-write leaves the previous."""
+    """The run's state after ``step`` steps. The tensors go to a file of their own step, and the JSON that
+    names it is replaced last: a kill at any point leaves a JSON and the tensors of the step it names."""
     state.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for number, parameter in enumerate(trained):
@@ -198,11 +205,21 @@ def _save(state: Path, settings: HealSettings, texts: int, step: int, trained, o
         for key in ("exp_avg", "exp_avg_sq"):
             if key in moments:
                 tensors[f"{number}.{key}"] = moments[key].contiguous()
-    save_file(tensors, str(state / f".{TENSORS_FILE}.tmp"))
-    (state / f".{TENSORS_FILE}.tmp").replace(state / TENSORS_FILE)
+    save_file(tensors, str(state / _tensors_file(step)))
     record = {"settings": settings.record(), "texts": texts, "step": step, "kls": kls}
-    (state / f".{STATE_FILE}.tmp").write_text(json.dumps(record))
+    (state / f".{STATE_FILE}.tmp").write_text(json.dumps({**record, "tensors": _tensors_file(step)}))
     (state / f".{STATE_FILE}.tmp").replace(state / STATE_FILE)
+    for older in state.glob("heal-state-*.safetensors"):
+        if older.name != _tensors_file(step):
+            older.unlink()
+
+
+def drop_state(state: Path) -> None:
+    """Remove the files a healing run kept for resuming (only those: never a folder's other contents)."""
+    for path in [state / STATE_FILE, state / f".{STATE_FILE}.tmp", *state.glob("heal-state-*.safetensors")]:
+        path.unlink(missing_ok=True)
+    if state.is_dir() and not any(state.iterdir()):
+        state.rmdir()
 
 
 def _resume(state: Path | None, settings: HealSettings, texts: int, trained, optimizer) -> tuple[int, list]:
@@ -213,7 +230,7 @@ def _resume(state: Path | None, settings: HealSettings, texts: int, trained, opt
     saved = json.loads((state / STATE_FILE).read_text())
     if saved["settings"] != settings.record() or saved["texts"] != texts:
         return 0, []
-    tensors = load_file(str(state / TENSORS_FILE))
+    tensors = load_file(str(state / saved["tensors"]))
     with torch.no_grad():
         for number, parameter in enumerate(trained):
             parameter.copy_(tensors[f"{number}.weight"])
