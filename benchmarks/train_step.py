@@ -52,8 +52,8 @@ def build(alias: str, head: str, layers: str) -> dict[str, torch.nn.Module]:
     import transformers
 
     import mlp_fusion
-    from mlp_fusion.exporting import folded_copy
     from mlp_fusion.loading import bundled_path
+    from mlp_fusion.plain_export import folded_copy
 
     model_class = getattr(transformers, head)
     options = {"num_labels": 2} if "Sequence" in head else {}

@@ -190,6 +190,37 @@ def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None
     return target
 
 
+def atomic_file(target: Path, overwrite: bool, write: Callable[[Path], None], magic: bytes) -> Path:
+    """Write one file through a temporary sibling renamed over ``target`` at the end; a failure leaves
+    ``target`` as it was. With ``overwrite`` only a file that starts with ``magic`` (one of the kind being
+    written) is replaced, so a mistyped path never replaces a file of the user's."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    check_writable_file(target, overwrite, magic)
+    _remove_dead_leftovers(target)
+    tmp = _sibling(target, "tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def check_writable_file(target: Path, overwrite: bool, magic: bytes) -> None:
+    """Fail early, before any work, when the file ``target`` exists and may not be replaced."""
+    if target.is_dir():
+        raise UserError(f"{target} is a directory; give the path of a file to write")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite (overwrite=True) or choose another path")
+    if target.exists():
+        with open(target, "rb") as handle:
+            if handle.read(len(magic)) != magic:
+                raise UserError(
+                    f"{target} is not a file this command writes, so --overwrite will not replace it; "
+                    "choose another path"
+                )
+
+
 # This library's temporary siblings: ``.NAME.tmp-HOST-PID-RANDOM`` while writing, ``.NAME.old-...`` while
 # swapping. HOST (a hash of the host name) keeps a writer on another machine sharing the disk from looking
 # dead to a local process check; any other name, however close, is not ours and is never touched.
@@ -210,7 +241,7 @@ def _dead_leftovers(target: Path) -> list[tuple[str, Path]]:
     found = []
     for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.*")):
         match = _LEFTOVER.fullmatch(path.name)
-        if match and match["name"] == target.name and match["host"] == _host() and path.is_dir():
+        if match and match["name"] == target.name and match["host"] == _host():
             if not _alive(int(match["pid"])):
                 found.append((match["kind"], path))
     return found
@@ -229,7 +260,10 @@ def restore_interrupted(target: Path) -> None:
 def _remove_dead_leftovers(target: Path) -> None:
     """Remove what killed writes of ``target`` on this host left (after :func:`restore_interrupted`)."""
     for _, path in _dead_leftovers(target):
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -1,119 +1,87 @@
-"""Export: a fused model with its scales and factors folded into the weights, saved as a plain checkpoint
-that vanilla transformers loads (the same function, not the fused model's fine-tuning dynamics)."""
+"""The export verb: a fused model, in memory or saved, written with its scales folded in, in a format another
+tool loads. Formats are rows: a plain transformers checkpoint folder (``hf``, :mod:`.plain_export`,
+streamed a tensor at a time from a saved checkpoint by :mod:`.streaming`) and one llama.cpp file
+(``gguf``, :mod:`.gguf_export`)."""
 
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict
 from pathlib import Path
 
-import transformers
 from torch import nn
-from torch.nn.utils import parametrize
 
-from .checkpoint_files import atomic_directory, write_side_files
 from .errors import UserError
-from .families import find_sites
-from .parametrizations import plain_forward
-from .persistence import check_fused_format
-from .records import RECORD_ATTR, fusion_records
+from .persistence import check_fused_format, read_fusion_file
+from .plain_export import export_notes, export_widths, folded_copy, save_plain, set_widths
+from .shard_io import SHARD_BYTES
 
-EXPORT_NOTE_FILE = "mlp_fusion_export.json"
+EXPORT_FORMATS = ("hf", "gguf")
 
 
-def export(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Fold the scales into the weights and save a plain checkpoint that vanilla transformers loads.
+def export(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer=None,
+    *,
+    format: str = "hf",
+    gguf_type: str = "f16",
+    overwrite: bool = False,
+) -> Path:
+    """Fold the scales into the weights and save the model in a format other tools load.
 
-    Needs every MLP whose width one config field sets to have the same width. The exported model computes
-    the same function but no longer has the fused model's fine-tuning dynamics.
+    ``format="hf"``: a plain checkpoint folder that vanilla transformers loads; every MLP whose width one
+    config field sets must have the same width. ``format="gguf"``: one file that llama.cpp runs, with each
+    layer's own width (Llama-family decoders), ``gguf_type`` one of f32, f16, q8_0, q4_k_m (the quantised
+    types need the ``serve`` extra). Either computes the same function as the fused model, but no longer has
+    its fine-tuning dynamics.
     """
     check_fused_format(model)
+    _check_format(format)
+    if format == "gguf":
+        from .gguf_export import check_gguf_model, write_gguf
+
+        check_gguf_model(model, tokenizer, gguf_type, Path(out), overwrite)
+        return write_gguf(folded_copy(model), Path(out), tokenizer, gguf_type, overwrite=overwrite)
     widths = export_widths(model)
     plain = folded_copy(model)
     set_widths(plain.config, widths)
-    return save_plain(plain, directory, tokenizer, overwrite=overwrite, notes=export_notes(model))
+    return save_plain(plain, out, tokenizer, overwrite=overwrite, notes=export_notes(model))
 
 
-def folded_copy(model: nn.Module) -> nn.Module:
-    """A plain copy of a fused model: scales and factors folded into the weights, the caller's model intact.
-
-    It computes the same function with the stock modules only (any widths; :func:`export` also needs one
-    width per config field to save it).
-    """
-    plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if parametrize.is_parametrized(module):
-            _own_class(module)
-            plain_forward(module)
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    if hasattr(plain, RECORD_ATTR):
-        delattr(plain, RECORD_ATTR)
-    plain.__dict__.pop("save_pretrained", None)  # the plain copy saves as any transformers model
-    return plain
-
-
-def export_widths(model: nn.Module) -> dict[str, int]:
-    """The width each MLP config field takes in an export; refused unless every MLP it sets has one width."""
-    sites = find_sites(model)
-    fused = {record.name for record in fusion_records(model)}
-    unknown = [site.name for site in sites if site.config_key is None and site.name in fused]
-    if unknown:
-        raise UserError(
-            f"cannot export: no config field sets the width of {unknown[0]}; keep the fused format (save_pretrained)"
-        )
-    widths: dict[str, set[int]] = {}
-    for site in sites:
-        if site.config_key is not None:
-            widths.setdefault(site.config_key, set()).add(site.width)
-    for key, values in widths.items():
-        if len(values) > 1:
-            raise UserError(
-                f"cannot export: MLPs set by config field {key!r} have different widths {sorted(values)}; "
-                "fuse every layer to the same width, or keep the fused format (save_pretrained)"
-            )
-    return {key: values.pop() for key, values in widths.items()}
-
-
-def set_widths(config: transformers.PretrainedConfig, widths: dict[str, int]) -> None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key, width in widths.items():
-        setattr(text, key, width)
-
-
-def export_notes(model: nn.Module) -> dict[str, dict]:
-    """The note file an export carries next to its weights."""
-    note = {
-        "note": "Exported by mlp-fusion with the fixed scales folded into the weights: the same function as the "
-        "fused model, but not its fine-tuning dynamics. Fine-tune the fused checkpoint instead.",
-        "sites": [asdict(record) for record in fusion_records(model)],
-    }
-    return {EXPORT_NOTE_FILE: note}
-
-
-def _own_class(module: nn.Module) -> None:
-    """Give a parametrized module a class of its own.
-
-    torch gives every parametrized module a generated subclass, and a deep copy shares it with the original;
-    removing a parametrization deletes its property from that class, which would break the caller's model.
-    """
-    cls = module.__class__
-    members = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    module.__class__ = type(cls.__name__, cls.__bases__, members)
-
-
-def save_plain(
-    model: nn.Module,
-    directory: str | Path,
-    tokenizer=None,
+def export_saved(
+    source: str | Path,
+    out: str | Path,
     *,
+    format: str = "hf",
+    gguf_type: str = "f16",
     overwrite: bool = False,
-    notes: dict | None = None,
-) -> Path:
-    """Save an unfused model as a vanilla transformers checkpoint (atomically), with JSON ``notes`` files."""
+    shard_bytes: int = SHARD_BYTES,
+) -> str:
+    """:func:`export` of a saved model (what ``mlp-fusion export`` runs); returns a line saying what was
+    written. The plain format takes a fused checkpoint folder and streams it a tensor at a time; GGUF loads
+    ``source``, which may also be any model the other commands take (an alias, an unfused folder), so that
+    the original can be served beside its fused version."""
+    from .loading import load_model, load_tokenizer
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)  # its weights, config and generation config
-        write_side_files(tmp, model, tokenizer, notes, configs=False)
+    out = Path(out)
+    _check_format(format)
+    if format == "gguf":
+        loaded = load_model(str(source))
+        export(loaded.model, out, loaded.tokenizer, format=format, gguf_type=gguf_type, overwrite=overwrite)
+        size = out.stat().st_size / 2**20
+        return f"exported to {out}: a {gguf_type} GGUF file of {size:.1f} MiB for llama.cpp, each layer at its own width"
+    from .streaming import export_checkpoint
 
-    return atomic_directory(Path(directory), overwrite, write)
+    source = Path(source)
+    read_fusion_file(source)
+    folded = export_checkpoint(
+        source, out, tokenizer=load_tokenizer(source), overwrite=overwrite, shard_bytes=shard_bytes
+    )
+    return (
+        f"exported to {out}: a plain checkpoint, {folded} weights with their scales or factors folded in "
+        "(same outputs; fine-tune the fused checkpoint to keep the paper's training dynamics)"
+    )
+
+
+def _check_format(format: str) -> None:
+    if format not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {format!r}: use {', '.join(EXPORT_FORMATS)}")

@@ -34,11 +34,11 @@ from .checkpoint_files import (
 )
 from .config import FusionConfig
 from .errors import UserError
-from .exporting import export_notes, export_widths, set_widths
 from .families import find_sites
 from .layer_runs import LayerStackError, LayerWalk, stack_index
 from .loading import check_head
 from .persistence import fused_skeleton, write_description
+from .plain_export import export_notes, export_widths, set_widths
 from .records import FusionReport, record_layers
 from .shard_io import SHARD_BYTES, CheckpointReader, ShardWriter
 from .site_fusion import check_memory, checked_calibration_batch, fuse_sites, planned_width, select_sites

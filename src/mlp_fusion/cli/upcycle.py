@@ -20,8 +20,8 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint_files import check_writable
-    from ..exporting import save_plain
     from ..loading import load_model
+    from ..plain_export import save_plain
     from ..upcycle import upcycle
 
     check_writable(args.out, args.overwrite)
