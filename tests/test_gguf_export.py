@@ -78,18 +78,18 @@ def test_float32_gguf_gives_the_fused_models_logits_in_llama_cpp_with_uneven_wid
         assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
 
 
-def test_float16_and_q8_0_stay_within_stated_tolerances(tmp_path):
+def test_float16_and_quantised_types_stay_within_stated_tolerances(tmp_path):
     model, tokenizer = uneven_fused_llama(), byte_level_tokenizer()
     ids = tokenizer(TEXTS[1])["input_ids"]
     want = transformers_logits(model, ids)
-    for gguf_type, tolerance in (("f16", 0.01), ("q8_0", 0.05)):  # of the largest logit
+    for gguf_type, tolerance in (("f16", 0.01), ("q8_0", 0.05), ("q4_k_m", 0.25)):  # of the largest logit
         path = mlp_fusion.export(
             model, tmp_path / f"{gguf_type}.gguf", tokenizer, format="gguf", gguf_type=gguf_type
         )
         got = llama_cpp_logits(path, ids, exact_cache=False)
         assert np.abs(got - want).max() < tolerance * np.abs(want).max(), gguf_type
-    sizes = {kind: (tmp_path / f"{kind}.gguf").stat().st_size for kind in ("f16", "q8_0")}
-    assert sizes["q8_0"] < sizes["f16"]
+    sizes = {kind: (tmp_path / f"{kind}.gguf").stat().st_size for kind in ("f16", "q8_0", "q4_k_m")}
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
 
 
 @pytest.mark.parametrize("digits", [False, True])

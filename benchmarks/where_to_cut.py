@@ -1,0 +1,164 @@
+"""Where to cut for a given size: SmolLM2 compressed to the S1 and S2 parameter counts by different plans,
+with `mlp-fusion compress`'s default recipe, compared by held-out perplexity before any healing or task.
+
+Plans at each count: today's contiguous block (S1: layers 20-29 at 0.5; S2: layers 10-29 at 0.25); every
+layer at the one ratio that gives the same count (S1: 5/6, S2: 0.5); and `--budget` at that fraction over
+every layer (widths spread by each layer's calibrated error curve). The choice of plan is made on
+validation texts (WebNLG 2017 dev references, E2E dev references, SST-2 dev sentences) and reported on test
+texts (the same three test sets); 200 texts of each drawn at random (seed 0), reported per domain. One
+sampling seed (0): the recipe's calibration texts are the same for every plan. Plans are saved as they
+finish, and a rerun skips them.
+
+    python benchmarks/where_to_cut.py          # about half an hour on two cores
+    python benchmarks/where_to_cut.py --report # the section again from the saved results
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, publish, write_results  # noqa: E402
+
+from mlp_fusion import compress  # noqa: E402
+from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
+from mlp_fusion.loading import load_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+RAW = ROOT / "benchmarks" / "results" / "where-to-cut-smollm2.json"
+TEXTS = 200
+PLANS = {
+    "S1": {
+        "block 20-29 at 0.5": {"layers": "20-29", "ratio": 0.5},
+        "every layer at 5/6": {"layers": "all", "ratio": 5 / 6},
+        "budget 5/6 over every layer": {"layers": "all", "budget": 5 / 6},
+    },
+    "S2": {
+        "block 10-29 at 0.25": {"layers": "10-29", "ratio": 0.25},
+        "every layer at 0.5": {"layers": "all", "ratio": 0.5},
+        "budget 0.5 over every layer": {"layers": "all", "budget": 0.5},
+    },
+}
+
+
+def _draw(texts: list[str]) -> list[str]:
+    texts = list(dict.fromkeys(text for text in texts if text.strip()))
+    return [texts[index] for index in sorted(random.Random(0).sample(range(len(texts)), TEXTS))]
+
+
+def domains(split: str) -> dict[str, list[str]]:
+    """The three domains' texts of ``split`` ("validation" or "test")."""
+    webnlg = (
+        DATA / "webnlg2017" / "enriched_v1.6_flat" / ("dev.jsonl" if split == "validation" else "test.jsonl")
+    )
+    e2e = DATA / "e2e" / ("devset.csv" if split == "validation" else "testset_w_refs.csv")
+    sst2 = DATA / "sst2" / ("dev.tsv" if split == "validation" else "test.tsv")
+    with e2e.open() as handle:
+        references = [row["ref"] for row in csv.DictReader(handle)]
+    sentences = [
+        line.split("\t")[0 if split == "validation" else 1] for line in sst2.read_text().splitlines()[1:]
+    ]
+    return {
+        "webnlg": _draw([json.loads(line)["lex"][0]["text"] for line in webnlg.read_text().splitlines()]),
+        "e2e": _draw(references),
+        "sst2": _draw(sentences),
+    }
+
+
+def scores(model, tokenizer, texts: dict) -> dict:
+    return {split: {name: perplexity(model, tokenizer, group)["perplexity"] for name, group in sets.items()}
+            for split, sets in texts.items()}  # fmt: skip
+
+
+def run_plan(options: dict, texts: dict) -> dict:
+    start = time.perf_counter()
+    done = compress("smollm2", None, seed=0, **options)
+    seconds = time.perf_counter() - start
+    widths = [layer.width_after for layer in done.report.layers]
+    return {
+        "options": options, "compress_seconds": seconds, "parameters": done.model.num_parameters(),
+        "widths": widths, "perplexity": scores(done.model, done.tokenizer, texts),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--report", action="store_true", help="rewrite the section from the saved results")
+    if parser.parse_args().report:
+        print(report(json.loads(RAW.read_text())))
+        return
+    saved = json.loads(RAW.read_text()) if RAW.is_file() else {}
+    texts = {split: domains(split) for split in ("validation", "test")}
+    rows = saved.get("rows", {})
+    if "original" not in rows:
+        original = load_model("smollm2")
+        rows["original"] = {"parameters": original.model.num_parameters(),
+                            "perplexity": scores(original.model, original.tokenizer, texts)}  # fmt: skip
+    for cut, plans in PLANS.items():
+        for plan, options in plans.items():
+            key = f"{cut} | {plan}"
+            if key not in rows:
+                print(f"{key} ...", file=sys.stderr, flush=True)
+                rows[key] = run_plan(options, texts)
+                write_results(RAW, {"texts_per_domain": TEXTS, "rows": rows})
+    print(report(write_results(RAW, {"texts_per_domain": TEXTS, "rows": rows})))
+
+
+def _geometric_mean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(value) for value in values) / len(values))
+
+
+def report(results: dict) -> str:
+    rows = results["rows"]
+    original = rows["original"]["perplexity"]
+    table = [
+        "| cut | plan | parameters | validation (x original, geometric mean of 3) | test WebNLG | test E2E "
+        "| test SST-2 | test, x original (geometric mean) | compress s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    chosen = []
+    for cut, plans in PLANS.items():
+        done = {plan: rows[f"{cut} | {plan}"] for plan in plans if f"{cut} | {plan}" in rows}
+
+        def relative(row: dict, split: str) -> float:
+            return _geometric_mean(row["perplexity"][split][d] / original[split][d] for d in original[split])
+
+        for plan, row in done.items():
+            test = row["perplexity"]["test"]
+            table.append(
+                f"| {cut} | {plan} | {row['parameters'] / 1e6:.1f} M | {relative(row, 'validation'):.2f}x "
+                f"| {test['webnlg']:.1f} | {test['e2e']:.1f} | {test['sst2']:.1f} | {relative(row, 'test'):.2f}x "
+                f"| {row['compress_seconds']:.0f} |"
+            )
+        if done:
+            best = min(done, key=lambda plan: relative(done[plan], "validation"))
+            chosen.append(
+                f"{cut}: validation chooses **{best}** ({relative(done[best], 'test'):.2f}x on test)"
+            )
+    test = original["test"]
+    table.append(
+        f"| - | original | {rows['original']['parameters'] / 1e6:.1f} M | 1.00x | {test['webnlg']:.1f} "
+        f"| {test['e2e']:.1f} | {test['sst2']:.1f} | 1.00x | - |"
+    )
+    intro = (
+        "SmolLM2 compressed to the S1 and S2 parameter counts by three plans each, with the default recipe "
+        "(no healing), perplexity before any task. The plan is chosen on validation texts (WebNLG 2017 dev, "
+        "E2E dev, SST-2 dev) and reported on test texts (their test sets), "
+        f"{results['texts_per_domain']} of each drawn at random (seed 0); one sampling seed.\n\n"
+        + "\n".join(f"- {line}" for line in chosen)
+    )
+    return publish("where-to-cut-smollm2", intro, table, results, RAW)
+
+
+if __name__ == "__main__":
+    main()
