@@ -65,7 +65,7 @@ def llama_cpp_logits(path, ids: list[int], exact_cache: bool = True) -> np.ndarr
 def llama_cpp_tokens(path, text: str) -> list[int]:
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp is the serve extra: run `make serve`")
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    return llm.tokenize(text.encode(), add_bos=False, special=True)
+    return llm.tokenize(text.encode(), add_bos=True, special=True)  # BOS only where the file asks for it
 
 
 def test_float32_gguf_gives_the_fused_models_logits_in_llama_cpp_with_uneven_widths(tmp_path):

@@ -18,10 +18,8 @@ from .errors import UserError
 
 GGUF_MAGIC = b"GGUF"
 FLOAT_TYPES = ("f32", "f16")
-QUANTISED_TYPES = (
-    "q8_0",
-    "q4_k_m",
-)  # llama.cpp names; 4-bit rows whose width is no multiple of 256 fall back
+# llama.cpp's names; it keeps a matrix whose rows are no multiple of the type's block in a fallback type
+QUANTISED_TYPES = ("q8_0", "q4_k_m")
 GGUF_TYPES = FLOAT_TYPES + QUANTISED_TYPES
 ARCH = "deci"
 
