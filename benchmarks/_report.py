@@ -5,12 +5,14 @@ Kept apart from the benchmarks themselves so that importing it loads nothing but
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -114,3 +116,14 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip() + f"\n\n{block}\n"
     path.write_text(text)
+
+
+def rewrite_only(doc: str, raw: Path, report: Callable[[dict], str]) -> bool:
+    """Parse a benchmark's command line (its only option, ``--report``); with it, rewrite the benchmark's
+    section from the saved results ``raw`` and say so by returning True."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--report", action="store_true", help="rewrite the section from the saved results")
+    if not parser.parse_args().report:
+        return False
+    print(report(json.loads(raw.read_text())))
+    return True

@@ -22,7 +22,6 @@ model reaches is (speed-up - 1) / (allowed - 1).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish, write_results  # noqa: E402
+from _report import ROOT, publish, rewrite_only, write_results  # noqa: E402
 from study import ROWS, compressed  # noqa: E402
 
 import mlp_fusion  # noqa: E402
@@ -191,12 +190,7 @@ def parameters(name: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--report", action="store_true", help="rewrite the section from the saved results")
-    if parser.parse_args().report:
-        print(report(json.loads(RAW.read_text())))
+    if rewrite_only(__doc__, RAW, report):
         return
     torch.set_num_threads(THREADS)
     paths = export_all()

@@ -15,7 +15,6 @@ finish, and a rerun skips them.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, publish, write_results  # noqa: E402
+from _report import ROOT, publish, rewrite_only, write_results  # noqa: E402
 
 from mlp_fusion import compress  # noqa: E402
 from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
@@ -89,12 +88,7 @@ def run_plan(options: dict, texts: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--report", action="store_true", help="rewrite the section from the saved results")
-    if parser.parse_args().report:
-        print(report(json.loads(RAW.read_text())))
+    if rewrite_only(__doc__, RAW, report):
         return
     saved = json.loads(RAW.read_text()) if RAW.is_file() else {}
     texts = {split: domains(split) for split in ("validation", "test")}
