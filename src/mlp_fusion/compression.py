@@ -65,6 +65,7 @@ def compress(
     verify: bool = False,
     progress: Callable[[str], None] | None = None,
     heal: HealSettings | None = None,
+    size: float | None = None,
     **config_fields,
 ) -> Compressed:
     """Fuse ``source`` (a bundled alias, directory or hub id) and save it to ``out`` when given.
@@ -75,7 +76,9 @@ def compress(
     one layer at a time, calibrated with ``calibration_texts`` or the recipe's samples (drawn from the
     model loaded whole, released before fusing) unless ``verify`` or healing is asked for, or
     ``in_memory``; ``.streamed`` says which. ``heal`` with steps trains the compressed model toward the
-    original afterwards (:mod:`mlp_fusion.training.heal`; both models whole in memory).
+    original afterwards (:mod:`mlp_fusion.training.heal`; both models whole in memory). ``size`` (instead of
+    a ratio, width or budget) is the fraction of the model's parameters to keep, reached by a budget over
+    the chosen MLPs (every layer's unless ``layers`` says; :mod:`mlp_fusion.model_size`).
     """
     from .checkpoint_files import check_writable
     from .loading import LoadSettings, is_fused, resolve
@@ -86,6 +89,8 @@ def compress(
         raise UserError("calibration_samples and max_length must be at least 1")
     path = resolve(str(source))
     chosen = _recipe(recipe, source, path, calibration_texts is not None, say)
+    if size is not None:
+        config_fields.update(_fields_for_size(source, path, size, config, config_fields))
     if config is None:
         config = FusionConfig(**recipes.apply_recipe(chosen, config_fields))
     elif config_fields:
@@ -105,6 +110,18 @@ def compress(
     elif streamable:
         say(f"fusing in memory: {'--verify' if verify else 'healing'} needs the whole model")
     return _in_memory(job, verify)
+
+
+def _fields_for_size(source, path: Path | None, size: float, config, fields: dict) -> dict:
+    from .loading import is_fused
+    from .model_size import SIZE_PLAN, mlp_share_for_size, skeleton
+
+    if config is not None or any(fields.get(name) is not None for name in ("ratio", "width", "budget")):
+        raise UserError("give a size, or a ratio, width or budget, not both")
+    if path is not None and is_fused(path):
+        raise UserError(f"{source} is already fused: a size applies to the original model")
+    share = mlp_share_for_size(skeleton(str(path or source)), size, fields.get("layers") or "all")
+    return {SIZE_PLAN: share}
 
 
 @dataclass

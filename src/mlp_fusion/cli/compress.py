@@ -47,6 +47,11 @@ def add_parser(commands) -> None:
     )
     size = compress.add_mutually_exclusive_group()
     add_config_options(size, FusionConfig, ("ratio", "width", "budget"))
+    size.add_argument(
+        "--size", type=float,
+        help="fraction of the whole model's parameters to keep, e.g. 0.9 for 10%% fewer: a --budget over "
+        "every layer's MLP (or those of --layers) that reaches it",
+    )  # fmt: skip
     add_config_options(compress, FusionConfig, FUSION_OPTIONS)
     calibration = compress.add_argument_group("calibration-aware fusion")
     add_calibration_options(calibration)
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples, max_length=args.max_length, dtype=args.dtype,
         device=args.device, in_memory=args.in_memory, overwrite=args.overwrite,
         shard_bytes=shard_bytes(args), verify=args.verify, progress=log,
-        heal=HealSettings(**config_values(args, HealSettings)), **fields,
+        heal=HealSettings(**config_values(args, HealSettings)), size=args.size, **fields,
     )  # fmt: skip
     return _print_result(done.to_dict(), done.report, args.json)
 
