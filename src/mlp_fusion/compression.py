@@ -77,8 +77,8 @@ def compress(
     model loaded whole, released before fusing) unless ``verify`` or healing is asked for, or
     ``in_memory``; ``.streamed`` says which. ``heal`` with steps trains the compressed model toward the
     original afterwards (:mod:`mlp_fusion.training.heal`; both models whole in memory). ``size`` (instead of
-    a ratio, width or budget) is the fraction of the model's parameters to keep, reached by a budget over
-    the chosen MLPs (every layer's unless ``layers`` says; :mod:`mlp_fusion.model_size`).
+    a ratio, width or budget) is the fraction of the model's parameters to keep: one ratio over ``layers``
+    when they are given, else the plan measured best for a cut of that size (:mod:`mlp_fusion.model_size`).
     """
     from .checkpoint_files import check_writable
     from .loading import LoadSettings, is_fused, resolve
@@ -114,14 +114,13 @@ def compress(
 
 def _fields_for_size(source, path: Path | None, size: float, config, fields: dict) -> dict:
     from .loading import is_fused
-    from .model_size import SIZE_PLAN, mlp_share_for_size, skeleton
+    from .model_size import fields_for_size, skeleton
 
     if config is not None or any(fields.get(name) is not None for name in ("ratio", "width", "budget")):
         raise UserError("give a size, or a ratio, width or budget, not both")
     if path is not None and is_fused(path):
         raise UserError(f"{source} is already fused: a size applies to the original model")
-    share = mlp_share_for_size(skeleton(str(path or source)), size, fields.get("layers") or "all")
-    return {SIZE_PLAN: share}
+    return fields_for_size(skeleton(str(path or source)), size, fields.get("layers") or "all")
 
 
 @dataclass

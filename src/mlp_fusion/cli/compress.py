@@ -49,8 +49,8 @@ def add_parser(commands) -> None:
     add_config_options(size, FusionConfig, ("ratio", "width", "budget"))
     size.add_argument(
         "--size", type=float,
-        help="fraction of the whole model's parameters to keep, e.g. 0.9 for 10%% fewer: a --budget over "
-        "every layer's MLP (or those of --layers) that reaches it",
+        help="fraction of the whole model's parameters to keep, e.g. 0.9 for 10%% fewer; the layers and widths "
+        "follow the plan measured best for a cut of that size (one ratio over --layers when given)",
     )  # fmt: skip
     add_config_options(compress, FusionConfig, FUSION_OPTIONS)
     calibration = compress.add_argument_group("calibration-aware fusion")
