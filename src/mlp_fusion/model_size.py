@@ -87,7 +87,10 @@ def site_parameters(site: MlpSite) -> int:
 
 def skeleton(source: str) -> nn.Module:
     """The model ``source`` (a directory or hub id) names, built on the meta device: shapes, no weights."""
-    config = transformers.AutoConfig.from_pretrained(source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the config of {source}: {str(error).splitlines()[0]}") from None
     names = [name for name in getattr(config, "architectures", None) or [] if hasattr(transformers, name)]
     build = getattr(transformers, names[0]) if names else transformers.AutoModel.from_config
     return meta_model(build, config, torch.float32, Path(source))
