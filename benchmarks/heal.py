@@ -4,7 +4,8 @@ Each row compresses a model as `mlp-fusion compress` does (the default recipe, o
 same sampled calibration texts) at the S1 or S2 shape, then heals it toward the original on texts sampled
 from the original (one sampling seed per run), and measures perplexity at 0 and after each of STEPS
 healing steps on three held-out domains that no choice was made on and that never heal: WebNLG 2017 test
-texts, E2E test references and SST-2 test sentences (from ../shared/data), reported separately. Rows are
+texts, E2E test references and SST-2 test sentences (from ../shared/data; 200 of each drawn at random,
+`benchmarks/_held_out.py`), reported separately. Rows are
 saved as they finish, and a rerun skips them.
 
     python benchmarks/heal.py --models smollm2 --settings S1 --seeds 0     # one row first
@@ -15,7 +16,6 @@ saved as they finish, and a rerun skips them.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import sys
@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _held_out import DATA, domains, measure  # noqa: E402
 from _report import ROOT, publish, run_header  # noqa: E402
 
 from mlp_fusion import compress, recipes  # noqa: E402
-from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
 from mlp_fusion.training.heal import HealSettings, heal  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "heal.json"
 SETTINGS = {
     "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
@@ -39,28 +38,6 @@ SETTINGS = {
 ROWS = {"default": {}, "prune": {"method": "prune"}}  # compress options beyond the shape
 STEPS = (100, 300, 1000)
 HEALING = dict(heal_texts=1000, heal_lr=5e-5, heal_batch_size=8, heal_train="all")
-HELD_OUT = 200  # texts per domain
-
-
-def held_out_texts() -> dict[str, list[str]]:
-    """The three held-out domains, the first HELD_OUT texts of each test file."""
-    webnlg = (DATA / "webnlg2017" / "enriched_v1.6_flat" / "test.jsonl").read_text().splitlines()
-    with (DATA / "e2e" / "testset_w_refs.csv").open() as handle:
-        e2e = list(dict.fromkeys(row["ref"] for row in csv.DictReader(handle)))
-    sst2 = [line.split("\t", 1)[1] for line in (DATA / "sst2" / "test.tsv").read_text().splitlines()[1:]]
-    return {
-        "webnlg": [json.loads(line)["lex"][0]["text"] for line in webnlg[:HELD_OUT]],
-        "e2e": e2e[:HELD_OUT],
-        "sst2": sst2[:HELD_OUT],
-    }
-
-
-def measure(model, tokenizer, domains: dict[str, list[str]]) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
-    scores = {name: perplexity(model, tokenizer, texts)["perplexity"] for name, texts in domains.items()}
-    model.train(was_training)
-    return scores
 
 
 def run_row(model_name: str, row: str, setting: str, seed: int, domains: dict) -> dict:
@@ -137,7 +114,7 @@ def main() -> None:
         return step_cost()
     if not DATA.is_dir():
         raise SystemExit(f"needs the held-out texts in {DATA}")
-    domains = held_out_texts()
+    held_out = domains("test")
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {**run_header(), "runs": {}}
     for seed in map(int, args.seeds.split(",")):
         for model_name in args.models.split(","):
@@ -147,7 +124,7 @@ def main() -> None:
                     if key in results["runs"]:
                         continue
                     print(f"heal: {key}", file=sys.stderr, flush=True)
-                    results["runs"][key] = run_row(model_name, row, setting, seed, domains)
+                    results["runs"][key] = run_row(model_name, row, setting, seed, held_out)
                     RESULTS.parent.mkdir(parents=True, exist_ok=True)
                     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 

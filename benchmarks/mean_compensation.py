@@ -4,7 +4,7 @@ The default compress of SmolLM2 at the S1 shape (the study's seed-0 model; made 
 when missing) gets, layer after layer, a bias on each fused MLP's down projection equal to the mean of
 (original MLP - fused MLP) over every token of its own 128 calibration texts, each layer's inputs coming
 from the already compensated layers before it. Held-out perplexity before and after, on the validation
-texts of `benchmarks/where_to_cut.py` (a choice: keep it or not), against the original.
+texts of `benchmarks/_held_out.py` (a choice: keep it or not), against the original.
 
     python benchmarks/mean_compensation.py
 """
@@ -17,19 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _held_out import domains, measure  # noqa: E402
 from _report import ROOT, publish, rewrite_only, write_results  # noqa: E402
 from study import ROWS, compressed  # noqa: E402
-from where_to_cut import domains  # noqa: E402
 
 from mlp_fusion.batches import pad_right  # noqa: E402
-from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
 
 RAW = ROOT / "benchmarks" / "results" / "mean-compensation-smollm2.json"
-
-
-def scores(model, tokenizer, texts: dict) -> dict:
-    return {name: perplexity(model, tokenizer, group)["perplexity"] for name, group in texts.items()}
 
 
 def compensate(original, fused, batch: dict) -> dict[int, float]:
@@ -66,11 +61,11 @@ def main() -> None:
     batch = pad_right([tokenizer(text, truncation=True, max_length=128)["input_ids"] for text in calibration])
     texts = domains("validation")
     rows = {
-        "original": scores(original.model, tokenizer, texts),
-        "fused": scores(fused.model, tokenizer, texts),
+        "original": measure(original.model, tokenizer, texts),
+        "fused": measure(fused.model, tokenizer, texts),
     }
     norms = compensate(original.model, fused.model, batch)
-    rows["fused, mean compensated"] = scores(fused.model, tokenizer, texts)
+    rows["fused, mean compensated"] = measure(fused.model, tokenizer, texts)
     print(report(write_results(RAW, {"model": str(source), "bias_norms": norms, "rows": rows})))
 
 

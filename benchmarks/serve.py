@@ -60,11 +60,13 @@ def model_source(name: str) -> str:
     return "smollm2" if row is None else compressed(row, seed=0)[0]
 
 
-def export_all() -> dict[tuple[str, str], Path]:
-    """Every GGUF file measured: each model in TYPES, and the ordered-neurons ablation in q8_0."""
-    paths = {}
+def export_all() -> tuple[dict[tuple[str, str], Path], dict[str, int]]:
+    """Every GGUF file measured (each model in TYPES, and the ordered-neurons ablation in q8_0), and each
+    model's parameter count."""
+    paths, counts = {}, {}
     for name in MODELS:
         loaded = load_model(model_source(name))
+        counts[name] = loaded.model.num_parameters()
         for kind in (*TYPES, ORDERED):
             path = WORK / f"{name}-{kind}.gguf"
             if path.is_file():
@@ -74,7 +76,7 @@ def export_all() -> dict[tuple[str, str], Path]:
             else:
                 mlp_fusion.export(loaded.model, path, loaded.tokenizer, format="gguf", gguf_type=kind)
             paths[name, kind] = path
-    return paths
+    return paths, counts
 
 
 def _write_ordered_q8_0(loaded, path: Path) -> None:
@@ -185,22 +187,17 @@ def quality(paths: dict, texts: list[list[int]]) -> dict:
     return found
 
 
-def parameters(name: str) -> int:
-    return load_model(model_source(name)).model.num_parameters()
-
-
 def main() -> None:
     if rewrite_only(__doc__, RAW, report):
         return
     torch.set_num_threads(THREADS)
-    paths = export_all()
+    paths, counts = export_all()
     tokenizer = load_model("smollm2").tokenizer
     texts = [tokenizer(text)["input_ids"] for text in held_out_texts()]
     prompt = [token for ids in texts for token in ids][:PROMPT]
     timed_paths = {key: path for key, path in paths.items() if key[1] in TYPES}
     rounds = {threads: speeds(timed_paths, prompt, threads) for threads in SPEED_THREADS}
     scores = quality(paths, texts)
-    counts = {name: parameters(name) for name in MODELS}
     rows = {}
     for (name, kind), path in timed_paths.items():
         timed = {threads: list(zip(*rounds[threads][name, kind])) for threads in SPEED_THREADS}

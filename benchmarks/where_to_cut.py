@@ -15,24 +15,20 @@ finish, and a rerun skips them.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _held_out import TEXTS, domains, measure  # noqa: E402
 from _report import ROOT, publish, rewrite_only, write_results  # noqa: E402
 
 from mlp_fusion import compress  # noqa: E402
-from mlp_fusion.diagnostics.perplexity import perplexity  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
 RAW = ROOT / "benchmarks" / "results" / "where-to-cut-smollm2.json"
-TEXTS = 200
 PLANS = {
     "S1": {
         "block 20-29 at 0.5": {"layers": "20-29", "ratio": 0.5},
@@ -47,33 +43,8 @@ PLANS = {
 }
 
 
-def _draw(texts: list[str]) -> list[str]:
-    texts = list(dict.fromkeys(text for text in texts if text.strip()))
-    return [texts[index] for index in sorted(random.Random(0).sample(range(len(texts)), TEXTS))]
-
-
-def domains(split: str) -> dict[str, list[str]]:
-    """The three domains' texts of ``split`` ("validation" or "test")."""
-    webnlg = (
-        DATA / "webnlg2017" / "enriched_v1.6_flat" / ("dev.jsonl" if split == "validation" else "test.jsonl")
-    )
-    e2e = DATA / "e2e" / ("devset.csv" if split == "validation" else "testset_w_refs.csv")
-    sst2 = DATA / "sst2" / ("dev.tsv" if split == "validation" else "test.tsv")
-    with e2e.open() as handle:
-        references = [row["ref"] for row in csv.DictReader(handle)]
-    sentences = [
-        line.split("\t")[0 if split == "validation" else 1] for line in sst2.read_text().splitlines()[1:]
-    ]
-    return {
-        "webnlg": _draw([json.loads(line)["lex"][0]["text"] for line in webnlg.read_text().splitlines()]),
-        "e2e": _draw(references),
-        "sst2": _draw(sentences),
-    }
-
-
 def scores(model, tokenizer, texts: dict) -> dict:
-    return {split: {name: perplexity(model, tokenizer, group)["perplexity"] for name, group in sets.items()}
-            for split, sets in texts.items()}  # fmt: skip
+    return {split: measure(model, tokenizer, sets) for split, sets in texts.items()}
 
 
 def run_plan(options: dict, texts: dict) -> dict:

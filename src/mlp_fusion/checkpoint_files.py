@@ -54,6 +54,12 @@ def weight_files(directory: Path) -> list[Path]:
     return [directory / name for name in names]
 
 
+def named_classes(config) -> list[type]:
+    """The transformers model classes the config's ``architectures`` name (those transformers has)."""
+    names = getattr(config, "architectures", None) or []
+    return [getattr(transformers, name) for name in names if hasattr(transformers, name)]
+
+
 def meta_model(build: Callable, config, dtype: torch.dtype, directory: Path) -> nn.Module:
     """``build(config)`` on the meta device (shapes only, no storage) in ``dtype``, with the generation
     config ``directory`` holds."""

@@ -88,8 +88,8 @@ def write_float_gguf(plain: nn.Module, path: Path, tokenizer, gguf_type: str) ->
                 continue  # rotary frequencies: llama.cpp derives them from the hyper-parameters
             raise UserError(f"cannot export to GGUF: no llama.cpp tensor for {name}")
         data = _for_llama_cpp(name, tensor.detach().float(), config)
-        dtype = "f16" if gguf_type == "f16" and data.dim() > 1 else "f32"
-        writer.add_tensor(target, data.numpy().astype("float16" if dtype == "f16" else "float32"))
+        half = gguf_type == "f16" and data.dim() > 1  # norms and biases stay float32
+        writer.add_tensor(target, data.numpy().astype("float16" if half else "float32"))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

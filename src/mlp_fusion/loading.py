@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .checkpoint_files import atomic_directory, resolve_dtype
+from .checkpoint_files import atomic_directory, named_classes, resolve_dtype
 from .errors import UserError, first_line
 from .persistence import FUSION_FILE, from_pretrained
 
@@ -263,8 +263,7 @@ def _from_pretrained(name: str, settings: LoadSettings) -> torch.nn.Module:
     """The class the config names; the bare model instead when the checkpoint lacks that class's head and
     the head is not what the model is for (an encoder saved without its pre-training head)."""
     config = transformers.AutoConfig.from_pretrained(name)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    model_class = next(iter(named_classes(config)), None)
     options = transformers_options(settings)
     missing: list[str] = []
     if model_class is not None:

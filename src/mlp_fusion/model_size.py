@@ -20,7 +20,7 @@ import torch
 import transformers
 from torch import nn
 
-from .checkpoint_files import meta_model
+from .checkpoint_files import meta_model, named_classes
 from .config import parse_layers
 from .errors import UserError
 from .families import find_sites
@@ -47,17 +47,18 @@ def fields_for_size(model: nn.Module, size: float, layers="all") -> dict:
     follows the size (see the module's note)."""
     size = check_size(size)
     sites = find_sites(model)
+    if not sites:
+        raise UserError(f"{type(model).__name__} has no MLP that mlp-fusion can narrow")
     if parse_layers(layers) != "all":
         return {"layers": layers, "ratio": mlp_share_for_size(model, size, sites, parse_layers(layers))}
     if size >= BUDGET_FROM or any(site.stack for site in sites):
         return {"layers": "all", "budget": mlp_share_for_size(model, size, sites, "all")}
     last = max(site.layer for site in sites)
-    for first in range(last, -1, -1):  # the shortest block of last layers that reaches the size
-        block = list(range(first, last + 1))
-        share = mlp_share_for_size(model, size, sites, block, refuse=first == 0)
-        if share >= BLOCK_RATIO - 1e-9 or first == 0:
+    for first in range(last, 0, -1):  # the shortest block of last layers that keeps them at BLOCK_RATIO
+        share = mlp_share_for_size(model, size, sites, list(range(first, last + 1)), refuse=False)
+        if share >= BLOCK_RATIO - 1e-9:
             return {"layers": f"{first}-{last}", "ratio": share}
-    raise UserError("the model has no layers to narrow")
+    return {"layers": f"0-{last}", "ratio": mlp_share_for_size(model, size, sites, list(range(last + 1)))}
 
 
 def mlp_share_for_size(
@@ -91,6 +92,5 @@ def skeleton(source: str) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read the config of {source}: {str(error).splitlines()[0]}") from None
-    names = [name for name in getattr(config, "architectures", None) or [] if hasattr(transformers, name)]
-    build = getattr(transformers, names[0]) if names else transformers.AutoModel.from_config
+    build = next(iter(named_classes(config)), transformers.AutoModel.from_config)
     return meta_model(build, config, torch.float32, Path(source))

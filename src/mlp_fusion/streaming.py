@@ -28,6 +28,7 @@ from .checkpoint_files import (
     atomic_directory,
     check_writable,
     meta_model,
+    named_classes,
     shared_names,
     weight_files,
     write_side_files,
@@ -173,8 +174,7 @@ def _meta_model(source: Path, reader: CheckpointReader, dtype: torch.dtype | Non
     stored = getattr(config, "dtype", None)
     stored = DTYPES.get(str(stored).removeprefix("torch."), None) if stored is not None else None
     dtype = dtype or stored or reader.first_dtype or torch.float32
-    names = [a for a in getattr(config, "architectures", None) or [] if hasattr(transformers, a)]
-    builders = [getattr(transformers, name) for name in names] + [transformers.AutoModel.from_config]
+    builders = [*named_classes(config), transformers.AutoModel.from_config]
     for build in builders:
         model = meta_model(build, config, dtype, source)
         if _names_match(model, reader):
