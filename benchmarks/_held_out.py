@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 
+import numpy as np
 from _report import ROOT
 
-from mlp_fusion.diagnostics.perplexity import perplexity
+from mlp_fusion.diagnostics.perplexity import perplexity, text_losses
 
 DATA = ROOT.parent / "shared" / "data"
 TEXTS = 200
@@ -43,3 +45,46 @@ def measure(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, float]:
     scores = {name: perplexity(model, tokenizer, group)["perplexity"] for name, group in texts.items()}
     model.train(was_training)
     return scores
+
+
+def measure_losses(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, list[list[float]]]:
+    """Each domain's per-text ``[nll, predicted tokens]`` (in the order of ``texts``), the model in eval mode
+    meanwhile: what :func:`ratio_interval` resamples."""
+    was_training = model.training
+    model.eval()
+    scores = {
+        name: [list(pair) for pair in text_losses(model, tokenizer, group)[0]]
+        for name, group in texts.items()
+    }
+    model.train(was_training)
+    return scores
+
+
+def perplexity_of(losses: list[list[float]], rows=slice(None)) -> float:
+    """The perplexity of the texts ``rows`` picks from per-text ``[nll, tokens]`` pairs."""
+    pairs = np.asarray(losses, dtype=np.float64)[rows]
+    return math.exp(pairs[:, 0].sum() / pairs[:, 1].sum())
+
+
+def ratio_interval(
+    runs: list[list[list[float]]], base: list[list[list[float]]], resamples: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """The perplexity of ``runs`` over that of ``base`` (each a list of per-seed per-text losses, seeds paired
+    by position; a single base run serves every seed) as the geometric mean over seeds, and its 95%
+    paired-bootstrap interval over texts (every resample draws one multiset of texts for all seeds):
+    (ratio, low, high)."""
+    texts = len(runs[0])
+    if any(len(run) != texts for run in (*runs, *base)):
+        raise ValueError("every run must score the same texts")
+    pairs = [(run, base[i] if len(base) > 1 else base[0]) for i, run in enumerate(runs)]
+
+    def ratio(rows) -> float:
+        return math.exp(
+            sum(math.log(perplexity_of(run, rows) / perplexity_of(other, rows)) for run, other in pairs)
+            / len(pairs)
+        )
+
+    draw = np.random.default_rng(seed)
+    resampled = [ratio(draw.integers(0, texts, texts)) for _ in range(resamples)]
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return ratio(slice(None)), float(low), float(high)

@@ -1,29 +1,37 @@
 """Healing after compression: held-out perplexity against healing steps and CPU minutes.
 
-Each row compresses a model as `mlp-fusion compress` does (the default recipe, or calibrated pruning on the
-same sampled calibration texts) at the S1 or S2 shape, then heals it toward the original on texts sampled
-from the original (one sampling seed per run), and measures perplexity at 0 and after each of STEPS
-healing steps on three held-out domains that no choice was made on and that never heal: WebNLG 2017 test
-texts, E2E test references and SST-2 test sentences (from ../shared/data; 200 of each drawn at random,
-`benchmarks/_held_out.py`), reported separately. Rows are
-saved as they finish, and a rerun skips them.
+Two steps, as every study here (METHOD.md section 11):
 
-    python benchmarks/heal.py --models smollm2 --settings S1 --seeds 0     # one row first
-    python benchmarks/heal.py                                               # every row (hours)
-    python benchmarks/heal.py --step-cost        # seconds per healing step and peak memory, SmolLM2 at S1
+- ``choose``: which weights heal and at what rate, on validation texts (WebNLG 2017 dev, E2E dev, SST-2
+  dev; 200 of each drawn at random, `benchmarks/_held_out.py`). SmolLM2 compressed as `mlp-fusion compress`
+  does at S1 (layers 20-29 at 0.5), healed by each candidate for CHOICE_STEPS steps on texts sampled from
+  the original (sampling seed 0); the lowest perplexity over the original (geometric mean of the three
+  domains) at the last step wins. Each candidate is saved as it finishes.
+- ``test``: each row compressed (the default recipe, or calibrated pruning on the same sampled calibration
+  texts) at S1 or S2, healed with the chosen settings on texts sampled from the original (one sampling seed
+  per run), perplexity measured at 0 and after each of STEPS on the test texts of the same three domains
+  (never healed on, no choice made on them), every text's loss kept so that comparisons get paired
+  intervals. Refused until ``choose`` has run.
+
+Healing texts are sampled once per model and seed and kept under out/heal/ (sampling is timed there).
+
+    python benchmarks/heal.py choose
+    python benchmarks/heal.py test --models smollm2 --settings S1 --seeds 0
+    python benchmarks/heal.py step-cost      # seconds per healing step and peak memory, SmolLM2 at S1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _held_out import DATA, domains, measure  # noqa: E402
+from _held_out import DATA, domains, measure_losses, perplexity_of  # noqa: E402
 from _report import ROOT, publish, run_header  # noqa: E402
 
 from mlp_fusion import compress, recipes  # noqa: E402
@@ -31,49 +39,138 @@ from mlp_fusion.loading import load_model  # noqa: E402
 from mlp_fusion.training.heal import HealSettings, heal  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "heal.json"
+CHOICES = RESULTS.with_name("heal-choices.json")
+WORK = ROOT / "out" / "heal"
 SETTINGS = {
     "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
     "gemma3": {"S1": ("12-17", 0.5), "S2": ("6-17", 0.25)},
 }
 ROWS = {"default": {}, "prune": {"method": "prune"}}  # compress options beyond the shape
-STEPS = (100, 300, 1000)
-HEALING = dict(heal_texts=1000, heal_lr=5e-5, heal_batch_size=8, heal_train="all")
+TEXTS = 1000  # healing texts sampled per model and seed
+CANDIDATES = {  # which weights heal, and the rate
+    "all, 5e-5": dict(heal_train="all", heal_lr=5e-5),
+    "all, 2e-4": dict(heal_train="all", heal_lr=2e-4),
+    "layers, 5e-5": dict(heal_train="layers", heal_lr=5e-5),
+    "layers, 2e-4": dict(heal_train="layers", heal_lr=2e-4),
+    "mlps, 2e-4": dict(heal_train="mlps", heal_lr=2e-4),
+    "mlps, 1e-3": dict(heal_train="mlps", heal_lr=1e-3),
+}
+CHOICE_STEPS = (50, 100)
+STEPS = (100, 200, 300)
+HEALING = dict(heal_texts=TEXTS, heal_batch_size=8)
 
 
-def run_row(model_name: str, row: str, setting: str, seed: int, domains: dict) -> dict:
-    layers, ratio = SETTINGS[model_name][setting]
-    original = load_model(model_name)
-    start = time.perf_counter()
-    done = compress(model_name, layers=layers, ratio=ratio, **ROWS[row])
-    compress_seconds = time.perf_counter() - start
-    sampling = recipes.fitted_sampling(
-        recipes.Sampling(count=HEALING["heal_texts"], seed=seed), original.model
-    )
+def healing_texts(model_name: str, seed: int, original) -> tuple[list[str], float]:
+    """TEXTS texts sampled from the original model with ``seed`` (as compress samples them), and the
+    seconds that took; kept in out/heal/ so that every run of the seed heals on the same texts."""
+    path = WORK / "texts" / f"{model_name}-seed{seed}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return saved["texts"], saved["seconds"]
+    sampling = recipes.fitted_sampling(recipes.Sampling(count=TEXTS, seed=seed), original.model)
     start = time.perf_counter()
     texts = recipes.sample_texts(original.model, original.tokenizer, sampling)
-    sampling_seconds = time.perf_counter() - start
-    curve = {0: {"perplexity": measure(done.model, done.tokenizer, domains), "heal_seconds": 0.0}}
-    healing_seconds = [0.0]
-    clock = [time.perf_counter()]
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": seconds, "texts": texts}))
+    return texts, seconds
+
+
+def compressed(model_name: str, row: str, setting: str, seed: int) -> tuple[Path, float]:
+    """The row's compressed model, made once (as `mlp-fusion compress` makes it, with ``seed``) and kept
+    under out/heal/; and the seconds compress took."""
+    layers, ratio = SETTINGS[model_name][setting]
+    out = WORK / "models" / f"{model_name}-{setting}-{row}-seed{seed}"
+    record = out / "compress-seconds.json"
+    if not record.is_file():
+        start = time.perf_counter()
+        compress(model_name, out, layers=layers, ratio=ratio, seed=seed, overwrite=True, **ROWS[row])
+        record.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return out, json.loads(record.read_text())["seconds"]
+
+
+def curve(model_name: str, row: str, setting: str, seed: int, settings: HealSettings, texts, steps) -> dict:
+    """Heal the row's compressed model with ``settings``; its per-text losses on ``texts`` (held-out
+    domains) at 0 and after each of ``steps``, with the healing seconds up to there."""
+    original = load_model(model_name)
+    path, compress_seconds = compressed(model_name, row, setting, seed)
+    student = load_model(str(path))
+    heal_on, sampling_seconds = healing_texts(model_name, settings.heal_seed, original)
+    points = {0: {"losses": measure_losses(student.model, student.tokenizer, texts), "heal_seconds": 0.0}}
+    elapsed, clock = [0.0], [time.perf_counter()]
 
     def after_step(step: int) -> None:
-        healing_seconds[0] += time.perf_counter() - clock[0]
-        if step in STEPS:
-            curve[step] = {
-                "perplexity": measure(done.model, done.tokenizer, domains),
-                "heal_seconds": healing_seconds[0],
-            }
+        elapsed[0] += time.perf_counter() - clock[0]
+        if step in steps:
+            losses = measure_losses(student.model, student.tokenizer, texts)
+            points[step] = {"losses": losses, "heal_seconds": elapsed[0]}
         clock[0] = time.perf_counter()  # measuring is not healing
 
-    settings = HealSettings(heal_steps=max(STEPS), heal_seed=seed, **HEALING)
-    heal(done.model, original.model, original.tokenizer, texts, settings, after_step=after_step)
+    done = heal(student.model, original.model, original.tokenizer, heal_on, settings, after_step=after_step)
     return {
-        "model": model_name, "row": row, "setting": setting, "layers": layers, "ratio": ratio, "seed": seed,
-        "params": done.report.params_after, "params_original": done.report.params_before,
-        "original_perplexity": measure(original.model, original.tokenizer, domains),
-        "compress_seconds": compress_seconds, "sampling_seconds": sampling_seconds, "texts": len(texts),
-        "curve": curve, "healing": settings.record(),
+        "model": model_name, "row": row, "setting": setting, "seed": seed, "healing": done,
+        "compress_seconds": compress_seconds, "sampling_seconds": sampling_seconds, "texts": len(heal_on),
+        "original": measure_losses(original.model, original.tokenizer, texts), "curve": points,
     }  # fmt: skip
+
+
+def ratio_to_original(run: dict, step: int) -> float:
+    """The geometric mean over domains of the run's perplexity at ``step`` over the original's."""
+    losses, original = run["curve"][step]["losses"], run["original"]
+    logs = [math.log(perplexity_of(losses[d]) / perplexity_of(original[d])) for d in original]
+    return math.exp(sum(logs) / len(logs))
+
+
+def choose() -> None:
+    """Every candidate on validation texts (SmolLM2 at S1, sampling seed 0), saved as each finishes."""
+    record = json.loads(CHOICES.read_text()) if CHOICES.is_file() else {**run_header(), "runs": {}}
+    texts = domains("validation")
+    for name, candidate in CANDIDATES.items():
+        if name in record["runs"]:
+            continue
+        print(f"heal choose: {name}", file=sys.stderr, flush=True)
+        settings = HealSettings(heal_steps=max(CHOICE_STEPS), heal_seed=0, **HEALING, **candidate)
+        run = curve("smollm2", "default", "S1", 0, settings, texts, CHOICE_STEPS)
+        run["curve"] = {str(step): point for step, point in run["curve"].items()}
+        record["runs"][name] = run
+        CHOICES.parent.mkdir(parents=True, exist_ok=True)
+        CHOICES.write_text(json.dumps(record) + "\n")
+    print(json.dumps(chosen(), indent=2))
+
+
+def chosen() -> dict | None:
+    """The candidate with the lowest validation perplexity over the original at the last choice step, once
+    every candidate has run (None before)."""
+    runs = json.loads(CHOICES.read_text())["runs"] if CHOICES.is_file() else {}
+    if any(name not in runs for name in CANDIDATES):
+        return None
+    last = str(max(CHOICE_STEPS))
+    best = min(CANDIDATES, key=lambda name: ratio_to_original(runs[name], last))
+    return {"candidate": best, **CANDIDATES[best]}
+
+
+def test(models: list[str], settings: list[str], rows: list[str], seeds: list[int]) -> None:
+    """Every row at the chosen settings on the test texts, seeds going round first; saved as each ends."""
+    choice = chosen()
+    if choice is None:
+        raise SystemExit("no healing settings chosen on validation yet: run `heal.py choose` first")
+    candidate = {key: value for key, value in choice.items() if key != "candidate"}
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {**run_header(), "runs": {}}
+    texts = domains("test")
+    for seed in seeds:
+        for model_name in models:
+            for setting in settings:
+                for row in rows:
+                    key = f"{model_name} | {row} | {setting} | seed {seed}"
+                    if key in results["runs"]:
+                        continue
+                    print(f"heal: {key}", file=sys.stderr, flush=True)
+                    healing = HealSettings(heal_steps=max(STEPS), heal_seed=seed, **HEALING, **candidate)
+                    run = curve(model_name, row, setting, seed, healing, texts, STEPS)
+                    run["curve"] = {str(step): point for step, point in run["curve"].items()}
+                    results["runs"][key] = run
+                    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+                    RESULTS.write_text(json.dumps(results) + "\n")
 
 
 def step_cost(steps: int = 10) -> None:
@@ -104,29 +201,20 @@ def step_cost(steps: int = 10) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("step", choices=("choose", "test", "step-cost"))
     parser.add_argument("--models", default="smollm2,gemma3")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--settings", default="S1,S2")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--step-cost", action="store_true", help="only time healing steps (SmolLM2, S1)")
     args = parser.parse_args()
-    if args.step_cost:
+    if args.step == "step-cost":
         return step_cost()
     if not DATA.is_dir():
         raise SystemExit(f"needs the held-out texts in {DATA}")
-    held_out = domains("test")
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {**run_header(), "runs": {}}
-    for seed in map(int, args.seeds.split(",")):
-        for model_name in args.models.split(","):
-            for setting in args.settings.split(","):
-                for row in args.rows.split(","):
-                    key = f"{model_name} | {row} | {setting} | seed {seed}"
-                    if key in results["runs"]:
-                        continue
-                    print(f"heal: {key}", file=sys.stderr, flush=True)
-                    results["runs"][key] = run_row(model_name, row, setting, seed, held_out)
-                    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-                    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    if args.step == "choose":
+        return choose()
+    names = [getattr(args, name).split(",") for name in ("models", "settings", "rows")]
+    test(*names, [int(seed) for seed in args.seeds.split(",")])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import transformers as tf
 from tiny_models import build, save_tokenizer
 
 from mlp_fusion import FusionConfig, fuse, save_pretrained
-from mlp_fusion.diagnostics.perplexity import perplexity
+from mlp_fusion.diagnostics.perplexity import perplexity, text_losses
 
 TEXTS = [
     "the movie was good",
@@ -99,3 +99,14 @@ def test_texts_longer_than_the_position_limit_are_cut_to_it(cli, tmp_path):
     assert result["max_length"] == limit and "position limit" in stderr
     tokenizer = tf.AutoTokenizer.from_pretrained(tmp_path / "gpt2")
     assert result["tokens"] == (limit - 1) + len(tokenizer(TEXTS[0])["input_ids"]) - 1
+
+
+def test_text_losses_are_per_text_in_the_order_given(lm_dir):
+    model = tf.LlamaForCausalLM.from_pretrained(lm_dir).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(lm_dir)
+    losses, _ = text_losses(model, tokenizer, TEXTS, batch_size=3)  # sorted into batches by length
+    assert len(losses) == len(TEXTS)
+    for text, (nll, count) in zip(TEXTS, losses):
+        expected, expected_count = hand_computed(model, tokenizer, [text])
+        assert count == expected_count
+        assert math.exp(nll / count) == pytest.approx(expected, rel=1e-6)

@@ -120,3 +120,20 @@ def test_healing_brings_a_compressed_smollm2_closer_to_the_original_on_texts_it_
     original = load_model("smollm2")
     base = perplexity(original.model, original.tokenizer, held_out)["perplexity"]
     assert base < scores["healed"] < 0.8 * scores["compressed"], scores
+
+
+def test_the_bfloat16_sampler_draws_from_nearly_smollm2s_own_distribution():
+    """Calibration and healing texts are decoded by a bfloat16 copy of the weights: its next-token
+    distributions on real text stay close to the float32 model's."""
+    from mlp_fusion.batches import PROBE_SENTENCES
+    from mlp_fusion.recipes import in_dtype
+
+    loaded = load_model("smollm2")
+    batch = loaded.tokenizer(PROBE_SENTENCES[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        exact = loaded.model(**batch).logits.log_softmax(-1)
+        rounded = in_dtype(loaded.model, "bfloat16")(**batch).logits.float().log_softmax(-1)
+    keep = batch["attention_mask"].bool()
+    kl = (exact.exp() * (exact - rounded)).sum(-1)[keep]
+    assert float(kl.mean()) < 0.01 and float(kl.max()) < 0.1, (float(kl.mean()), float(kl.max()))
+    assert (exact.argmax(-1) == rounded.argmax(-1))[keep].float().mean() > 0.9  # measured 0.97 (near ties)

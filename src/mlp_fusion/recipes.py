@@ -12,6 +12,7 @@ SST-2.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,6 +41,9 @@ class Sampling:
     temperature: float = 1.0
     seed: int = 0
     batch_size: int = 128  # rows decoded together: larger batches measured faster on a 2-core CPU
+    # the precision the sampler decodes in (the model's own: None); bfloat16 decoded N times faster than
+    # float32 on a 2-core CPU (BENCHMARKS.md, benchmarks/sampling.py)
+    dtype: str | None = "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -123,13 +127,14 @@ def sample_texts(model: nn.Module, tokenizer, sampling: Sampling) -> list[str]:
     texts: list[str] = []
     was_training = model.training
     model.eval()
+    sampler = in_dtype(model, sampling.dtype)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(sampling.seed)
             for first in range(0, sampling.count, sampling.batch_size):
                 rows = min(sampling.batch_size, sampling.count - first)
                 ids = sample_ids(
-                    model, start, end, rows, sampling.new_tokens, sampling.top_p, sampling.temperature
+                    sampler, start, end, rows, sampling.new_tokens, sampling.top_p, sampling.temperature
                 )
                 for text in tokenizer.batch_decode(ids, skip_special_tokens=True):
                     line = " ".join(text.split())
@@ -137,9 +142,25 @@ def sample_texts(model: nn.Module, tokenizer, sampling: Sampling) -> list[str]:
                         texts.append(line)
     finally:
         model.train(was_training)
+        del sampler
     if not texts:
         raise UserError("the model produced only empty samples; give --calibration FILE")
     return texts
+
+
+def in_dtype(model: nn.Module, dtype: str | None) -> nn.Module:
+    """``model`` with its weights in ``dtype``: itself when they already are (or ``dtype`` is None), else a
+    copy (the weights' memory once more at that precision, while the copy lives). Buffers keep their
+    precision: rotary frequencies rounded to bfloat16 would turn late positions by a visible angle."""
+    wanted = getattr(torch, dtype) if dtype is not None else None
+    weights = [p for p in model.parameters() if p.is_floating_point()]
+    if wanted is None or all(p.dtype == wanted for p in weights):
+        return model
+    copied = copy.deepcopy(model)
+    for parameter in copied.parameters():  # tied weights are one parameter, converted once
+        if parameter.is_floating_point():
+            parameter.data = parameter.data.to(wanted)
+    return copied
 
 
 def _token_id(model: nn.Module, tokenizer, kind: str) -> int | None:
