@@ -63,11 +63,11 @@ HEALING = dict(heal_texts=TEXTS, heal_batch_size=8)
 def healing_texts(model_name: str, seed: int, original) -> tuple[list[str], float]:
     """TEXTS texts sampled from the original model with ``seed`` (as compress samples them), and the
     seconds that took; kept in out/heal/ so that every run of the seed heals on the same texts."""
-    path = WORK / "texts" / f"{model_name}-seed{seed}.json"
+    sampling = recipes.fitted_sampling(recipes.Sampling(count=TEXTS, seed=seed), original.model)
+    path = WORK / "texts" / f"{model_name}-seed{seed}-{sampling.dtype}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         return saved["texts"], saved["seconds"]
-    sampling = recipes.fitted_sampling(recipes.Sampling(count=TEXTS, seed=seed), original.model)
     start = time.perf_counter()
     texts = recipes.sample_texts(original.model, original.tokenizer, sampling)
     seconds = time.perf_counter() - start
