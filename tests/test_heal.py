@@ -62,6 +62,16 @@ def test_healing_lowers_the_kl_to_the_original_and_keeps_the_scales(pair, train)
     assert all(p.requires_grad for p in fused.parameters())  # given back trainable
 
 
+def test_healing_in_bfloat16_lowers_the_kl_and_keeps_float32_weights(pair):
+    original, fused, tokenizer = pair
+    before = _kl(fused, original)
+    settings = HealSettings(heal_steps=30, heal_lr=3e-3, heal_precision="bfloat16")
+    done = heal(fused, original, tokenizer, TEXTS, settings)
+    assert _kl(fused, original) < 0.9 * before and done["precision"] == "bfloat16"
+    assert {p.dtype for p in fused.parameters()} == {torch.float32}
+    assert {p.dtype for p in original.parameters()} == {torch.float32}
+
+
 def test_a_stopped_heal_resumes_to_the_tensors_of_one_that_never_stopped(pair, tmp_path):
     original, fused, tokenizer = pair
     settings = HealSettings(heal_steps=60, heal_lr=3e-3, heal_batch_size=4)

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         if healed:
             print(
                 f"healed: {healed['steps']} steps on {healed['texts']} {healed['source']} texts, lr {healed['lr']}, "
-                f"{healed['train']} weights, KL {healed['kl_first']:.4f} -> {healed['kl_last']:.4f}"
+                f"{healed['train']} weights, {healed.get('precision', 'float32')}, "
+                f"KL {healed['kl_first']:.4f} -> {healed['kl_last']:.4f}"
             )
     print(
         f"{'layer':>5} {'experts':>7} {'width':>13} {'method':>7} {'scale':>5} {'rank':>5}  settings / module"

@@ -34,6 +34,7 @@ from ..records import fusion_records
 from .distill import fused_tensors, next_token_kl
 
 TRAINED = ("all", "layers", "mlps")
+PRECISIONS = ("bfloat16", "float32")
 SAVE_EVERY = 25
 
 
@@ -68,6 +69,14 @@ class HealSettings:
         },
     )
     heal_seed: int = field(default=0, metadata={"help": "seed of the healing texts and of their order"})
+    heal_precision: str = field(
+        default="float32",
+        metadata={
+            "help": "the precision of the models' matrix products while healing: 'bfloat16' (autocast; the "
+            "weights, their gradients and the optimizer stay float32) or 'float32'",
+            "choices": PRECISIONS,
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.heal_data, str):
@@ -81,6 +90,10 @@ class HealSettings:
             raise UserError(f"--heal-lr must be above 0, not {self.heal_lr}")
         if self.heal_train not in TRAINED:
             raise UserError(f"unknown --heal-train {self.heal_train!r}: choose one of {', '.join(TRAINED)}")
+        if self.heal_precision not in PRECISIONS:
+            raise UserError(
+                f"unknown --heal-precision {self.heal_precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
 
     def record(self) -> dict:
         """The settings as ``fusion.json`` keeps them (without the ``heal_`` prefixes)."""
@@ -118,9 +131,11 @@ def heal(
             inputs = {key: value[rows] for key, value in batch.items()}
             longest = int(inputs["attention_mask"].sum(1).max())
             inputs = {key: value[:, :longest] for key, value in inputs.items()}
-            with torch.no_grad():
-                target = teacher(**inputs).logits
-            loss = next_token_kl(student(**inputs).logits, target, inputs["attention_mask"])
+            with _precision(student, settings.heal_precision):
+                with torch.no_grad():
+                    target = teacher(**inputs).logits
+                logits = student(**inputs).logits
+            loss = next_token_kl(logits, target, inputs["attention_mask"])  # in float32
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -142,6 +157,12 @@ def heal(
         "kl_last": kls[-1] if kls else None,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _precision(model: nn.Module, precision: str):
+    """Autocast to bfloat16 on the model's device, or nothing (float32)."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
