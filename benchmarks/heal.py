@@ -6,7 +6,8 @@ Two steps, as every study here (METHOD.md section 11):
   dev; 200 of each drawn at random, `benchmarks/_held_out.py`). SmolLM2 compressed as `mlp-fusion compress`
   does at S1 (layers 20-29 at 0.5), healed by each candidate for CHOICE_STEPS steps on texts sampled from
   the original (sampling seed 0); the lowest perplexity over the original (geometric mean of the three
-  domains) at the last step wins. Each candidate is saved as it finishes.
+  domains) at the last step wins. That candidate then heals in bfloat16 (`--heal-precision`), which is
+  taken when it ends at most 1% above float32. Each run is saved as it finishes.
 - ``test``: each row compressed (the default recipe, or calibrated pruning on the same sampled calibration
   texts) at S1 or S2, healed with the chosen settings on texts sampled from the original (one sampling seed
   per run), perplexity measured at 0 and after each of STEPS on the test texts of the same three domains
@@ -56,15 +57,20 @@ CANDIDATES = {  # which weights heal, and the rate
     "mlps, 1e-3": dict(heal_train="mlps", heal_lr=1e-3),
 }
 CHOICE_STEPS = (50, 100)
+PRECISION_TOLERANCE = 1.01  # bfloat16 healing is taken when its ratio to the original is at most 1% higher
+# the choices heal on texts of the float32 sampler (the default before bfloat16); results on the default's
+CHOICE_SAMPLING, SAMPLING = None, recipes.Sampling.dtype
 STEPS = (100, 200, 300)
 HEALING = dict(heal_texts=TEXTS, heal_batch_size=8)
 
 
-def healing_texts(model_name: str, seed: int, original) -> tuple[list[str], float]:
-    """TEXTS texts sampled from the original model with ``seed`` (as compress samples them), and the
-    seconds that took; kept in out/heal/ so that every run of the seed heals on the same texts."""
-    sampling = recipes.fitted_sampling(recipes.Sampling(count=TEXTS, seed=seed), original.model)
-    path = WORK / "texts" / f"{model_name}-seed{seed}-{sampling.dtype}.json"
+def healing_texts(model_name: str, seed: int, original, dtype: str | None) -> tuple[list[str], float]:
+    """TEXTS texts sampled from the original model with ``seed`` (as compress samples them, decoding in
+    ``dtype``), and the seconds that took; kept in out/heal/ so that every run of the seed heals on the
+    same texts."""
+    sampling = recipes.Sampling(count=TEXTS, seed=seed, dtype=dtype)
+    sampling = recipes.fitted_sampling(sampling, original.model)
+    path = WORK / "texts" / f"{model_name}-seed{seed}-{dtype or 'float32'}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         return saved["texts"], saved["seconds"]
@@ -89,13 +95,16 @@ def compressed(model_name: str, row: str, setting: str, seed: int) -> tuple[Path
     return out, json.loads(record.read_text())["seconds"]
 
 
-def curve(model_name: str, row: str, setting: str, seed: int, settings: HealSettings, texts, steps) -> dict:
-    """Heal the row's compressed model with ``settings``; its per-text losses on ``texts`` (held-out
-    domains) at 0 and after each of ``steps``, with the healing seconds up to there."""
+def curve(
+    model_name: str, row: str, setting: str, seed: int, settings: HealSettings, texts, steps, sampling_dtype
+) -> dict:
+    """Heal the row's compressed model with ``settings`` on texts sampled in ``sampling_dtype``; its per-text
+    losses on ``texts`` (held-out domains) at 0 and after each of ``steps``, with the healing seconds up to
+    there."""
     original = load_model(model_name)
     path, compress_seconds = compressed(model_name, row, setting, seed)
     student = load_model(str(path))
-    heal_on, sampling_seconds = healing_texts(model_name, settings.heal_seed, original)
+    heal_on, sampling_seconds = healing_texts(model_name, settings.heal_seed, original, sampling_dtype)
     points = {0: {"losses": measure_losses(student.model, student.tokenizer, texts), "heal_seconds": 0.0}}
     elapsed, clock = [0.0], [time.perf_counter()]
 
@@ -122,31 +131,50 @@ def ratio_to_original(run: dict, step: int) -> float:
 
 
 def choose() -> None:
-    """Every candidate on validation texts (SmolLM2 at S1, sampling seed 0), saved as each finishes."""
-    record = json.loads(CHOICES.read_text()) if CHOICES.is_file() else {**run_header(), "runs": {}}
-    texts = domains("validation")
+    """Every candidate on validation texts (SmolLM2 at S1, sampling seed 0), then the best of them healing in
+    bfloat16; each saved as it finishes."""
     for name, candidate in CANDIDATES.items():
-        if name in record["runs"]:
-            continue
-        print(f"heal choose: {name}", file=sys.stderr, flush=True)
-        settings = HealSettings(heal_steps=max(CHOICE_STEPS), heal_seed=0, **HEALING, **candidate)
-        run = curve("smollm2", "default", "S1", 0, settings, texts, CHOICE_STEPS)
-        run["curve"] = {str(step): point for step, point in run["curve"].items()}
-        record["runs"][name] = run
-        CHOICES.parent.mkdir(parents=True, exist_ok=True)
-        CHOICES.write_text(json.dumps(record) + "\n")
+        _choice_run(name, candidate)
+    best = _best(_choice_runs())
+    _choice_run(f"{best}, bfloat16", {**CANDIDATES[best], "heal_precision": "bfloat16"})
     print(json.dumps(chosen(), indent=2))
 
 
+def _choice_runs() -> dict:
+    return json.loads(CHOICES.read_text())["runs"] if CHOICES.is_file() else {}
+
+
+def _choice_run(name: str, candidate: dict) -> None:
+    if name in _choice_runs():
+        return
+    print(f"heal choose: {name}", file=sys.stderr, flush=True)
+    settings = HealSettings(heal_steps=max(CHOICE_STEPS), heal_seed=0, **HEALING, **candidate)
+    run = curve("smollm2", "default", "S1", 0, settings, domains("validation"), CHOICE_STEPS, CHOICE_SAMPLING)
+    run["curve"] = {str(step): point for step, point in run["curve"].items()}
+    record = json.loads(CHOICES.read_text()) if CHOICES.is_file() else {**run_header(), "runs": {}}
+    record["runs"][name] = run
+    CHOICES.parent.mkdir(parents=True, exist_ok=True)
+    CHOICES.write_text(json.dumps(record) + "\n")
+
+
+def _best(runs: dict) -> str:
+    """The float32 candidate with the lowest validation perplexity over the original at the last step."""
+    return min(CANDIDATES, key=lambda name: ratio_to_original(runs[name], str(max(CHOICE_STEPS))))
+
+
 def chosen() -> dict | None:
-    """The candidate with the lowest validation perplexity over the original at the last choice step, once
-    every candidate has run (None before)."""
-    runs = json.loads(CHOICES.read_text())["runs"] if CHOICES.is_file() else {}
+    """The best candidate's settings, healing in bfloat16 when that ends no more than PRECISION_TOLERANCE
+    above float32 (it is the faster); None until every choice run has finished."""
+    runs = _choice_runs()
     if any(name not in runs for name in CANDIDATES):
         return None
+    best = _best(runs)
+    fast = runs.get(f"{best}, bfloat16")
+    if fast is None:
+        return None
     last = str(max(CHOICE_STEPS))
-    best = min(CANDIDATES, key=lambda name: ratio_to_original(runs[name], last))
-    return {"candidate": best, **CANDIDATES[best]}
+    close = ratio_to_original(fast, last) <= PRECISION_TOLERANCE * ratio_to_original(runs[best], last)
+    return {"candidate": best, **CANDIDATES[best], "heal_precision": "bfloat16" if close else "float32"}
 
 
 def test(models: list[str], settings: list[str], rows: list[str], seeds: list[int]) -> None:
@@ -166,7 +194,7 @@ def test(models: list[str], settings: list[str], rows: list[str], seeds: list[in
                         continue
                     print(f"heal: {key}", file=sys.stderr, flush=True)
                     healing = HealSettings(heal_steps=max(STEPS), heal_seed=seed, **HEALING, **candidate)
-                    run = curve(model_name, row, setting, seed, healing, texts, STEPS)
+                    run = curve(model_name, row, setting, seed, healing, texts, STEPS, SAMPLING)
                     run["curve"] = {str(step): point for step, point in run["curve"].items()}
                     results["runs"][key] = run
                     RESULTS.parent.mkdir(parents=True, exist_ok=True)
