@@ -50,7 +50,7 @@ class HealSettings:
         },
     )
     heal_texts: int = field(
-        default=512, metadata={"help": "texts sampled from the original model to heal on"}
+        default=1000, metadata={"help": "texts sampled from the original model to heal on"}
     )
     heal_data: Path | None = field(
         default=None,
@@ -58,7 +58,7 @@ class HealSettings:
             "help": "heal on the texts of this file (one a line, or a TSV/CSV/JSONL text column) instead"
         },
     )
-    heal_lr: float = field(default=5e-5, metadata={"help": "healing learning rate (AdamW, constant)"})
+    heal_lr: float = field(default=2e-4, metadata={"help": "healing learning rate (AdamW, constant)"})
     heal_batch_size: int = field(default=8, metadata={"help": "texts per healing step"})
     heal_max_length: int = field(default=128, metadata={"help": "longest healing text in tokens"})
     heal_train: str = field(
@@ -70,7 +70,7 @@ class HealSettings:
     )
     heal_seed: int = field(default=0, metadata={"help": "seed of the healing texts and of their order"})
     heal_precision: str = field(
-        default="float32",
+        default="bfloat16",  # chosen on validation texts (BENCHMARKS.md, heal-choice-smollm2)
         metadata={
             "help": "the precision of the models' matrix products while healing: 'bfloat16' (autocast; the "
             "weights, their gradients and the optimizer stay float32) or 'float32'",
