@@ -13,7 +13,7 @@ import random
 import numpy as np
 from _report import ROOT
 
-from mlp_fusion.diagnostics.perplexity import perplexity, text_losses
+from mlp_fusion.diagnostics.perplexity import text_losses
 
 DATA = ROOT.parent / "shared" / "data"
 TEXTS = 200
@@ -38,15 +38,6 @@ def _draw(texts: list[str]) -> list[str]:
     return [texts[index] for index in sorted(random.Random(0).sample(range(len(texts)), TEXTS))]
 
 
-def measure(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, float]:
-    """Perplexity on each domain of ``texts``, the model in eval mode meanwhile."""
-    was_training = model.training
-    model.eval()
-    scores = {name: perplexity(model, tokenizer, group)["perplexity"] for name, group in texts.items()}
-    model.train(was_training)
-    return scores
-
-
 def measure_losses(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, list[list[float]]]:
     """Each domain's per-text ``[nll, predicted tokens]`` (in the order of ``texts``), the model in eval mode
     meanwhile: what :func:`ratio_interval` resamples."""
@@ -58,6 +49,17 @@ def measure_losses(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, l
     }
     model.train(was_training)
     return scores
+
+
+def measure(model, tokenizer, texts: dict[str, list[str]]) -> dict[str, float]:
+    """Perplexity on each domain of ``texts``."""
+    return {name: perplexity_of(losses) for name, losses in measure_losses(model, tokenizer, texts).items()}
+
+
+def over_original(scores: dict[str, float], original: dict[str, float]) -> float:
+    """The geometric mean over domains of a model's perplexity over the original's."""
+    logs = [math.log(scores[domain] / original[domain]) for domain in original]
+    return math.exp(sum(logs) / len(logs))
 
 
 def perplexity_of(losses: list[list[float]], rows=slice(None)) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import statistics
 import sys
@@ -34,7 +33,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _held_out import DATA, domains, measure_losses, perplexity_of, ratio_interval  # noqa: E402
+from _held_out import (  # noqa: E402
+    DATA,
+    domains,
+    measure_losses,
+    over_original,
+    perplexity_of,
+    ratio_interval,
+)
 from _report import ROOT, publish, run_header  # noqa: E402
 
 from mlp_fusion import compress, recipes  # noqa: E402
@@ -129,8 +135,9 @@ def curve(
 def ratio_to_original(run: dict, step: int) -> float:
     """The geometric mean over domains of the run's perplexity at ``step`` over the original's."""
     losses, original = run["curve"][step]["losses"], run["original"]
-    logs = [math.log(perplexity_of(losses[d]) / perplexity_of(original[d])) for d in original]
-    return math.exp(sum(logs) / len(logs))
+    return over_original(
+        {d: perplexity_of(losses[d]) for d in original}, {d: perplexity_of(original[d]) for d in original}
+    )
 
 
 def choose() -> None:
@@ -241,6 +248,16 @@ def report() -> None:
 GOALS = {"S1": 1.2, "S2": 1.5}  # the most a healed default may be over the original, on every domain
 
 
+def _domain_intervals(runs: list[dict], step: str) -> dict[str, tuple[float, float, float]]:
+    """Per domain: the runs' perplexity at ``step`` over the original's, and its paired interval."""
+    return {
+        domain: ratio_interval(
+            [run["curve"][step]["losses"][domain] for run in runs], [runs[0]["original"][domain]]
+        )
+        for domain in DOMAINS
+    }
+
+
 def report_test(results: dict) -> str:
     """Each (model, row, setting) over its seeds: perplexity over the original per domain at every measured
     step, with the 95% paired-bootstrap interval over texts (seeds paired), and the healing seconds."""
@@ -255,26 +272,21 @@ def report_test(results: dict) -> str:
     ]
     verdicts = []
     for (model, row, setting), runs in groups.items():
-        for step in runs[0]["curve"]:
-            cells = []
-            worst = 0.0
-            for domain in DOMAINS:
-                ratio, low, high = ratio_interval(
-                    [run["curve"][step]["losses"][domain] for run in runs], [runs[0]["original"][domain]]
-                )
-                worst = max(worst, high)
-                cells.append(f"{ratio:.3f}x ({low:.3f}-{high:.3f})")
+        steps = sorted(runs[0]["curve"], key=int)
+        intervals = {step: _domain_intervals(runs, step) for step in steps}
+        for step in steps:
             seconds = statistics.mean(run["curve"][step]["heal_seconds"] for run in runs)
+            cells = [f"{ratio:.3f}x ({low:.3f}-{high:.3f})" for ratio, low, high in intervals[step].values()]
             table.append(
                 f"| {model} | {row} | {setting} | {len(runs)} | {step} | {seconds:.0f} | "
                 + " | ".join(cells)
                 + " |"
             )
         if row == "default":
-            last = max(runs[0]["curve"], key=int)
+            worst = max(high for _, _, high in intervals[steps[-1]].values())
             met = "met" if worst <= GOALS[setting] and len(runs) >= 3 else "not met"
             verdicts.append(
-                f"- {model} {setting}: healed default after {last} steps, the highest interval bound over the "
+                f"- {model} {setting}: healed default after {steps[-1]} steps, the highest interval bound over the "
                 f"domains {worst:.3f}x against the goal of {GOALS[setting]}x ({met}; goals need 3 seeds)"
             )
     intro = (

@@ -10,13 +10,12 @@ float32 samples against compress as it is); and 1,000 healing texts from SmolLM2
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _held_out import domains, measure  # noqa: E402
+from _held_out import domains, measure, over_original  # noqa: E402
 from _report import ROOT, publish, run_header  # noqa: E402
 
 from mlp_fusion import compress, recipes  # noqa: E402
@@ -34,12 +33,6 @@ def timed(function, *args, **kwargs):
     return result, time.perf_counter() - start
 
 
-def ratio(scores: dict, original: dict) -> float:
-    """Geometric mean over domains of perplexity over the original's."""
-    logs = [math.log(scores[d] / original[d]) for d in original]
-    return math.exp(sum(logs) / len(logs))
-
-
 def run_model(name: str, texts: dict) -> dict:
     loaded = load_model(name)
     run = {"layers": SHAPES[name][0], "ratio": SHAPES[name][1]}
@@ -49,21 +42,19 @@ def run_model(name: str, texts: dict) -> dict:
         samples[precision], run[f"{precision}_seconds"] = timed(
             recipes.sample_texts, loaded.model, loaded.tokenizer, sampling
         )
-    original = measure(loaded.model, loaded.tokenizer, texts)
-    del loaded
-    layers, ratio_ = SHAPES[name]
-    done, run["compress_seconds"] = timed(compress, name, layers=layers, ratio=ratio_)
-    run["bfloat16_perplexity"] = measure(done.model, done.tokenizer, texts)
-    del done
-    done = compress(name, layers=layers, ratio=ratio_, calibration_texts=samples["float32"])
-    run["float32_perplexity"] = measure(done.model, done.tokenizer, texts)
-    run["original_perplexity"] = original
     if name == "smollm2":
-        loaded = load_model(name)
         sampling = recipes.fitted_sampling(recipes.Sampling(count=HEALING_COUNT), loaded.model)
         _, run["healing_texts_seconds"] = timed(
             recipes.sample_texts, loaded.model, loaded.tokenizer, sampling
         )
+    run["original_perplexity"] = measure(loaded.model, loaded.tokenizer, texts)
+    del loaded
+    layers, ratio = SHAPES[name]
+    done, run["compress_seconds"] = timed(compress, name, layers=layers, ratio=ratio)
+    run["bfloat16_perplexity"] = measure(done.model, done.tokenizer, texts)
+    del done
+    done = compress(name, layers=layers, ratio=ratio, calibration_texts=samples["float32"])
+    run["float32_perplexity"] = measure(done.model, done.tokenizer, texts)
     print(name, {k: v for k, v in run.items() if "perplexity" not in k}, file=sys.stderr, flush=True)
     return run
 
@@ -82,8 +73,8 @@ def main() -> None:
         table.append(
             f"| {name} | {run['float32_seconds']:.1f} s | {run['bfloat16_seconds']:.1f} s | "
             f"{run['float32_seconds'] / run['bfloat16_seconds']:.2f}x | {run['compress_seconds']:.1f} s "
-            f"({run['layers']} at {run['ratio']}) | {ratio(run['float32_perplexity'], run['original_perplexity']):.3f}x | "
-            f"{ratio(run['bfloat16_perplexity'], run['original_perplexity']):.3f}x |"
+            f"({run['layers']} at {run['ratio']}) | {over_original(run['float32_perplexity'], run['original_perplexity']):.3f}x | "
+            f"{over_original(run['bfloat16_perplexity'], run['original_perplexity']):.3f}x |"
         )
     smollm2 = runs["smollm2"]["healing_texts_seconds"]
     intro = (

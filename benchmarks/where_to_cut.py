@@ -16,13 +16,12 @@ finish, and a rerun skips them.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _held_out import TEXTS, domains, measure  # noqa: E402
+from _held_out import TEXTS, domains, measure, over_original  # noqa: E402
 from _report import ROOT, publish, rewrite_only, write_results  # noqa: E402
 
 from mlp_fusion import compress  # noqa: E402
@@ -78,11 +77,6 @@ def main() -> None:
     print(report(write_results(RAW, {"texts_per_domain": TEXTS, "rows": rows})))
 
 
-def _geometric_mean(values) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(value) for value in values) / len(values))
-
-
 def report(results: dict) -> str:
     rows = results["rows"]
     original = rows["original"]["perplexity"]
@@ -96,7 +90,7 @@ def report(results: dict) -> str:
         done = {plan: rows[f"{cut} | {plan}"] for plan in plans if f"{cut} | {plan}" in rows}
 
         def relative(row: dict, split: str) -> float:
-            return _geometric_mean(row["perplexity"][split][d] / original[split][d] for d in original[split])
+            return over_original(row["perplexity"][split], original[split])
 
         for plan, row in done.items():
             test = row["perplexity"]["test"]

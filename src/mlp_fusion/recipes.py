@@ -142,7 +142,6 @@ def sample_texts(model: nn.Module, tokenizer, sampling: Sampling) -> list[str]:
                         texts.append(line)
     finally:
         model.train(was_training)
-        del sampler
     if not texts:
         raise UserError("the model produced only empty samples; give --calibration FILE")
     return texts
@@ -153,8 +152,7 @@ def in_dtype(model: nn.Module, dtype: str | None) -> nn.Module:
     copy (the weights' memory once more at that precision, while the copy lives). Buffers keep their
     precision: rotary frequencies rounded to bfloat16 would turn late positions by a visible angle."""
     wanted = getattr(torch, dtype) if dtype is not None else None
-    weights = [p for p in model.parameters() if p.is_floating_point()]
-    if wanted is None or all(p.dtype == wanted for p in weights):
+    if wanted is None or all(p.dtype == wanted for p in model.parameters() if p.is_floating_point()):
         return model
     copied = copy.deepcopy(model)
     for parameter in copied.parameters():  # tied weights are one parameter, converted once
