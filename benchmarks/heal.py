@@ -289,6 +289,7 @@ def report_test(results: dict) -> str:
                 f"- {model} {setting}: healed default after {steps[-1]} steps, the highest interval bound over the "
                 f"domains {worst:.3f}x against the goal of {GOALS[setting]}x ({met}; goals need 3 seeds)"
             )
+    verdicts += _versus_prune(groups)
     intro = (
         "Healing on the test texts (WebNLG 2017 test references, E2E test references, SST-2 test sentences; "
         "200 of each drawn at random; no choice was made on them and they never heal): each row compressed as "
@@ -299,6 +300,54 @@ def report_test(results: dict) -> str:
         "seconds exclude the measurements."
     )
     return publish("heal-smollm2", intro + "\n\n" + "\n".join(verdicts), table, results, RESULTS)
+
+
+def _versus_prune(groups: dict[tuple, list[dict]]) -> list[str]:
+    """The second goal, per model and setting with both rows: at the last step, on every domain, the default
+    ahead of pruning (the paired interval of their perplexity ratio, seeds paired, below 1) by more than the
+    spread over seeds (the larger sample std of either row's per-seed ratio to the original)."""
+    lines = []
+    for (model, row, setting), fused in groups.items():
+        pruned = groups.get((model, "prune", setting))
+        if row != "default" or pruned is None:
+            continue
+        seeds = sorted({run["seed"] for run in fused} & {run["seed"] for run in pruned})
+        fused, pruned = ([r for s in seeds for r in runs if r["seed"] == s] for runs in (fused, pruned))
+        step = max(fused[0]["curve"], key=int)
+        cells, met = [], len(seeds) >= 3
+        for domain in DOMAINS:
+            ratio, low, high = ratio_interval(
+                [run["curve"][step]["losses"][domain] for run in fused],
+                [run["curve"][step]["losses"][domain] for run in pruned],
+            )
+            lead = _seed_mean(pruned, step, domain) - _seed_mean(fused, step, domain)
+            spread = max(_seed_std(runs, step, domain) for runs in (fused, pruned))
+            met = met and high < 1 and lead > spread
+            cells.append(
+                f"{domain} {ratio:.3f} ({low:.3f}-{high:.3f}), lead {lead:.3f}x against spread {spread:.3f}x"
+            )
+        lines.append(
+            f"- {model} {setting}, default over prune after {step} steps ({len(seeds)} paired seeds): "
+            + "; ".join(cells)
+            + f" ({'met' if met else 'not met'}; goals need 3 seeds)"
+        )
+    return lines
+
+
+def _per_seed(runs: list[dict], step: str, domain: str) -> list[float]:
+    return [
+        perplexity_of(run["curve"][step]["losses"][domain]) / perplexity_of(run["original"][domain])
+        for run in runs
+    ]
+
+
+def _seed_mean(runs: list[dict], step: str, domain: str) -> float:
+    return statistics.mean(_per_seed(runs, step, domain))
+
+
+def _seed_std(runs: list[dict], step: str, domain: str) -> float:
+    ratios = _per_seed(runs, step, domain)
+    return statistics.stdev(ratios) if len(ratios) > 1 else float("nan")
 
 
 def step_cost(steps: int = 10) -> None:

@@ -48,6 +48,7 @@ DECODING = ["--max-new-tokens", "96", "--num-beams", "1"]
 FULL_RATES = ("1e-4", "3e-4", "1e-3")  # rows that train every weight
 LORA_RATES = ("3e-4", "1e-3", "3e-3")
 LORA = ["--peft", "lora", "--lora-rank", "8", "--lora-targets", "all-linear"]
+HEALED = ("--heal-steps", "300")  # with --heal-seed following the run's seed
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,12 @@ def study_rows() -> dict[str, Row]:
                 ),
                 # calibrated pruning: the same recipe, so the same sampled texts
                 f"{setting}-prune": Row(f"{setting}-prune", setting, ("--method", "prune"), (), FULL_RATES),
+                # the default healed at compress time; HEALED's step count is a cost rule (the healing
+                # benchmark's last point, within 30 CPU minutes of healing), not a quality choice
+                f"{setting}-healed": Row(f"{setting}-healed", setting, HEALED, (), FULL_RATES),
+                f"{setting}-healed+lora": Row(
+                    f"{setting}-healed+lora", setting, HEALED, tuple(LORA), LORA_RATES
+                ),
                 # the paper's data-free fusion, for the record: one seed, at the default row's rate
                 f"{setting}-paper": Row(
                     f"{setting}-paper", setting, ("--recipe", "paper"), (), FULL_RATES, f"{setting}-default"
@@ -134,7 +141,8 @@ def compressed(row: Row, seed: int) -> tuple[str, list[str] | None]:
     if row.compress is None:
         return MODEL, None
     layers, ratio = SETTINGS[row.setting]
-    options = ["--layers", layers, "--ratio", ratio, *row.compress, "--seed", str(seed)]
+    heal_seed = ["--heal-seed", str(seed)] if "--heal-steps" in row.compress else []
+    options = ["--layers", layers, "--ratio", ratio, *row.compress, "--seed", str(seed), *heal_seed]
     out = WORK / "models" / "_".join(part.strip("-").replace("/", "") for part in options)
     command = ["compress", MODEL, *options, "--out", str(out)]
     if not (ROOT / out / "fusion.json").is_file():

@@ -20,6 +20,13 @@ GOALS = (
     ("S1: the default within 2 BLEU of full fine-tuning", "full", "S1-default", ("high <=", 2.0)),
     ("S2: the default within 6 BLEU of full fine-tuning", "full", "S2-default", ("high <=", 6.0)),
     ("S2: the default ahead of calibrated pruning", "S2-default", "S2-prune", ("low >", 0.0)),
+    (
+        "S1: healed, then full fine-tuning, within 1 BLEU of full fine-tuning",
+        "full",
+        "S1-healed",
+        ("high <=", 1.0),
+    ),
+    ("S1: healed, then LoRA, within 1 BLEU of LoRA", "lora", "S1-healed+lora", ("high <=", 1.0)),
 )
 
 INTRO = (
@@ -33,7 +40,7 @@ INTRO = (
     "categories, each scored against all its references, every output kept in `benchmarks/results/study/`. "
     "`default`: `mlp-fusion compress` with no recipe flag (calibration texts sampled from the model, half of "
     "each fused width kept), then full fine-tuning; `default+lora`: the same, then LoRA; `prune`: calibrated "
-    "pruning on the same sampled texts; `paper`: the paper's data-free fusion (one seed, at the default's rate). "
+    "pruning on the same sampled texts; `healed`: the default compress with `--heal-steps 300` (healing seeded by the run's seed), then full fine-tuning (`healed+lora`: then LoRA); `paper`: the paper's data-free fusion (one seed, at the default's rate). "
     "Validation runs shared the CPU with other work at times, so their seconds per step are not costs."
 )
 
