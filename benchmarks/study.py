@@ -20,6 +20,9 @@ saved as they finish and a rerun skips them: the study can be stopped and resume
     python benchmarks/study.py validate --rows full,S1-default
     python benchmarks/study.py test --seeds 0,1,2 --settings S1
     python benchmarks/study.py choices                        # the rates chosen so far
+
+Costs (seconds per step, memory, decoding speed) are measured apart, rows taking turns:
+``benchmarks/study_cost.py``; ``benchmarks/study_report.py`` writes the section of BENCHMARKS.md and its plot.
 """
 
 from __future__ import annotations
@@ -120,15 +123,26 @@ def seen_test_file() -> tuple[Path, list[int]]:
     return path, kept
 
 
-def data_options(split: str, seed: int) -> list[str]:
-    """The finetune options of a run's data: the seed's training draw, and the split's evaluation draw."""
+def data_options(split: str, seed: int, pairs: int = TRAIN_PAIRS, inputs: int | None = None) -> list[str]:
+    """The finetune options of a run's data: the seed's training draw of ``pairs``, and the split's evaluation
+    draw (``inputs`` of them, by default the split's count)."""
     if split == "validation":
-        evaluation = ["--eval-file", str(DATA / "dev.jsonl"), "--max-eval-samples", str(VALIDATION_INPUTS)]
+        evaluation = [
+            "--eval-file",
+            str(DATA / "dev.jsonl"),
+            "--max-eval-samples",
+            str(inputs or VALIDATION_INPUTS),
+        ]
     else:
-        evaluation = ["--eval-file", str(seen_test_file()[0]), "--max-eval-samples", str(TEST_INPUTS)]
+        evaluation = [
+            "--eval-file",
+            str(seen_test_file()[0]),
+            "--max-eval-samples",
+            str(inputs or TEST_INPUTS),
+        ]
     return [
         "--task", "webnlg", "--train-file", str(DATA / "train.jsonl"), *evaluation,
-        "--max-train-samples", str(TRAIN_PAIRS), "--sample", "random", "--sample-seed", str(seed),
+        "--max-train-samples", str(pairs), "--sample", "random", "--sample-seed", str(seed),
     ]  # fmt: skip
 
 
@@ -150,11 +164,16 @@ def compressed(row: Row, seed: int) -> tuple[str, list[str] | None]:
     return str(out), command
 
 
+def run_folder(row: Row, rate: str, seed: int, split: str) -> Path:
+    """Where a run's fine-tuned model and outputs stay (relative to ROOT)."""
+    return WORK / "runs" / split / row.name / f"lr{rate}-seed{seed}"
+
+
 def run(row: Row, rate: str, seed: int, split: str) -> dict:
     """Fine-tune ``row`` at ``rate`` with ``seed`` and score it on ``split``; the result with the commands
     that made it, its settings and costs, and its per-input outputs (test runs)."""
     model, compress_command = compressed(row, seed)
-    out = WORK / "runs" / split / row.name / f"lr{rate}-seed{seed}"
+    out = run_folder(row, rate, seed, split)
     command = [
         "finetune", model, *data_options(split, seed), *TRAINING, *DECODING, "--seed", str(seed),
         *row.finetune, "--lr", rate, "--out", str(out), "--overwrite",

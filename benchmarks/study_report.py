@@ -13,7 +13,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, provenance, write_section  # noqa: E402
 from study import DATA, MODEL, ROWS, STUDY, choices, load_validation, validation_file  # noqa: E402
-from study_statistics import bleu_statistics, corpus_bleu, mean_std, paired_interval  # noqa: E402
+from study_cost import COST, costs  # noqa: E402
+from study_statistics import bleu_interval, bleu_statistics, corpus_bleu, mean_std, paired_interval  # noqa: E402
+
+PLOT = STUDY / MODEL / "quality-against-cost.png"
+LORA_MARGIN = 2.0  # a fused row LoRA does not dominate: faster in every round, at most this many BLEU behind
 
 # (what is judged, first row, second row, the bound the interval must clear); the difference is first - second
 GOALS = (
@@ -101,15 +105,104 @@ def test_lines(found: dict[str, list]) -> list[str]:
     return lines
 
 
+def cost_lines(found: dict[str, list]) -> list[str]:
+    """The rows' costs (median over rounds, with the rounds' range) and the goal that needs them: a fused row
+    that LoRA on the original does not dominate."""
+    measured = costs()
+    if not measured:
+        return ["No cost measured yet (`benchmarks/study_cost.py`, after the test runs of seed 0)."]
+    lines = [
+        "| row | seconds / step (rounds' range) | peak memory MB | trainable parameters | decoding tokens / s (range) |",
+        "|---|---|---:|---:|---|",
+    ]
+    for row, cost in measured.items():
+        step, speed = cost["rounds"]["seconds_per_step"], cost["rounds"]["tokens_per_second"]
+        lines.append(
+            f"| {row} | {cost['seconds_per_step']:.2f} ({min(step):.2f}-{max(step):.2f}) | "
+            f"{cost['peak_memory_mb']:.0f} | {cost['trainable_params']:,.0f} | "
+            f"{cost['tokens_per_second']:.1f} ({min(speed):.1f}-{max(speed):.1f}) |"
+        )
+    return [*lines, "", *_lora_goal(found, measured)]
+
+
+def _lora_goal(found: dict[str, list], measured: dict[str, dict]) -> list[str]:
+    """Per fused row with three seeds and costs: faster than LoRA on the original in every round (per step or
+    per decoded token), and the upper bound of LoRA's lead at most LORA_MARGIN."""
+    lora = measured.get("lora")
+    if lora is None or len(found.get("lora", [])) < 3:
+        return [
+            "- A fused row LoRA on the original does not dominate: waits for LoRA's three seeds and costs."
+        ]
+    lines, met = [], False
+    for row, cost in measured.items():
+        if ROWS[row].setting is None or len(found.get(row, [])) < 3:
+            continue
+        rounds = zip(cost["rounds"]["seconds_per_step"], lora["rounds"]["seconds_per_step"], strict=True)
+        faster_step = all(mine < theirs for mine, theirs in rounds)
+        rounds = zip(cost["rounds"]["tokens_per_second"], lora["rounds"]["tokens_per_second"], strict=True)
+        faster_decoding = all(mine > theirs for mine, theirs in rounds)
+        lead, low, high = paired_interval(found["lora"], found[row])
+        row_met = (faster_step or faster_decoding) and high <= LORA_MARGIN
+        met = met or row_met
+        lines.append(
+            f"- {row}: faster per step in every round: {faster_step}; faster to decode: {faster_decoding}; "
+            f"LoRA's lead {lead:+.2f} BLEU ({low:+.2f} to {high:+.2f}) -> {'not dominated' if row_met else 'dominated'}"
+        )
+    verdict = "met" if met else "not met"
+    return [
+        f"- Goal, a fused row LoRA on the original does not dominate (lead at most {LORA_MARGIN} BLEU): {verdict}",
+        *lines,
+    ]
+
+
+def plot(found: dict[str, list]) -> None:
+    """BLEU (mean over seeds, 95% bootstrap interval) against seconds per step and against decoding speed
+    (median over rounds, the rounds' range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = costs()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for row, runs in found.items():
+        if row not in measured:
+            continue
+        bleu, low, high = bleu_interval(runs)
+        marker = {None: "s", "S1": "o", "S2": "^"}[ROWS[row].setting]
+        for axis, key in zip(axes, ("seconds_per_step", "tokens_per_second"), strict=True):
+            values = measured[row]["rounds"][key]
+            x = measured[row][key]
+            axis.errorbar(
+                x, bleu, yerr=[[bleu - low], [high - bleu]], xerr=[[x - min(values)], [max(values) - x]],
+                fmt=marker, capsize=3, label=f"{row} (n={len(runs)})",
+            )  # fmt: skip
+    axes[0].set(
+        xlabel="fine-tuning seconds / step (batch 8, CPU)", ylabel="test BLEU (mean over seeds, 95% interval)"
+    )
+    axes[1].set(
+        xlabel="greedy decoding tokens / s (batch 1, CPU)", ylabel="test BLEU (mean over seeds, 95% interval)"
+    )
+    axes[0].legend(fontsize=7, loc="best")
+    figure.suptitle("SmolLM2-135M on WebNLG 2017 (seen categories): quality against cost")
+    figure.tight_layout()
+    figure.savefig(PLOT, dpi=110)
+
+
 def main() -> None:
     record = load_validation()
+    found = test_statistics()
+    if found and COST.is_file():
+        plot(found)
     body = "\n\n".join(
         [
             INTRO,
             "Validation grid (seed 0):",
             "\n".join(validation_table()),
             "Test:",
-            "\n".join(test_lines(test_statistics())),
+            "\n".join(test_lines(found)),
+            "Costs (`benchmarks/study_cost.py`; nothing else running, the rows taking turns, median of the rounds):",
+            "\n".join(cost_lines(found)),
             provenance(record, validation_file(), ROOT),
         ]
     )

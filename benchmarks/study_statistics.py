@@ -40,16 +40,29 @@ def paired_interval(
 ) -> tuple[float, float, float]:
     """The mean-over-seeds BLEU of ``first`` minus that of ``second`` (each a list of per-seed statistics,
     seeds paired by position), and its 95% paired-bootstrap interval: (difference, low, high)."""
-    inputs = len(first[0])
-    if any(len(stats) != inputs for stats in (*first, *second)):
+    return _bootstrap(
+        lambda rows: _mean_bleu(first, rows) - _mean_bleu(second, rows), [*first, *second], resamples, seed
+    )
+
+
+def bleu_interval(
+    runs: list[np.ndarray], resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """One row's mean-over-seeds BLEU and its 95% bootstrap interval over test inputs: (bleu, low, high)."""
+    return _bootstrap(lambda rows: _mean_bleu(runs, rows), runs, resamples, seed)
+
+
+def _mean_bleu(runs: list[np.ndarray], rows: np.ndarray | slice) -> float:
+    return statistics.mean(corpus_bleu(stats[rows]) for stats in runs)
+
+
+def _bootstrap(score, runs: list[np.ndarray], resamples: int, seed: int) -> tuple[float, float, float]:
+    """``score`` of every test input, and the 2.5th and 97.5th percentiles of ``score`` over ``resamples``
+    multisets of them (each one multiset for every run, so the runs stay paired)."""
+    inputs = len(runs[0])
+    if any(len(stats) != inputs for stats in runs):
         raise ValueError("every run must score the same test inputs")
-
-    def difference(rows: np.ndarray | slice) -> float:
-        return statistics.mean(corpus_bleu(s[rows]) for s in first) - statistics.mean(
-            corpus_bleu(s[rows]) for s in second
-        )
-
     draw = np.random.default_rng(seed)
-    resampled = [difference(draw.integers(0, inputs, inputs)) for _ in range(resamples)]
+    resampled = [score(draw.integers(0, inputs, inputs)) for _ in range(resamples)]
     low, high = np.percentile(resampled, [2.5, 97.5])
-    return difference(slice(None)), float(low), float(high)
+    return score(slice(None)), float(low), float(high)

@@ -8,7 +8,7 @@ import pytest
 import sacrebleu
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from study_statistics import bleu_statistics, corpus_bleu, paired_interval  # noqa: E402
+from study_statistics import bleu_interval, bleu_statistics, corpus_bleu, paired_interval  # noqa: E402
 
 WORDS = "the airport serves the city of abilene in texas and its runway is long".split()
 
@@ -45,3 +45,13 @@ def test_runs_on_different_inputs_are_refused():
     stats = bleu_statistics(outputs, references)
     with pytest.raises(ValueError, match="same test inputs"):
         paired_interval([stats], [stats[:-1]])
+
+
+def test_a_rows_interval_holds_its_bleu_and_narrows_with_agreeing_seeds():
+    outputs, references = _outputs(3, noise=0.4)
+    stats = bleu_statistics(outputs, references)
+    bleu, low, high = bleu_interval([stats], resamples=200)
+    assert bleu == pytest.approx(corpus_bleu(stats)) and low < bleu < high
+    other = bleu_statistics(_outputs(3, noise=0.4)[0][::-1], references)  # outputs on the wrong inputs
+    _, mixed_low, mixed_high = bleu_interval([stats, other], resamples=200)
+    assert mixed_high - mixed_low < high - low  # two seeds averaged vary less than one
