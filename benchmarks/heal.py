@@ -49,6 +49,7 @@ from mlp_fusion.training.heal import HealSettings, heal  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "heal.json"
 CHOICES = RESULTS.with_name("heal-choices.json")
+PLOT = RESULTS.with_name("heal.png")
 WORK = ROOT / "out" / "heal"
 SETTINGS = {
     "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
@@ -270,10 +271,12 @@ def report_test(results: dict) -> str:
         + " |",
         "|---|---|---|---:|---:|---:|" + "---|" * len(DOMAINS),
     ]
-    verdicts = []
+    verdicts, curves = [], {}
     for (model, row, setting), runs in groups.items():
         steps = sorted(runs[0]["curve"], key=int)
         intervals = {step: _domain_intervals(runs, step) for step in steps}
+        minutes = [statistics.mean(run["curve"][step]["heal_seconds"] for run in runs) / 60 for step in steps]
+        curves[f"{model} {row} {setting} (n={len(runs)})"] = (minutes, [intervals[step] for step in steps])
         for step in steps:
             seconds = statistics.mean(run["curve"][step]["heal_seconds"] for run in runs)
             cells = [f"{ratio:.3f}x ({low:.3f}-{high:.3f})" for ratio, low, high in intervals[step].values()]
@@ -290,6 +293,7 @@ def report_test(results: dict) -> str:
                 f"domains {worst:.3f}x against the goal of {GOALS[setting]}x ({met}; goals need 3 seeds)"
             )
     verdicts += _versus_prune(groups)
+    plot(curves)
     intro = (
         "Healing on the test texts (WebNLG 2017 test references, E2E test references, SST-2 test sentences; "
         "200 of each drawn at random; no choice was made on them and they never heal): each row compressed as "
@@ -297,9 +301,37 @@ def report_test(results: dict) -> str:
         f"healed with the settings chosen above on {TEXTS} texts sampled from the original (bfloat16 sampler; "
         "a seed changes the healing texts, their order and k-means). Perplexity over the original's per "
         "domain, the geometric mean over seeds, with the 95% paired-bootstrap interval over texts. Healing "
-        "seconds exclude the measurements."
+        f"seconds exclude the measurements. Plot: `{PLOT.relative_to(ROOT)}`."
     )
     return publish("heal-smollm2", intro + "\n\n" + "\n".join(verdicts), table, results, RESULTS)
+
+
+def plot(curves: dict[str, tuple[list[float], list[dict]]]) -> None:
+    """Perplexity over the original against healing CPU minutes, one panel per domain, each curve's points at
+    the measured steps with their intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(DOMAINS), figsize=(15, 4.5), sharey=True)
+    for label, (minutes, points) in curves.items():
+        for axis, domain in zip(axes, DOMAINS, strict=True):
+            ratio, low, high = zip(*(point[domain] for point in points), strict=True)
+            axis.errorbar(
+                minutes, ratio, yerr=[[r - lo for r, lo in zip(ratio, low, strict=True)],
+                [hi - r for r, hi in zip(ratio, high, strict=True)]], marker="o", capsize=3, label=label,
+            )  # fmt: skip
+    for axis, domain in zip(axes, DOMAINS, strict=True):
+        axis.set(
+            title=f"{domain} (test)",
+            xlabel=f"healing CPU minutes (points: 0, {', '.join(map(str, STEPS))} steps)",
+        )
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+    axes[0].set(ylabel="perplexity over the original's (95% interval)")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(PLOT, dpi=110)
 
 
 def _versus_prune(groups: dict[tuple, list[dict]]) -> list[str]:
