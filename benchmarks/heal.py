@@ -30,6 +30,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -98,11 +99,18 @@ def compressed(model_name: str, row: str, setting: str, seed: int) -> tuple[Path
     layers, ratio = SETTINGS[model_name][setting]
     out = WORK / "models" / f"{model_name}-{setting}-{row}-seed{seed}"
     record = out / "compress-seconds.json"
-    if not record.is_file():
+    if not record.is_file() or not _sampled_as_now(out):
         start = time.perf_counter()
         compress(model_name, out, layers=layers, ratio=ratio, seed=seed, overwrite=True, **ROWS[row])
         record.write_text(json.dumps({"seconds": time.perf_counter() - start}))
     return out, json.loads(record.read_text())["seconds"]
+
+
+def _sampled_as_now(out: Path) -> bool:
+    """Whether a kept model's calibration texts were sampled as compress samples them now (a model made
+    before a sampler change is made again)."""
+    recorded = json.loads((out / "fusion.json").read_text())["recipe"]["calibration"]
+    return all(recorded.get(key) == value for key, value in asdict(recipes.Sampling()).items())
 
 
 def curve(
