@@ -9,7 +9,8 @@ Two steps, as every study here (METHOD.md section 11):
   domains) at the last step wins. That candidate then heals in bfloat16 (`--heal-precision`), which is
   taken when it ends at most 1% above float32. Each run is saved as it finishes.
 - ``test``: each row compressed (the default recipe, or calibrated pruning on the same sampled calibration
-  texts) at S1 or S2, healed with the chosen settings on texts sampled from the original (one sampling seed
+  texts) at S1 or S2 (row ``size``: the default recipe at S1's or S2's parameter count, cut where
+  `compress --size` plans it), healed with the chosen settings on texts sampled from the original (one sampling seed
   per run), perplexity measured at 0 and after each of STEPS on the test texts of the same three domains
   (never healed on, no choice made on them), every text's loss kept so that comparisons get paired
   intervals. Refused until ``choose`` has run.
@@ -45,7 +46,12 @@ from _held_out import (  # noqa: E402
 from _report import ROOT, publish, run_header  # noqa: E402
 
 from mlp_fusion import compress, recipes  # noqa: E402
+from mlp_fusion.config import parse_layers  # noqa: E402
+from mlp_fusion.families import find_sites  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
+from mlp_fusion.model_size import site_parameters  # noqa: E402
+from mlp_fusion.records import count_parameters  # noqa: E402
+from mlp_fusion.site_fusion import select_sites  # noqa: E402
 from mlp_fusion.training.heal import HealSettings, heal  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "heal.json"
@@ -56,7 +62,9 @@ SETTINGS = {
     "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
     "gemma3": {"S1": ("12-17", 0.5), "S2": ("6-17", 0.25)},
 }
-ROWS = {"default": {}, "prune": {"method": "prune"}}  # compress options beyond the shape
+ROWS = {"default": {}, "prune": {"method": "prune"}, "size": {}}  # compress options beyond the shape
+# rows cut to the setting's parameter count by the plan `compress --size` picks, not to its layers and ratio
+SIZED = {"size"}
 DOMAINS = ("webnlg", "e2e", "sst2")
 TEXTS = 1000  # healing texts sampled per model and seed
 CANDIDATES = {  # which weights heal, and the rate
@@ -93,17 +101,28 @@ def healing_texts(model_name: str, seed: int, original, dtype: str | None) -> tu
     return texts, seconds
 
 
-def compressed(model_name: str, row: str, setting: str, seed: int) -> tuple[Path, float]:
+def compressed(model_name: str, row: str, setting: str, seed: int, original) -> tuple[Path, float]:
     """The row's compressed model, made once (as `mlp-fusion compress` makes it, with ``seed``) and kept
     under out/heal/; and the seconds compress took."""
-    layers, ratio = SETTINGS[model_name][setting]
     out = WORK / "models" / f"{model_name}-{setting}-{row}-seed{seed}"
     record = out / "compress-seconds.json"
     if not record.is_file() or not _sampled_as_now(out):
+        shape = _shape(SETTINGS[model_name][setting], row in SIZED, original)
         start = time.perf_counter()
-        compress(model_name, out, layers=layers, ratio=ratio, seed=seed, overwrite=True, **ROWS[row])
+        compress(model_name, out, seed=seed, overwrite=True, **shape, **ROWS[row])
         record.write_text(json.dumps({"seconds": time.perf_counter() - start}))
     return out, json.loads(record.read_text())["seconds"]
+
+
+def _shape(setting: tuple[str, float], sized: bool, original) -> dict:
+    """The setting's layers and ratio; for a sized row, the share of ``original``'s parameters they keep
+    (`compress --size`), so that compress plans the cut."""
+    layers, ratio = setting
+    if not sized:
+        return {"layers": layers, "ratio": ratio}
+    chosen = select_sites(find_sites(original), parse_layers(layers))
+    removed = (1 - ratio) * sum(site_parameters(site) for site in chosen)
+    return {"size": 1 - removed / count_parameters(original)}
 
 
 def _sampled_as_now(out: Path) -> bool:
@@ -120,7 +139,7 @@ def curve(
     losses on ``texts`` (held-out domains) at 0 and after each of ``steps``, with the healing seconds up to
     there."""
     original = load_model(model_name)
-    path, compress_seconds = compressed(model_name, row, setting, seed)
+    path, compress_seconds = compressed(model_name, row, setting, seed, original.model)
     student = load_model(str(path))
     heal_on, sampling_seconds = healing_texts(model_name, settings.heal_seed, original, sampling_dtype)
     points = {0: {"losses": measure_losses(student.model, student.tokenizer, texts), "heal_seconds": 0.0}}
@@ -293,11 +312,11 @@ def report_test(results: dict) -> str:
                 + " | ".join(cells)
                 + " |"
             )
-        if row == "default":
+        if row in ("default", *SIZED):
             worst = max(high for _, _, high in intervals[steps[-1]].values())
             met = "met" if worst <= GOALS[setting] and len(runs) >= 3 else "not met"
             verdicts.append(
-                f"- {model} {setting}: healed default after {steps[-1]} steps, the highest interval bound over the "
+                f"- {model} {setting}: healed {row} after {steps[-1]} steps, the highest interval bound over the "
                 f"domains {worst:.3f}x against the goal of {GOALS[setting]}x ({met}{_seeds_short(runs)})"
             )
     verdicts += _versus_prune(groups)
@@ -305,7 +324,8 @@ def report_test(results: dict) -> str:
     intro = (
         "Healing on the test texts (WebNLG 2017 test references, E2E test references, SST-2 test sentences; "
         "200 of each drawn at random; no choice was made on them and they never heal): each row compressed as "
-        "`mlp-fusion compress` makes it (`prune`: `--method prune`, the same sampled calibration texts), then "
+        "`mlp-fusion compress` makes it (`prune`: `--method prune`, the same sampled calibration texts; `size`: "
+        "`--size` at the setting's parameter count, so compress plans where to cut), then "
         f"healed with the settings chosen above on {TEXTS} texts sampled from the original (bfloat16 sampler; "
         "a seed changes the healing texts, their order and k-means). Perplexity over the original's per "
         "domain, the geometric mean over seeds, with the 95% paired-bootstrap interval over texts. Healing "

@@ -81,8 +81,9 @@ def test_output_error_is_the_fused_output_error_for_linear_hidden_activations():
     mean_out = torch.stack([d[labels == j].mean(0) for j in range(4)])
     fused = (x @ mean_in.T) * counts @ mean_out  # centroids with the cluster sizes as the scale
     expected = float((hidden @ d - fused).pow(2).sum())
-    assert output_error(hidden, d, labels, 4) == pytest.approx(expected, rel=1e-10)
-    assert output_error(hidden, d, torch.arange(12), 12) == pytest.approx(0.0, abs=1e-18)
+    gram = hidden.T @ hidden
+    assert output_error(gram, d, labels, 4) == pytest.approx(expected, rel=1e-10)
+    assert output_error(gram, d, torch.arange(12), 12) == pytest.approx(0.0, abs=1e-18)
 
 
 def test_calibrated_curve_sees_the_data_and_the_budget_is_still_met():

@@ -51,51 +51,58 @@ def width_curve(
         sub, factors = canonicalise(sub)
     rows, full = sub.rows(), sub.width
     widths = sorted({1, full, *(max(1, round(full * r)) for r in GRID)})
+    grams = None if hidden is None else _activation_grams(hidden, factors)
     errors = []
     for width in widths:
         if width == full:
             errors.append(0.0)
             continue
         result = k_means(rows, width, max_iter=CURVE_ITERATIONS, hartigan_rounds=0, seed=seed)
-        if hidden is None:
+        if grams is None:
             errors.append(float(result.inertia.sum()))
         else:
-            errors.append(_output_errors(hidden, factors, sub.output, result.labels, width))
+            errors.append(_output_errors(grams, sub.output, result.labels, width))
     errors = torch.tensor(errors).flip(0).cummax(0).values.flip(0).tolist()
     return WidthCurve(widths, errors, sub.batch * sub.row_length)
 
 
-def _output_errors(
-    hidden: list[torch.Tensor],
-    factors: torch.Tensor | None,
-    output: torch.Tensor,
-    labels: torch.Tensor,
-    width: int,
-) -> float:
-    """:func:`output_error` summed over batch elements; canonical factors scale each neuron's activation as
-    they scale its last input row (and divide its output row)."""
-    total = 0.0
+def _activation_grams(hidden: list[torch.Tensor], factors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each batch element's ``H^T H`` over its calibration tokens, in float64 (None for an expert no token
+    reached). Every width's output error is a quadratic form in it, so the tokens are passed once per site
+    rather than once per width. Canonical factors scale each neuron's activation as they scale its last
+    input row (and divide its output row)."""
+    grams = []
     for b, h in enumerate(hidden):
-        if len(h):  # an expert no calibration token reached adds nothing
-            h = h if factors is None else h * factors[b, :, 0].to(h)
-            total += output_error(h, output[b], labels[b], width)
-    return total
+        if not len(h):
+            grams.append(None)
+            continue
+        h = (h if factors is None else h * factors[b, :, 0].to(h)).double()
+        grams.append(h.T @ h)
+    return grams
 
 
-def output_error(hidden: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, clusters: int) -> float:
+def _output_errors(
+    grams: list[torch.Tensor | None], output: torch.Tensor, labels: torch.Tensor, width: int
+) -> float:
+    """:func:`output_error` summed over batch elements; an expert no calibration token reached adds nothing."""
+    return sum(output_error(g, output[b], labels[b], width) for b, g in enumerate(grams) if g is not None)
+
+
+def output_error(gram: torch.Tensor, output: torch.Tensor, labels: torch.Tensor, clusters: int) -> float:
     """Squared error, summed over tokens, of an MLP output ``sum_i h_i d_i`` when each cluster's neurons are
-    replaced by their mean neuron taken as many times: ``|| sum_i (h_i - h_c) (d_i - d_c)^T ||^2`` with
-    ``h_c``, ``d_c`` the cluster means of the hidden activations ``hidden [n, D]`` and output rows
-    ``output [D, d_out]``. Exact when the hidden activations are linear in the neuron's weights (the mean
-    neuron's activation is then the mean activation); to first order otherwise.
+    replaced by their mean neuron taken as many times, from the Gram matrix ``gram = H^T H [D, D]`` of the
+    hidden activations and the output rows ``output [D, d_out]``.
+
+    The fused output is ``sum_c (sum_{i in c} h_i) d_c`` with ``d_c`` the cluster's mean output row, so the
+    error is ``|| sum_i h_i (d_i - d_c) ||^2 = trace(S^T gram S)`` with ``S`` the rows centred within their
+    clusters. Exact when the hidden activations are linear in the neuron's weights (the mean neuron's
+    activation is then the mean activation); to first order otherwise.
     """
-    h, d = hidden.double(), output.double()
-    members = torch.zeros(clusters, len(labels), dtype=torch.float64, device=h.device)
-    members[labels, torch.arange(len(labels), device=h.device)] = 1.0
-    counts = members.sum(1, keepdim=True).clamp_min(1)
-    h_spread = h - (h @ members.T / counts.T)[:, labels]
-    d_spread = d - (members @ d / counts)[labels]
-    return float((h_spread @ d_spread).pow(2).sum())
+    d = output.to(gram)
+    sums = torch.zeros(clusters, d.shape[1], dtype=d.dtype, device=d.device).index_add_(0, labels, d)
+    counts = torch.bincount(labels, minlength=clusters).clamp_min(1).to(d).unsqueeze(1)
+    spread = d - (sums / counts)[labels]
+    return float(((gram @ spread) * spread).sum())
 
 
 SPREAD = 2  # a site's width stays within this factor of the width one uniform ratio would give it
