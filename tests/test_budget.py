@@ -6,7 +6,7 @@ from tiny_models import build, inputs
 
 from mlp_fusion import FusionConfig, UserError, find_sites, fuse
 from mlp_fusion.budget import WidthCurve, allocate_widths, output_error, width_curve
-from mlp_fusion.calibration import ModelRuns, calibrate_hidden
+from mlp_fusion.calibration import MICRO_BATCH, ModelRuns, calibrate_hidden
 
 
 def curve(full, steepness, cost):
@@ -101,3 +101,26 @@ def test_calibrated_curve_sees_the_data_and_the_budget_is_still_met():
     kept = sum(sub.row_length * row.width_after for row in report.layers)
     assert int(0.4 * total) - sub.row_length < kept <= int(0.4 * total)
     assert all(5 <= row.width_after <= 19 for row in report.layers)  # within a factor 2 of 0.4 x 24
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_calibrated_budget_walks_the_layers_and_matches_running_the_whole_model_per_site(family):
+    """With a budget and a tokenised batch, the sensitivities come from one walk over the unfused layers and
+    the fusion from a second: the embeddings run twice per micro-batch, not three times per site, and the
+    widths and tensors are those of running the whole model for every site."""
+    batch, config = inputs(seed=2, batch=16, length=12), FusionConfig(budget=0.5, layers="all")
+    walked, whole = build(family), build(family)
+    for model in (walked, whole):  # one site whose error weighs far more than the others'
+        with torch.no_grad():
+            for slot in find_sites(model)[0].slots():
+                if slot.role == "output":
+                    getattr(slot.module, slot.attr).mul_(30)
+    calls = []
+    walked.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    walked_report = fuse(walked, config, calibration=batch)
+    whole_report = fuse(whole, config, calibration=ModelRuns(whole, batch))
+    assert len(calls) == 2 * -(-len(batch["input_ids"]) // MICRO_BATCH)
+    assert [r.width_after for r in walked_report.layers] == [r.width_after for r in whole_report.layers]
+    assert len({r.width_after for r in walked_report.layers}) > 1  # the budget was spread, not uniform
+    for (name, a), b in zip(walked.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

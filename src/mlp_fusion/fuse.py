@@ -13,7 +13,7 @@ from .families import find_sites
 from .layer_runs import fuse_walking
 from .persistence import follow_native_save
 from .records import FusionReport
-from .site_fusion import checked_calibration_batch, fuse_sites, plan_sites
+from .site_fusion import checked_calibration_batch, fuse_sites
 
 
 def fuse(
@@ -34,21 +34,9 @@ def fuse(
     report = None
     if calibration is not None and not hasattr(calibration, "parts"):  # a batch, not Runs
         calibration = checked_calibration_batch(calibration, model)
-        report = _fuse_walking(model, config, calibration, progress)
+        report = fuse_walking(model, config, calibration, progress, find_sites(model))
         calibration = ModelRuns(model, calibration) if report is None else None
     if report is None:
         report = fuse_sites(model, config, progress, calibration)
     follow_native_save(model)  # the model's own save_pretrained now writes the fused format
     return report
-
-
-def _fuse_walking(
-    model: nn.Module, config: FusionConfig, batch: dict, progress: Callable[[str], None] | None
-) -> FusionReport | None:
-    """Calibrated fusion one layer at a time (:func:`mlp_fusion.layer_runs.fuse_walking`), after every check;
-    None when it does not apply. A budget compares every site on the unfused model first, so it does not."""
-    if config.budget is not None:
-        return None
-    sites = find_sites(model)
-    chosen = [site for site, _ in plan_sites(model, sites, config, None)]  # every check before any change
-    return fuse_walking(model, config, batch, progress, sites, chosen)

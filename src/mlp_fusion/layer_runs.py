@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -23,8 +24,10 @@ from .calibration import calibration_inputs, micro_batches
 from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
 from .records import FusionReport, LayerReport, fusion_records, record_layers
-from .site_fusion import fuse_sites
+from .site_fusion import budget_plans, checked_sites, fuse_sites, plan_sites, sensitivity
 from .sites import MlpSite
+
+T = TypeVar("T")
 
 
 class LayerStackError(Exception):
@@ -143,22 +146,32 @@ class LayerWalk:
         index = int(name[len(self.stack_name) + 1 :].split(".")[0])
         return index if index <= self.last else None
 
-    def enter(self, index: int, config: FusionConfig, progress) -> list[LayerReport]:
-        """Read layer ``index`` (releasing the one before), fuse its chosen sites, and run it on to the next."""
+    def enter(
+        self, index: int, config: FusionConfig, progress, widths: dict[str, int] | None = None
+    ) -> list[LayerReport]:
+        """Read layer ``index`` (releasing the one before), fuse its chosen sites (at ``widths`` when a
+        budget was spread already), and run it on to the next."""
+
+        def fuse_layer(runs: LayerRuns, sites: list[MlpSite]) -> list[LayerReport]:
+            reference = f"{sites[0].stack}:{sites[0].layer}" if sites[0].stack else sites[0].layer
+            return fuse_sites(self.model, replace(config, layers=[reference]), progress, runs, widths).layers
+
+        return self.visit(index, fuse_layer) or []
+
+    def visit(self, index: int, work: Callable[[LayerRuns, list[MlpSite]], T]) -> T | None:
+        """Read layer ``index`` (releasing the one before), call ``work`` with its calibration runs and its
+        chosen sites when it has some, and run the layer, as ``work`` left it, on to the next."""
         self.release()
         self.current = index
         prefix = f"{self.stack_name}.{index}"
         self._fill([n for n, _ in self.model.named_modules() if _under(n, prefix)])
         layer = self.stack[index]
-        rows = []
+        done = None
         if index in self.groups:
-            site = self.groups[index][0]
-            reference = f"{site.stack}:{site.layer}" if site.stack else site.layer
-            runs = LayerRuns(self.model, layer, index, self.parts)
-            rows = fuse_sites(self.model, replace(config, layers=[reference]), progress, runs).layers
+            done = work(LayerRuns(self.model, layer, index, self.parts), self.groups[index])
         if index < self.last:
             self._carry(layer, index)
-        return rows
+        return done
 
     def release(self) -> None:
         if self.current is not None:
@@ -211,33 +224,55 @@ def fuse_walking(
     batch: dict,
     progress: Callable[[str], None] | None,
     sites: list[MlpSite],
-    chosen: list[MlpSite],
 ) -> FusionReport | None:
     """Calibrated :func:`fuse` of a model in memory, one layer at a time: each layer runs once per
     micro-batch on the hidden states the layer before it (fused when chosen) produced, so the cost grows
     with the layers, not with layers times sites as when the model runs from its start for every site.
-    The same tensors either way. ``sites``: every site of the model; ``chosen``: those ``config`` fuses,
-    checked. None, with nothing changed, when they are not in one list of layers (the caller then runs the
-    whole model for each site). The model runs in eval mode and is given back in its own."""
+    The same tensors either way. A budget is spread first, on one walk over the unfused layers. ``sites``:
+    every site of the model. Every check is made before any change. None, with nothing changed, when the
+    chosen sites are not in one list of layers (the caller then runs the whole model for each site). The
+    model runs in eval mode and is given back in its own."""
     was_training = model.training
     model.eval()
     try:
-        groups: dict[int, list[MlpSite]] = {}
-        for site in chosen:
-            groups.setdefault(stack_index(model, site.name), []).append(site)
-        walk = LayerWalk(model, None, groups, batch, next(model.parameters()).device)
-    except LayerStackError:
-        model.train(was_training)
-        return None
-    try:
+        chosen = [site for site, _ in checked_sites(model, sites, config)]
+        walk = _walk_in_memory(model, chosen, batch)
+        widths = None if config.budget is None else _spread_budget(walk, chosen, config)
+        plan_sites(model, sites, config, None, widths)  # the widths' checks, before any change
+        if widths is not None:
+            walk = _walk_in_memory(model, chosen, batch)
         start, done = time.perf_counter(), len(fusion_records(model))
         report = FusionReport.begin(model, sites, config.method)
         for index in range(walk.last + 1):
-            report.layers += walk.enter(index, config, progress)
+            report.layers += walk.enter(index, config, progress, widths)
         record_layers(model, config.layers, since=done)
         return report.finish(model, sites, start)
+    except LayerStackError:
+        return None
     finally:
         model.train(was_training)
+
+
+def _walk_in_memory(model: nn.Module, chosen: list[MlpSite], batch: dict) -> LayerWalk:
+    groups: dict[int, list[MlpSite]] = {}
+    for site in chosen:
+        groups.setdefault(stack_index(model, site.name), []).append(site)
+    return LayerWalk(model, None, groups, batch, next(model.parameters()).device)
+
+
+def _spread_budget(walk: LayerWalk, chosen: list[MlpSite], config: FusionConfig) -> dict[str, int]:
+    """Each chosen site's width under ``config.budget``, from its sensitivity on ``walk``'s runs of the
+    unfused layers: one pass over the layers, where the whole model would run once per site."""
+    curves = {}
+
+    def measure(runs: LayerRuns, sites: list[MlpSite]) -> None:
+        for site in sites:
+            curves[site.name] = sensitivity(walk.model, site, config, runs)
+
+    for index in range(walk.last + 1):
+        walk.visit(index, measure)
+    plans = budget_plans(chosen, [curves[site.name] for site in chosen], config)
+    return {site.name: width for site, width in plans}
 
 
 def _under(name: str, prefix: str) -> bool:

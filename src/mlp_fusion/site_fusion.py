@@ -26,12 +26,17 @@ from .sites import MlpSite, StackedExperts
 
 
 def fuse_sites(
-    model: nn.Module, config: FusionConfig, progress: Callable[[str], None] | None, calibration: Runs | None
+    model: nn.Module,
+    config: FusionConfig,
+    progress: Callable[[str], None] | None,
+    calibration: Runs | None,
+    widths: dict[str, int] | None = None,
 ) -> FusionReport:
-    """Fuse the sites ``config`` chooses, in place, on the ``calibration`` runs when given; the report."""
+    """Fuse the sites ``config`` chooses, in place, on the ``calibration`` runs when given; the report.
+    ``widths``: each site's width when a budget was already spread (see :func:`plan_sites`)."""
     start = time.perf_counter()
     sites = find_sites(model)
-    plans = plan_sites(model, sites, config, calibration)
+    plans = plan_sites(model, sites, config, calibration, widths)
     report = FusionReport.begin(model, sites, config.method)
     records = fusion_records(model)
     stream = {site.name: position for position, site in enumerate(sites)}
@@ -143,14 +148,40 @@ def working_copy(site: MlpSite) -> SubMlps:
 
 
 def plan_sites(
-    model: nn.Module, sites: list[MlpSite], config: FusionConfig, calibration: Runs | None
+    model: nn.Module,
+    sites: list[MlpSite],
+    config: FusionConfig,
+    calibration: Runs | None,
+    widths: dict[str, int] | None = None,
 ) -> list[tuple[MlpSite, int]]:
+    """Each chosen site with its new width, every check made: ``config``'s width, a budget spread by each
+    site's sensitivity on the ``calibration`` runs, or the ``widths`` given (a budget spread already)."""
+    checked = checked_sites(model, sites, config)
+    chosen = [site for site, _ in checked]
+    if widths is not None:
+        plans = [(site, widths[site.name]) for site in chosen]
+    elif config.budget is not None:
+        plans = budget_plans(
+            chosen, [sensitivity(model, site, config, calibration) for site in chosen], config
+        )
+    else:
+        plans = [(site, planned_width(site, config)) for site in chosen]
+    for (site, width), (_, (row_length, device)) in zip(plans, checked):
+        check_memory(site, row_length, width, config, device)
+    return plans
+
+
+def checked_sites(
+    model: nn.Module, sites: list[MlpSite], config: FusionConfig
+) -> list[tuple[MlpSite, tuple[int, torch.device]]]:
+    """The sites ``config`` chooses, in model order, each with its row length and device, once its weights
+    are checked (loaded, finite, not fused already) and its width is one it can have."""
     done = {record.name for record in fusion_records(model)}
-    plans, shapes = [], {}
+    checked = []
     for site in select_sites(sites, config.layers):
         if site.name in done:
             raise UserError(f"{site.name} is already fused; start again from the original model")
-        width = planned_width(site, config)
+        planned_width(site, config)
         sub = site.read()  # not kept: one site's copy at a time
         if any(t.is_meta for t in (*sub.inputs, sub.output)):
             raise UserError(
@@ -159,14 +190,8 @@ def plan_sites(
             )
         if not all(bool(torch.isfinite(t).all()) for t in (*sub.inputs, sub.output)):
             raise UserError(f"{site.describe()} has NaN or infinite weights; fusion needs finite weights")
-        plans.append((site, width))
-        shapes[site.name] = (sub.row_length, sub.output.device)
-    if config.budget is not None:
-        plans = _plan_budget(model, plans, config, calibration)
-    for site, width in plans:
-        row_length, device = shapes[site.name]
-        check_memory(site, row_length, width, config, device)
-    return plans
+        checked.append((site, (sub.row_length, sub.output.device)))
+    return checked
 
 
 def planned_width(site: MlpSite, config: FusionConfig) -> int:
@@ -191,24 +216,22 @@ def kernel_friendly_width(site: MlpSite, width: int) -> int:
     return rounded if rounded <= site.width and abs(rounded - width) <= width / 8 else width
 
 
-def _plan_budget(
-    model: nn.Module, plans: list[tuple[MlpSite, int]], config: FusionConfig, calibration: Runs | None
+def budget_plans(
+    sites: list[MlpSite], curves: list[WidthCurve], config: FusionConfig
 ) -> list[tuple[MlpSite, int]]:
-    """Widths that keep ``config.budget`` of the chosen sites' parameters, spread by sensitivity: each site's
-    output error on the calibration inputs when there are some (measured on the unfused model), else the
-    data-free inertia."""
-    curves = [_sensitivity(model, site, config, calibration) for site, _ in plans]
-    total = sum(curve.neuron_cost * site.width for curve, (site, _) in zip(curves, plans))
+    """Widths that keep ``config.budget`` of the sites' parameters, spread by their sensitivity ``curves``."""
+    total = sum(curve.neuron_cost * site.width for curve, site in zip(curves, sites))
     budget = int(config.budget * total)
     if budget < sum(curve.neuron_cost for curve in curves):
         raise UserError(f"a budget of {config.budget} cannot keep one neuron in every chosen MLP; raise it")
-    widths = allocate_widths(curves, budget, config.budget)
-    return [(site, width) for (site, _), width in zip(plans, widths)]
+    return list(zip(sites, allocate_widths(curves, budget, config.budget)))
 
 
-def _sensitivity(
+def sensitivity(
     model: nn.Module, site: MlpSite, config: FusionConfig, calibration: Runs | None
 ) -> WidthCurve:
+    """The site's error against width, for a budget: its output error on the calibration runs (of the unfused
+    model) when there are some, else the data-free inertia."""
     sub = working_copy(site)
     if calibration is None:
         return width_curve(sub, config.canonical, config.seed)
