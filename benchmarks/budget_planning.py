@@ -11,6 +11,7 @@ widths and the same tensors.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import sys
 import time
@@ -20,7 +21,6 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, publish, run_header  # noqa: E402
 
-import mlp_fusion.fuse  # noqa: E402
 from mlp_fusion import compress, recipes  # noqa: E402
 from mlp_fusion.loading import load_model  # noqa: E402
 
@@ -35,7 +35,11 @@ PATHS = {
 
 def timed_compress(texts: list[str], path) -> tuple[dict, float, dict]:
     """The fused model's tensors, the seconds compress took and the run's record."""
-    patch = mock.patch.object(mlp_fusion.fuse, "fuse_walking", path) if path else contextlib.nullcontext()
+    patch = (
+        mock.patch.object(importlib.import_module("mlp_fusion.fuse"), "fuse_walking", path)
+        if path
+        else contextlib.nullcontext()
+    )
     with patch:
         start = time.perf_counter()
         done = compress(MODEL, size=SIZE, calibration_texts=texts)
