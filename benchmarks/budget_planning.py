@@ -33,8 +33,8 @@ PATHS = {
 }
 
 
-def timed_compress(texts: list[str], path) -> tuple[dict, float, dict]:
-    """The fused model's tensors, the seconds compress took and the run's record."""
+def timed_compress(texts: list[str], path) -> tuple[dict, dict]:
+    """The fused model's tensors and the run's record (its widths and the seconds compress took)."""
     patch = (
         mock.patch.object(importlib.import_module("mlp_fusion.fuse"), "fuse_walking", path)
         if path
@@ -45,7 +45,7 @@ def timed_compress(texts: list[str], path) -> tuple[dict, float, dict]:
         done = compress(MODEL, size=SIZE, calibration_texts=texts)
         seconds = time.perf_counter() - start
     widths = [row.width_after for row in done.report.layers]
-    return done.model.state_dict(), seconds, {"widths": widths, "seconds": seconds}
+    return done.model.state_dict(), {"widths": widths, "seconds": seconds}
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
         del loaded
         runs, tensors = {}, {}
         for name, path in PATHS.items():
-            tensors[name], _, runs[name] = timed_compress(texts, path)
+            tensors[name], runs[name] = timed_compress(texts, path)
             print(name, f"{runs[name]['seconds']:.0f} s", file=sys.stderr, flush=True)
         first, second = tensors.values()
         difference = max(

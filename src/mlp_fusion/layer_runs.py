@@ -24,7 +24,7 @@ from .calibration import calibration_inputs, micro_batches
 from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
 from .records import FusionReport, LayerReport, fusion_records, record_layers
-from .site_fusion import budget_plans, checked_sites, fuse_sites, plan_sites, sensitivity
+from .site_fusion import budget_plans, checked_sites, fuse_sites, planned, sensitivity
 from .sites import MlpSite
 
 T = TypeVar("T")
@@ -235,10 +235,11 @@ def fuse_walking(
     was_training = model.training
     model.eval()
     try:
-        chosen = [site for site, _ in checked_sites(model, sites, config)]
+        checked = checked_sites(model, sites, config)
+        chosen = [site for site, _ in checked]
         walk = _walk_in_memory(model, chosen, batch)
         widths = None if config.budget is None else _spread_budget(walk, chosen, config)
-        plan_sites(model, sites, config, None, widths)  # the widths' checks, before any change
+        planned(model, checked, config, None, widths)  # the widths' checks, before any change
         if widths is not None:
             walk = _walk_in_memory(model, chosen, batch)
         start, done = time.perf_counter(), len(fusion_records(model))

@@ -156,7 +156,17 @@ def plan_sites(
 ) -> list[tuple[MlpSite, int]]:
     """Each chosen site with its new width, every check made: ``config``'s width, a budget spread by each
     site's sensitivity on the ``calibration`` runs, or the ``widths`` given (a budget spread already)."""
-    checked = checked_sites(model, sites, config)
+    return planned(model, checked_sites(model, sites, config), config, calibration, widths)
+
+
+def planned(
+    model: nn.Module,
+    checked: list[tuple[MlpSite, tuple[int, torch.device]]],
+    config: FusionConfig,
+    calibration: Runs | None,
+    widths: dict[str, int] | None = None,
+) -> list[tuple[MlpSite, int]]:
+    """:func:`plan_sites` on sites :func:`checked_sites` has checked already."""
     chosen = [site for site, _ in checked]
     if widths is not None:
         plans = [(site, widths[site.name]) for site in chosen]
