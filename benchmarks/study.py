@@ -4,7 +4,9 @@ every result once on test inputs that no choice has seen, every output kept.
 - Validation: 300 WebNLG 2017 dev entries, drawn at random, stratified by category and triple count.
 - Test: 500 entries of the WebNLG 2017 test set's 10 seen categories, drawn the same way, each scored
   against all its references.
-- Training: 1,000 (triples, text) pairs drawn at random per seed (stratified) from the train file, one epoch.
+- Training: 1,000 (triples, text) pairs drawn at random per seed (stratified) from the train file, one epoch,
+  matrix products in bfloat16 (``finetune --precision bfloat16``: about 1.7x faster steps on this CPU; the
+  weights and the optimizer stay float32). A first grid in float32 is kept in ``validation-float32.json``.
 - Decoding: greedy, up to 96 new tokens, stopping at the end-of-sequence token, batched.
 - Equal tuning: every row gets three candidate learning rates on validation (seed 0, at S1); the S1 winner
   is also the row's rate at S2. A seed changes the training draw, the data order and k-means.
@@ -46,7 +48,7 @@ WORK = Path("out") / "study"  # relative to ROOT: compressed models and run fold
 MODEL = "smollm2"
 SETTINGS = {"S1": ("20-29", "0.5"), "S2": ("10-29", "0.25")}
 VALIDATION_INPUTS, TEST_INPUTS, TRAIN_PAIRS = 300, 500, 1000
-TRAINING = ["--epochs", "1", "--batch-size", "8", "--max-length", "192"]
+TRAINING = ["--epochs", "1", "--batch-size", "8", "--max-length", "192", "--precision", "bfloat16"]
 DECODING = ["--max-new-tokens", "96", "--num-beams", "1"]
 FULL_RATES = ("1e-4", "3e-4", "1e-3")  # rows that train every weight
 LORA_RATES = ("3e-4", "1e-3", "3e-3")

@@ -36,7 +36,7 @@ GOALS = (
 INTRO = (
     "The protocol (`benchmarks/study.py`): SmolLM2-135M fine-tuned on 1,000 WebNLG 2017 (triples, text) pairs "
     "drawn at random per seed, stratified by category and triple count (`finetune --sample random`), one epoch, "
-    "batch 8, max length 192; greedy decoding of at most 96 new tokens, stopping at the end-of-sequence token. "
+    "batch 8, max length 192, matrix products in bfloat16 (`--precision bfloat16`); greedy decoding of at most 96 new tokens, stopping at the end-of-sequence token. "
     "Every choice is made on 300 dev entries drawn the same way (validation, seed 0, at S1: layers 20-29 at "
     "0.5; the S1 choice also holds at S2: layers 10-29 at 0.25): three candidate learning rates per row (1e-4, "
     "3e-4, 1e-3 for rows that train every weight; 3e-4, 1e-3, 3e-3 for LoRA, rank 8 on every linear layer). "
@@ -66,6 +66,27 @@ def validation_table() -> list[str]:
     if waiting:
         lines.append("")
         lines.append(f"Not yet chosen (validation runs still to come): {', '.join(waiting)}.")
+    return lines
+
+
+def float32_table() -> list[str]:
+    """The first grid, trained in float32 and withdrawn when the study moved to bfloat16 (kept for the
+    record: the same inputs and seed, so it shows what the precision changed)."""
+    path = validation_file().with_name("validation-float32.json")
+    if not path.is_file():
+        return []
+    runs = json.loads(path.read_text())["runs"]
+    lines = [
+        "A first grid trained in float32 was withdrawn when the study moved to bfloat16 (steps 1.4x to 1.7x faster; "
+        'BENCHMARKS.md, "Training in bfloat16") before any test run; it chose nothing. Its runs, on the same '
+        f"inputs and seed (`{path.relative_to(ROOT)}`):",
+        "",
+        "| row | rate | validation BLEU, float32 | chrF |",
+        "|---|---|---|---|",
+    ]
+    for run in runs.values():
+        metrics = run["metrics"]
+        lines.append(f"| {run['row']} | {run['rate']} | {metrics['bleu']:.2f} | {metrics['chrf']:.2f} |")
     return lines
 
 
@@ -199,6 +220,7 @@ def main() -> None:
             INTRO,
             "Validation grid (seed 0):",
             "\n".join(validation_table()),
+            "\n".join(float32_table()),
             "Test:",
             "\n".join(test_lines(found)),
             "Costs (`benchmarks/study_cost.py`; nothing else running, the rows taking turns, median of the rounds):",

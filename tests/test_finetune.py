@@ -109,6 +109,27 @@ def test_full_baseline_keeps_every_parameter(capsys, base_dir, task_dir, tmp_pat
     assert json.loads((tmp_path / "run" / "fusion.json").read_text())["sites"] == []
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_precision_sets_the_dtype_of_training_products_only(
+    capsys, base_dir, task_dir, tmp_path, monkeypatch, precision
+):
+    seen = {True: set(), False: set()}  # output dtypes of linear layers, while training and not
+    linear = torch.nn.Linear.forward
+
+    def recording(self, x):
+        out = linear(self, x)
+        seen[self.training].add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", recording)
+    result = finetune(capsys, base_dir, task_dir, tmp_path / "run", "--epochs", "3", "--precision", precision)
+    assert result["precision"] == precision
+    assert seen[True] == {getattr(torch, precision)}
+    assert result["metrics"]["accuracy"] > 0.85  # chance is about 0.5
+    tuned = from_pretrained(tmp_path / "run")
+    assert {p.dtype for p in tuned.parameters()} == {torch.float32}  # the weights stay float32
+
+
 def test_distillation_before_fine_tuning_lowers_the_hidden_state_error(capsys, base_dir, task_dir, tmp_path):
     result = finetune(
         capsys,
@@ -277,6 +298,7 @@ def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(capsys, base_di
         (["--task", "sst2", "--peft", "lora", "--lora-rank", "0"], "--lora-rank"),
         (["--task", "sst2", "--scheduler", "cosine"], "unknown scheduler 'cosine'"),
         (["--task", "sst2", "--warmup-ratio", "1"], "warm-up ratio"),
+        (["--task", "sst2", "--precision", "float16"], "invalid choice: 'float16'"),
     ],
 )
 def test_bad_options_exit_2_before_writing(capsys, base_dir, task_dir, tmp_path, args, message):

@@ -31,7 +31,7 @@ from .run_dir import CHECKPOINTS, check_out, finish_out, has_checkpoint, start_o
 # TrainSettings fields that finetune takes as options (max_length is a task option, shared with evaluate).
 TRAIN_OPTIONS = (
     "epochs", "lr", "batch_size", "seed", "scheduler", "warmup_ratio", "weight_decay", "teacher_weight",
-    "teacher_temperature",
+    "teacher_temperature", "precision",
 )  # fmt: skip
 # FusionConfig fields that finetune takes as options, the size ones first (they exclude each other)
 SIZE_OPTIONS = ("ratio", "width", "budget")
@@ -303,6 +303,7 @@ def _finish(args, plan: _Plan, job, outcome: dict, distilled, params_before: int
         "method": plan.method or ",".join(sorted({r.method for r in records})) or "full",
         "ratio": _mean_ratio(records),
         "metrics": outcome["metrics"],
+        "precision": plan.settings.precision,
         "train_seconds": outcome["train_seconds"],
         "train_steps_per_second": outcome["train_steps_per_second"],
         "peak_memory_mb": outcome["peak_memory_mb"],

@@ -28,6 +28,7 @@ from .data import EncodedDataset, TaskData
 from .distill import Teacher, distill
 from .metrics import score
 from .peak_memory import PeakMemory
+from .precision import PRECISIONS, check_device_precision, check_precision
 
 SCHEDULERS = ("linear", "polynomial")
 
@@ -58,6 +59,14 @@ class TrainSettings:
     teacher_temperature: float = field(
         default=1.0, metadata={"help": "softmax temperature of that KL divergence"}
     )
+    precision: str = field(
+        default="float32",
+        metadata={
+            "help": "the precision of the matrix products while training: 'bfloat16' (autocast; the weights, "
+            "their gradients and the optimizer stay float32, and evaluation decodes in float32) or 'float32'",
+            "choices": PRECISIONS,
+        },
+    )
 
     def __post_init__(self) -> None:
         checks = (
@@ -83,6 +92,7 @@ class TrainSettings:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        check_precision(self.precision, "--precision")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,8 +109,10 @@ def training_arguments(
 ):
     """The Trainer's arguments; making them also joins the process group under torchrun. A sharded run
     keeps no epoch checkpoints (it ends with the last epoch's weights, gathered)."""
+    check_device_precision(settings.precision, torch.device("cpu" if use_cpu else "cuda"), "--precision")
     return transformers.TrainingArguments(
         output_dir=str(checkpoint_dir),
+        bf16=settings.precision == "bfloat16",
         num_train_epochs=settings.epochs,
         learning_rate=settings.lr,
         per_device_train_batch_size=settings.batch_size,

@@ -32,9 +32,9 @@ from ..families import find_sites
 from ..layer_runs import LayerStackError, layer_stack, stack_index
 from ..records import fusion_records
 from .distill import fused_tensors, next_token_kl
+from .precision import PRECISIONS, autocast, check_device_precision, check_precision
 
 TRAINED = ("all", "layers", "mlps")
-PRECISIONS = ("bfloat16", "float32")
 SAVE_EVERY = 25
 
 
@@ -90,10 +90,7 @@ class HealSettings:
             raise UserError(f"--heal-lr must be above 0, not {self.heal_lr}")
         if self.heal_train not in TRAINED:
             raise UserError(f"unknown --heal-train {self.heal_train!r}: choose one of {', '.join(TRAINED)}")
-        if self.heal_precision not in PRECISIONS:
-            raise UserError(
-                f"unknown --heal-precision {self.heal_precision!r}: choose one of {', '.join(PRECISIONS)}"
-            )
+        check_precision(self.heal_precision, "--heal-precision")
 
     def record(self) -> dict:
         """The settings as ``fusion.json`` keeps them (without the ``heal_`` prefixes)."""
@@ -117,6 +114,7 @@ def heal(
     run (created, and left for the caller to remove once the result is saved). ``after_step(n)`` is called
     after the n-th step (a benchmark measures the student there, without gradients)."""
     say = progress or (lambda line: None)
+    check_device_precision(settings.heal_precision, next(student.parameters()).device, "--heal-precision")
     batch = fit_to_positions(padded_batch(tokenizer, texts, max_length=settings.heal_max_length), student)
     trained = trainable(student, settings.heal_train)
     optimizer = torch.optim.AdamW(trained, lr=settings.heal_lr, weight_decay=0.0)
@@ -131,7 +129,7 @@ def heal(
             inputs = {key: value[rows] for key, value in batch.items()}
             longest = int(inputs["attention_mask"].sum(1).max())
             inputs = {key: value[:, :longest] for key, value in inputs.items()}
-            with _precision(student, settings.heal_precision):
+            with autocast(student, settings.heal_precision):
                 with torch.no_grad():
                     target = teacher(**inputs).logits
                 logits = student(**inputs).logits
@@ -157,12 +155,6 @@ def heal(
         "kl_last": kls[-1] if kls else None,
         "seconds": time.perf_counter() - start,
     }
-
-
-def _precision(model: nn.Module, precision: str):
-    """Autocast to bfloat16 on the model's device, or nothing (float32)."""
-    device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 def trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
