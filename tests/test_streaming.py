@@ -200,6 +200,29 @@ def test_compress_with_a_calibration_file_streams_and_matches_in_memory(capsys, 
     assert described[0]["recipe"]["calibration"]["texts"] == 10
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_a_budget_streams_in_two_passes_and_matches_in_memory(capsys, tmp_path, family, calibrated):
+    from tiny_models import save_tokenizer
+
+    build(family).save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    save_tokenizer(tmp_path / "base")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good film in the north\nbad food\nname : serves south\n" * 4)
+    data = ["--calibration", texts, "--calibration-samples", "10"] if calibrated else ["--recipe", "paper"]
+    options = ["--budget", "0.5", "--layers", "0-2", *data]
+    streamed = compress(capsys, tmp_path / "base", tmp_path / "streamed", *options)
+    in_memory = compress(capsys, tmp_path / "base", tmp_path / "memory", *options, "--in-memory")
+    assert streamed["streamed"] and not in_memory["streamed"]
+    widths = [row["width_after"] for row in streamed["layers"]]
+    assert widths == [row["width_after"] for row in in_memory["layers"]]
+    assert len(set(widths)) > 1  # spread by sensitivity, not one ratio
+    loaded = mlp_fusion.from_pretrained(tmp_path / "streamed")
+    assert same_tensors(loaded, mlp_fusion.from_pretrained(tmp_path / "memory"))
+    described = [json.loads((tmp_path / d / "fusion.json").read_text()) for d in ("streamed", "memory")]
+    assert described[0]["sites"] == described[1]["sites"]
+
+
 def test_reconstruction_layer_by_layer_equals_in_memory(tmp_path):
     from mlp_fusion.streaming import fuse_checkpoint
 

@@ -238,7 +238,7 @@ def fuse_walking(
         checked = checked_sites(model, sites, config)
         chosen = [site for site, _ in checked]
         walk = _walk_in_memory(model, chosen, batch)
-        widths = None if config.budget is None else _spread_budget(walk, chosen, config)
+        widths = None if config.budget is None else spread_budget(walk, chosen, config)
         planned(model, checked, config, None, widths)  # the widths' checks, before any change
         if widths is not None:
             walk = _walk_in_memory(model, chosen, batch)
@@ -261,9 +261,10 @@ def _walk_in_memory(model: nn.Module, chosen: list[MlpSite], batch: dict) -> Lay
     return LayerWalk(model, None, groups, batch, next(model.parameters()).device)
 
 
-def _spread_budget(walk: LayerWalk, chosen: list[MlpSite], config: FusionConfig) -> dict[str, int]:
+def spread_budget(walk: LayerWalk, chosen: list[MlpSite], config: FusionConfig) -> dict[str, int]:
     """Each chosen site's width under ``config.budget``, from its sensitivity on ``walk``'s runs of the
-    unfused layers: one pass over the layers, where the whole model would run once per site."""
+    unfused layers: one pass over the layers, where the whole model would run once per site. The walk is
+    used up (a checkpoint's last layer released)."""
     curves = {}
 
     def measure(runs: LayerRuns, sites: list[MlpSite]) -> None:
@@ -272,6 +273,7 @@ def _spread_budget(walk: LayerWalk, chosen: list[MlpSite], config: FusionConfig)
 
     for index in range(walk.last + 1):
         walk.visit(index, measure)
+    walk.release()
     plans = budget_plans(chosen, [curves[site.name] for site in chosen], config)
     return {site.name: width for site, width in plans}
 

@@ -36,13 +36,21 @@ from .checkpoint_files import (
 from .config import FusionConfig
 from .errors import UserError
 from .families import find_sites
-from .layer_runs import LayerStackError, LayerWalk, stack_index
+from .layer_runs import LayerStackError, LayerWalk, spread_budget, stack_index
 from .loading import check_head
 from .persistence import fused_skeleton, write_description
 from .plain_export import export_notes, export_widths, set_widths
 from .records import FusionReport, record_layers
 from .shard_io import SHARD_BYTES, CheckpointReader, ShardWriter
-from .site_fusion import check_memory, checked_calibration_batch, fuse_sites, planned_width, select_sites
+from .site_fusion import (
+    budget_plans,
+    check_memory,
+    checked_calibration_batch,
+    fuse_sites,
+    planned_width,
+    select_sites,
+    sensitivity,
+)
 from .sites import MlpSite
 
 
@@ -72,14 +80,16 @@ def fuse_checkpoint(
     recipe records itself there). Raises :class:`NotStreamable` before writing anything when the checkpoint
     cannot be read this way.
     """
-    if config.budget is not None:
-        raise NotStreamable("--budget compares every layer before fusing any")
     _return_large_blocks()
     device = torch.device(device)
     reader, model, sites, groups = _checked_plan(source, config, dtype, device)
     check_writable(out, overwrite)
     if calibration is not None:
         calibration = checked_calibration_batch(calibration, model)
+    widths = None
+    if config.budget is not None:  # every layer is measured before any is fused: a first pass
+        widths = _spread(model, reader, groups, config, calibration, device)
+        _check_memory(groups, config, device, widths)
     start = time.perf_counter()
     report = FusionReport.begin(model, sites, config.method)
     walk = _walk(model, reader, groups, calibration, device) if calibration is not None else None
@@ -93,14 +103,15 @@ def fuse_checkpoint(
             layer = walk.layer_of(name) if walk is not None else None
             if layer is not None and layer not in entered:  # read, calibrate and fuse, carry on
                 entered.add(layer)
-                report.layers += walk.enter(layer, config, progress)
+                report.layers += walk.enter(layer, config, progress, widths)
             group = next((g for prefix, g in owners.items() if name.startswith(prefix + ".")), None)
             if group is None:
                 shards.add(name, reader.read(name, torch.device("cpu"), dtype))
             elif id(group) not in done:
                 done.add(id(group))
                 if walk is None:  # data-free: the group's MLPs are read and fused here
-                    report.layers += _fuse_group(model, group, reader, config, device, progress).layers
+                    fused = _fuse_group(model, group, reader, config, device, progress, widths)
+                    report.layers += fused.layers
                 _write_group(model, group, shards)
         if walk is not None:
             walk.release()
@@ -116,7 +127,8 @@ def fuse_checkpoint(
 
 def _checked_plan(source: Path, config: FusionConfig, dtype: torch.dtype | None, device: torch.device):
     """The checkpoint's reader, its meta-device model, its sites and the chosen ones grouped by layer; every
-    chosen width is checked (and refused) here, before anything is written."""
+    chosen width is checked (and refused) here, before anything is written (a budget's widths once it is
+    spread)."""
     try:
         files = weight_files(source)
     except UserError as error:
@@ -125,11 +137,36 @@ def _checked_plan(source: Path, config: FusionConfig, dtype: torch.dtype | None,
     model = _meta_model(source, reader, dtype)
     sites = find_sites(model)
     groups = _layer_groups(select_sites(sites, config.layers))
+    if config.budget is None:
+        _check_memory(groups, config, device, None)
+    return reader, model, sites, groups
+
+
+def _check_memory(groups, config: FusionConfig, device: torch.device, widths: dict[str, int] | None) -> None:
+    """Refuse a chosen site whose clustering cannot fit, at its planned width or at the budget's."""
     for group in groups:
         for site in group:
-            width = planned_width(site, config)
-            check_memory(site, site.read().row_length, width, config, device)  # one that cannot fit
-    return reader, model, sites, groups
+            width = widths[site.name] if widths is not None else planned_width(site, config)
+            check_memory(site, site.read().row_length, width, config, device)
+
+
+def _spread(
+    model, reader: CheckpointReader, groups, config: FusionConfig, calibration, device
+) -> dict[str, int]:
+    """The budget's widths, from each site's sensitivity: on a first calibrated walk over the unfused layers,
+    or (data-free) on each layer's MLPs read alone and released."""
+    chosen = [site for group in groups for site in group]
+    if calibration is not None:
+        return spread_budget(_walk(model, reader, groups, calibration, device), chosen, config)
+    curves = {}
+    for group in groups:
+        _read_group(model, group, reader, device)
+        curves.update({site.name: sensitivity(model, site, config, None) for site in group})
+        for site in group:
+            model.get_submodule(site.name).to("meta")
+    return {
+        site.name: width for site, width in budget_plans(chosen, [curves[s.name] for s in chosen], config)
+    }
 
 
 def _write_group(model: nn.Module, group: list[MlpSite], shards: ShardWriter) -> None:
@@ -215,8 +252,23 @@ def _fuse_group(
     config: FusionConfig,
     device: torch.device,
     progress: Callable[[str], None] | None,
+    widths: dict[str, int] | None,
 ) -> FusionReport:
-    """Read one layer's MLPs onto ``device``, fuse them in place, and bring them back to the CPU."""
+    """Read one layer's MLPs onto ``device``, fuse them in place (at ``widths`` when a budget was spread),
+    and bring them back to the CPU."""
+    _read_group(model, group, reader, device)
+    site = group[0]
+    layer = f"{site.stack}:{site.layer}" if site.stack else site.layer
+    report = fuse_sites(model, replace(config, layers=[layer]), progress, None, widths)
+    for site in group:
+        model.get_submodule(site.name).to("cpu")
+    return report
+
+
+def _read_group(
+    model: nn.Module, group: list[MlpSite], reader: CheckpointReader, device: torch.device
+) -> None:
+    """Give one layer's chosen MLPs their tensors from the checkpoint, on ``device``."""
     for site in group:
         module = model.get_submodule(site.name)
         state = {
@@ -224,12 +276,6 @@ def _fuse_group(
             for key, tensor in module.state_dict().items()
         }
         module.load_state_dict(state, assign=True)
-    site = group[0]
-    layer = f"{site.stack}:{site.layer}" if site.stack else site.layer
-    report = fuse_sites(model, replace(config, layers=[layer]), progress, None)
-    for site in group:
-        model.get_submodule(site.name).to("cpu")
-    return report
 
 
 def export_checkpoint(
