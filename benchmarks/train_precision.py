@@ -13,18 +13,14 @@ steps; the table gives each run's median round and the speed-up of bfloat16 over
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import publish, run_header  # noqa: E402
-from train_step import CASES, LENGTH, batch_for, build  # noqa: E402
+from train_step import CASES, LENGTH, batch_for, build, stepper, time_turns, timing_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "train-precision.json"
@@ -32,53 +28,23 @@ CASE = "SmolLM2-135M, causal LM"
 PRECISIONS = ("float32", "bfloat16")
 
 
-def stepper(model: torch.nn.Module, batch: dict, precision: str):
-    """One optimisation step of ``model`` on ``batch`` with its own AdamW, the products in ``precision``."""
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument(
-        "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
-    )
-    args = parser.parse_args()
+    args = timing_options(__doc__, rounds=5, steps=2)
     if args.report:
         print(report(json.loads(RESULTS.read_text())))
         return
     alias, head, layers, batch_size = CASES[CASE]
     models = {name: model for name, model in build(alias, head, layers).items() if name != "plain twin"}
-    steps = {
+    steppers = {
         (name, precision): stepper(model, batch_for(model, batch_size), precision)
         for name, model in models.items()
         for precision in PRECISIONS
     }
-    for step in steps.values():
-        step(), step()  # warm-up: allocator, optimiser state
-    timings: dict[tuple, list[float]] = {key: [] for key in steps}
-    for number in range(args.rounds):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            timings[key].append((time.perf_counter() - start) / args.steps)
-        print(number, {" ".join(key): f"{values[-1]:.2f}" for key, values in timings.items()}, flush=True)
+    timings = time_turns(steppers, args.rounds, args.steps)
     rows = [
         {"model": name, "precision": precision, "seconds": statistics.median(timings[name, precision]),
          "every_round": timings[name, precision]}
-        for name, precision in steps
+        for name, precision in steppers
     ]  # fmt: skip
     results = {**run_header(), "case": CASE, "layers": layers, "batch": [batch_size, LENGTH],
                "rounds": args.rounds, "steps_per_round": args.steps, "rows": rows}  # fmt: skip

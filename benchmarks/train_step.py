@@ -76,41 +76,56 @@ def batch_for(model: torch.nn.Module, size: int) -> dict:
     return {**batch, "labels": ids}
 
 
-def stepper(model: torch.nn.Module, batch: dict):
+def stepper(model: torch.nn.Module, batch: dict, precision: str = "float32"):
+    """One optimisation step of ``model`` on ``batch`` with its own AdamW; with ``precision`` bfloat16 the
+    forward pass (and so its backward) runs under autocast, as the Trainer's ``bf16=True`` does."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> None:
-        model(**batch).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def time_case(models: dict, batch_size: int, rounds: int, steps: int) -> dict[str, list[float]]:
-    steps_of = {name: stepper(model, batch_for(model, batch_size)) for name, model in models.items()}
-    for step in steps_of.values():
+def time_turns(steppers: dict, rounds: int, steps: int) -> dict:
+    """Seconds per step of each named stepper over ``rounds`` rounds of ``steps`` steps, taking turns
+    after two warm-up steps each."""
+    for step in steppers.values():
         step(), step()  # warm-up: allocator, optimiser state
-    timings: dict[str, list[float]] = {name: [] for name in models}
+    timings: dict = {name: [] for name in steppers}
     for number in range(rounds):
-        for name, step in steps_of.items():
+        for name, step in steppers.items():
             start = time.perf_counter()
             for _ in range(steps):
                 step()
             timings[name].append((time.perf_counter() - start) / steps)
-        print(number, {name: f"{values[-1]:.3f}" for name, values in timings.items()}, flush=True)
+        print(number, {str(name): f"{values[-1]:.3f}" for name, values in timings.items()}, flush=True)
     return timings
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=3)
+def time_case(models: dict, batch_size: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    steppers = {name: stepper(model, batch_for(model, batch_size)) for name, model in models.items()}
+    return time_turns(steppers, rounds, steps)
+
+
+def timing_options(doc: str, rounds: int, steps: int) -> argparse.Namespace:
+    """A step-timing benchmark's options: how many rounds of how many steps, or ``--report`` alone."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument(
         "--report", action="store_true", help="only rewrite BENCHMARKS.md from the results file"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = timing_options(__doc__, rounds=9, steps=3)
     if args.report:
         print(report(json.loads(RESULTS.read_text())))
         return
