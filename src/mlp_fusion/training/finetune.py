@@ -63,7 +63,8 @@ class TrainSettings:
         default="float32",
         metadata={
             "help": "the precision of the matrix products while training: 'bfloat16' (autocast; the weights, "
-            "their gradients and the optimizer stay float32, and evaluation decodes in float32) or 'float32'",
+            "their gradients and the optimizer stay float32, and the final scores are computed in float32) "
+            "or 'float32'",
             "choices": PRECISIONS,
         },
     )
