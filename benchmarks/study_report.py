@@ -54,13 +54,17 @@ def validation_table() -> list[str]:
     if not runs:
         return ["No validation run has finished yet."]
     chosen = choices()
-    lines = ["| row | rate | validation BLEU | chrF | train steps | chosen |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| row | rate | validation BLEU | chrF | train steps | s / step | chosen |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run in runs.values():
         row, rate = run["row"], run["rate"]
         mark = "yes" if chosen.get(row) == rate else ""
         metrics = run["metrics"]
         lines.append(
-            f"| {row} | {rate} | {metrics['bleu']:.2f} | {metrics['chrf']:.2f} | {run['train_steps']} | {mark} |"
+            f"| {row} | {rate} | {metrics['bleu']:.2f} | {metrics['chrf']:.2f} | {run['train_steps']} | "
+            f"{run['seconds_per_step']:.1f} | {mark} |"
         )
     waiting = [name for name in ROWS if name not in chosen and ROWS[name].setting != "S2"]
     if waiting:
@@ -77,16 +81,20 @@ def float32_table() -> list[str]:
         return []
     runs = json.loads(path.read_text())["runs"]
     lines = [
-        "A first grid trained in float32 was withdrawn when the study moved to bfloat16 (steps 1.4x to 1.7x faster; "
-        'BENCHMARKS.md, "Training in bfloat16") before any test run; it chose nothing. Its runs, on the same '
-        f"inputs and seed (`{path.relative_to(ROOT)}`):",
+        "A first grid trained in float32 was withdrawn when the study moved to bfloat16 before any test run (steps "
+        '1.4x to 1.7x faster in BENCHMARKS.md, "Training in bfloat16"; less in these runs, whose batches are '
+        "s / step columns); it chose nothing. Its runs, on the same inputs and seed "
+        f"(`{path.relative_to(ROOT)}`; runs of more than 10 s per step shared the CPU):",
         "",
-        "| row | rate | validation BLEU, float32 | chrF |",
-        "|---|---|---|---|",
+        "| row | rate | validation BLEU, float32 | chrF | s / step |",
+        "|---|---|---|---|---|",
     ]
     for run in runs.values():
         metrics = run["metrics"]
-        lines.append(f"| {run['row']} | {run['rate']} | {metrics['bleu']:.2f} | {metrics['chrf']:.2f} |")
+        lines.append(
+            f"| {run['row']} | {run['rate']} | {metrics['bleu']:.2f} | {metrics['chrf']:.2f} | "
+            f"{run['seconds_per_step']:.1f} |"
+        )
     return lines
 
 
