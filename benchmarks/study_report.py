@@ -82,7 +82,7 @@ def float32_table() -> list[str]:
     runs = json.loads(path.read_text())["runs"]
     lines = [
         "A first grid trained in float32 was withdrawn when the study moved to bfloat16 before any test run (steps "
-        '1.4x to 1.7x faster in BENCHMARKS.md, "Training in bfloat16"; less in these runs, whose batches are '
+        '1.4x to 1.7x faster in BENCHMARKS.md, "Training in bfloat16"; less in these runs: compare the '
         "s / step columns); it chose nothing. Its runs, on the same inputs and seed "
         f"(`{path.relative_to(ROOT)}`; runs of more than 10 s per step shared the CPU):",
         "",
