@@ -24,7 +24,7 @@ from .calibration import calibration_inputs, micro_batches
 from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
 from .records import FusionReport, LayerReport, fusion_records, record_layers
-from .site_fusion import budget_plans, checked_sites, fuse_sites, planned, sensitivity
+from .site_fusion import budget_widths, checked_sites, fuse_sites, planned, sensitivity
 from .sites import MlpSite
 
 T = TypeVar("T")
@@ -237,11 +237,11 @@ def fuse_walking(
     try:
         checked = checked_sites(model, sites, config)
         chosen = [site for site, _ in checked]
-        walk = _walk_in_memory(model, chosen, batch)
-        widths = None if config.budget is None else spread_budget(walk, chosen, config)
+        widths = None
+        if config.budget is not None:  # measured on a first walk over the unfused layers
+            widths = spread_budget(_walk_in_memory(model, chosen, batch), chosen, config)
         planned(model, checked, config, None, widths)  # the widths' checks, before any change
-        if widths is not None:
-            walk = _walk_in_memory(model, chosen, batch)
+        walk = _walk_in_memory(model, chosen, batch)
         start, done = time.perf_counter(), len(fusion_records(model))
         report = FusionReport.begin(model, sites, config.method)
         for index in range(walk.last + 1):
@@ -274,8 +274,7 @@ def spread_budget(walk: LayerWalk, chosen: list[MlpSite], config: FusionConfig) 
     for index in range(walk.last + 1):
         walk.visit(index, measure)
     walk.release()
-    plans = budget_plans(chosen, [curves[site.name] for site in chosen], config)
-    return {site.name: width for site, width in plans}
+    return budget_widths(chosen, curves, config)
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -168,14 +168,10 @@ def planned(
 ) -> list[tuple[MlpSite, int]]:
     """:func:`plan_sites` on sites :func:`checked_sites` has checked already."""
     chosen = [site for site, _ in checked]
-    if widths is not None:
-        plans = [(site, widths[site.name]) for site in chosen]
-    elif config.budget is not None:
-        plans = budget_plans(
-            chosen, [sensitivity(model, site, config, calibration) for site in chosen], config
-        )
-    else:
-        plans = [(site, planned_width(site, config)) for site in chosen]
+    if widths is None and config.budget is not None:
+        curves = {site.name: sensitivity(model, site, config, calibration) for site in chosen}
+        widths = budget_widths(chosen, curves, config)
+    plans = [(site, planned_width(site, config) if widths is None else widths[site.name]) for site in chosen]
     for (site, width), (_, (row_length, device)) in zip(plans, checked):
         check_memory(site, row_length, width, config, device)
     return plans
@@ -226,15 +222,18 @@ def kernel_friendly_width(site: MlpSite, width: int) -> int:
     return rounded if rounded <= site.width and abs(rounded - width) <= width / 8 else width
 
 
-def budget_plans(
-    sites: list[MlpSite], curves: list[WidthCurve], config: FusionConfig
-) -> list[tuple[MlpSite, int]]:
-    """Widths that keep ``config.budget`` of the sites' parameters, spread by their sensitivity ``curves``."""
-    total = sum(curve.neuron_cost * site.width for curve, site in zip(curves, sites))
+def budget_widths(
+    sites: list[MlpSite], curves: dict[str, WidthCurve], config: FusionConfig
+) -> dict[str, int]:
+    """Each site's width (by name) keeping ``config.budget`` of the sites' parameters, spread by their
+    sensitivity ``curves`` (by name)."""
+    ordered = [curves[site.name] for site in sites]
+    total = sum(curve.neuron_cost * site.width for curve, site in zip(ordered, sites))
     budget = int(config.budget * total)
-    if budget < sum(curve.neuron_cost for curve in curves):
+    if budget < sum(curve.neuron_cost for curve in ordered):
         raise UserError(f"a budget of {config.budget} cannot keep one neuron in every chosen MLP; raise it")
-    return list(zip(sites, allocate_widths(curves, budget, config.budget)))
+    widths = allocate_widths(ordered, budget, config.budget)
+    return {site.name: width for site, width in zip(sites, widths)}
 
 
 def sensitivity(

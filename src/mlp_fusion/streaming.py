@@ -43,7 +43,7 @@ from .plain_export import export_notes, export_widths, set_widths
 from .records import FusionReport, record_layers
 from .shard_io import SHARD_BYTES, CheckpointReader, ShardWriter
 from .site_fusion import (
-    budget_plans,
+    budget_widths,
     check_memory,
     checked_calibration_batch,
     fuse_sites,
@@ -164,9 +164,7 @@ def _spread(
         curves.update({site.name: sensitivity(model, site, config, None) for site in group})
         for site in group:
             model.get_submodule(site.name).to("meta")
-    return {
-        site.name: width for site, width in budget_plans(chosen, [curves[s.name] for s in chosen], config)
-    }
+    return budget_widths(chosen, curves, config)
 
 
 def _write_group(model: nn.Module, group: list[MlpSite], shards: ShardWriter) -> None:
