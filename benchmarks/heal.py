@@ -331,7 +331,13 @@ def report_test(results: dict) -> str:
         "domain, the geometric mean over seeds, with the 95% paired-bootstrap interval over texts. Healing "
         f"seconds exclude the measurements. Plot: `{PLOT.relative_to(ROOT)}`."
     )
-    return publish("heal-smollm2", intro + "\n\n" + "\n".join(verdicts), table, results, RESULTS)
+    commands = [
+        f"python benchmarks/heal.py test --models {model} --settings {setting} --rows {row} "
+        f"--seeds {','.join(str(run['seed']) for run in runs)}"
+        for (model, row, setting), runs in groups.items()
+    ]  # each makes (or, once saved, skips) its group's runs
+    body = intro + "\n\n" + "\n".join(verdicts)
+    return publish("heal-smollm2", body, table, {**results, "commands": commands}, RESULTS)
 
 
 def plot(curves: dict[str, tuple[list[float], list[dict]]]) -> None:
