@@ -84,6 +84,15 @@ class FusionConfig:
         },
     )
 
+    block_steps: int = field(
+        default=0,
+        metadata={
+            "help": "with calibration inputs: Adam steps fitting each fused layer's MLP weights (scales kept) so "
+            "that the whole layer, on the already fused layers' outputs, gives the original model's layer "
+            "outputs, after the refit (0: off)"
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}: choose one of {', '.join(sorted(METHODS))}")
@@ -112,10 +121,12 @@ class FusionConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge >= 0):
             raise UserError(f"ridge must be a number >= 0, got {self.ridge!r}")
-        if isinstance(self.reconstruct_steps, bool) or not isinstance(self.reconstruct_steps, int):
-            raise UserError(f"reconstruct_steps must be a whole number, got {self.reconstruct_steps!r}")
-        if self.reconstruct_steps < 0:
-            raise UserError(f"reconstruct_steps must be at least 0, got {self.reconstruct_steps}")
+        for name in ("reconstruct_steps", "block_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{name} must be a whole number, got {value!r}")
+            if value < 0:
+                raise UserError(f"{name} must be at least 0, got {value}")
         if self.hartigan_rounds < 0:
             raise UserError(f"hartigan_rounds must be at least 0, got {self.hartigan_rounds}")
         self.layers = parse_layers(self.layers)

@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from .block_fit import fit_block
 from .calibration import calibration_inputs, micro_batches
 from .checkpoint_files import materialise_derived_buffers
 from .config import FusionConfig
@@ -54,18 +55,28 @@ class _Recorder(nn.Module):
 
 @dataclass
 class _Part:
-    """One micro-batch: which tokens are real, each layer's recorded arguments, and the hidden states that
-    reach the current layer."""
+    """One micro-batch: which tokens are real, each layer's recorded arguments, the hidden states that
+    reach the current layer, and (for block reconstruction, once a fused layer has changed them) the
+    original model's hidden states there."""
 
     mask: torch.Tensor
     calls: dict[int, tuple[tuple, dict]]
     hidden: torch.Tensor | None = None
+    original: torch.Tensor | None = None  # None: the same as ``hidden``
 
-    def arguments(self, index: int) -> tuple[tuple, dict]:
+    def arguments(self, index: int, hidden: torch.Tensor | None = None) -> tuple[tuple, dict]:
+        """Layer ``index``'s recorded arguments, on ``hidden`` (by default the current hidden states)."""
+        hidden = self.hidden if hidden is None else hidden
         args, kwargs = self.calls[index]
         if args:
-            return (self.hidden, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": self.hidden}
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def run(self, layer: nn.Module, index: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``index`` on ``hidden`` (by default the current hidden states): its output hidden states."""
+        args, kwargs = self.arguments(index, hidden)
+        out = layer(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
 
 class LayerRuns:
@@ -135,6 +146,7 @@ class LayerWalk:
         self.stack_name, self.stack = layer_stack(model, [s for group in groups.values() for s in group])
         self.last = max(groups)
         self.current: int | None = None
+        self._next_originals: list[torch.Tensor] | None = None  # a block fit's targets, for the carry
         self._fill([n for n, _ in model.named_modules() if not _under(n, self.stack_name)])
         self.parts = self._record(batch)
         self._drop(model)  # the embeddings' work is done (no layer has been read yet)
@@ -154,7 +166,11 @@ class LayerWalk:
 
         def fuse_layer(runs: LayerRuns, sites: list[MlpSite]) -> list[LayerReport]:
             reference = f"{sites[0].stack}:{sites[0].layer}" if sites[0].stack else sites[0].layer
-            return fuse_sites(self.model, replace(config, layers=[reference]), progress, runs, widths).layers
+            targets = self._original_outputs(index) if config.block_steps else None
+            done = fuse_sites(self.model, replace(config, layers=[reference]), progress, runs, widths).layers
+            if targets is not None:
+                self._fit_block(index, sites, targets, config, progress)
+            return done
 
         return self.visit(index, fuse_layer) or []
 
@@ -188,12 +204,37 @@ class LayerWalk:
             module.to("meta")
 
     @torch.no_grad()
+    def _original_outputs(self, index: int) -> list[torch.Tensor]:
+        """The original model's output of layer ``index`` (not fused yet) for every micro-batch."""
+        layer = self.stack[index]
+        return [part.run(layer, index, part.original) for part in self.parts]
+
+    def _fit_block(self, index: int, sites: list[MlpSite], targets: list[torch.Tensor], config, progress):
+        """Block reconstruction of the fused layer ``index`` toward ``targets``; they become the original
+        hidden states the walk carries on."""
+        layer = self.stack[index]
+        runs = [
+            (part.mask, lambda part=part: part.run(layer, index), target)
+            for part, target in zip(self.parts, targets)
+        ]
+        weights = list(dict.fromkeys(p for s in sites for p in self.model.get_submodule(s.name).parameters()))
+        before, after = fit_block(runs, weights, config.block_steps, config.seed + index)
+        if progress is not None:
+            progress(f"block fit of layer {index}: output error {before:.4f} -> {after:.4f}")
+        self._next_originals = targets
+
+    @torch.no_grad()
     def _carry(self, layer: nn.Module, index: int) -> None:
-        for part in self.parts:
-            args, kwargs = part.arguments(index)
-            out = layer(*args, **kwargs)
-            part.hidden = out[0] if isinstance(out, tuple) else out
+        """Run ``layer`` on every micro-batch, and the original model's hidden states on beside when a
+        block fit made them differ."""
+        given = self._next_originals or [None] * len(self.parts)
+        for part, original in zip(self.parts, given):
+            if original is None and part.original is not None:  # an unfused layer: the original's own
+                original = part.run(layer, index, part.original)
+            part.original = original
+            part.hidden = part.run(layer, index)
             del part.calls[index]
+        self._next_originals = None
 
     @torch.no_grad()
     def _record(self, batch: dict) -> list[_Part]:

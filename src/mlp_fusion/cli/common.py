@@ -20,7 +20,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # FusionConfig fields that only matter with calibration inputs (compress and finetune both take them)
-CALIBRATION_OPTIONS = ("weighting", "refit", "ridge", "reconstruct_steps")
+CALIBRATION_OPTIONS = ("weighting", "refit", "ridge", "reconstruct_steps", "block_steps")
 
 
 def log(message: str) -> None:
