@@ -92,7 +92,12 @@ def report(results: dict) -> str:
             seconds = f"{row['seconds']:.0f}" if "seconds" in row else "-"
             cells = " | ".join(f"{scores[d]:.1f}" for d in ("webnlg", "e2e", "sst2"))
             table.append(f"| {split} | {name} | {cells} | {ratio} | {seconds} |")
-    kept = "kept" if pick != "no fit" else "not kept: no candidate beat no fit"
+    kept = (
+        "it beat no fit on validation: the rate is `BLOCK_LR`'s, and `--block-steps` an option, not part of "
+        "the default recipe"
+        if pick != "no fit"
+        else "no candidate beat no fit: not kept"
+    )
     intro = (
         "SmolLM2-135M compressed as `mlp-fusion compress smollm2 --layers 20-29 --ratio 0.5` makes it (the "
         "calibrated recipe; its 128 texts sampled once from the model, seed 0, given to every candidate), "
@@ -101,7 +106,8 @@ def report(results: dict) -> str:
         "output), at two step counts and two Adam rates relative to each weight's RMS. Perplexity on 200 "
         "texts per domain drawn at random (`benchmarks/_held_out.py`): the candidate is chosen on validation "
         f"texts and measured once on test texts. One sampling seed, no interval. **Chosen: {pick}** ({kept}). "
-        "Compress seconds include the fit, not the sampling; they ran while a fine-tuning run shared the CPU."
+        "Compress seconds (loading, fusing and the fit; not the sampling) of the first two validation rows "
+        "ran while a fine-tuning run shared the CPU, which slowed them several-fold; the rest ran alone."
     )
     return publish("block-fit-smollm2", intro, table, results, RAW)
 

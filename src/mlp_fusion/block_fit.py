@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-BLOCK_LR = 1e-3  # Adam's step size, relative to the RMS of each stored weight
+BLOCK_LR = 1e-2  # Adam's step size relative to each stored weight's RMS: the best of 1e-3 and 1e-2 on SmolLM2
 
 # One calibration micro-batch: which tokens are real ``[b, T]``, a call running the layer on it (with
 # autograd when enabled) and the original model's output of the layer ``[b, T, d]``.
