@@ -8,8 +8,8 @@ Two steps, as every study here (METHOD.md section 11):
   the original (sampling seed 0); the lowest perplexity over the original (geometric mean of the three
   domains) at the last step wins. That candidate then heals in bfloat16 (`--heal-precision`), which is
   taken when it ends at most 1% above float32. Each run is saved as it finishes.
-- ``test``: each row compressed (the default recipe, or calibrated pruning on the same sampled calibration
-  texts) at S1 or S2 (row ``size``: the default recipe at S1's or S2's parameter count, cut where
+- ``test``: each row compressed (the default recipe, calibrated pruning on the same sampled calibration
+  texts, or the default with block reconstruction) at S1 or S2 (row ``size``: the default recipe at S1's or S2's parameter count, cut where
   `compress --size` plans it), healed with the chosen settings on texts sampled from the original (one sampling seed
   per run), perplexity measured at 0 and after each of STEPS on the test texts of the same three domains
   (never healed on, no choice made on them), every text's loss kept so that comparisons get paired
@@ -62,7 +62,9 @@ SETTINGS = {
     "smollm2": {"S1": ("20-29", 0.5), "S2": ("10-29", 0.25)},
     "gemma3": {"S1": ("12-17", 0.5), "S2": ("6-17", 0.25)},
 }
-ROWS = {"default": {}, "prune": {"method": "prune"}, "size": {}}  # compress options beyond the shape
+# compress options beyond the shape; "block": the default with block reconstruction at the step count
+# `benchmarks/block_fit.py` chose
+ROWS = {"default": {}, "prune": {"method": "prune"}, "size": {}, "block": {"block_steps": 300}}
 # rows cut to the setting's parameter count by the plan `compress --size` picks, not to its layers and ratio
 SIZED = {"size"}
 DOMAINS = ("webnlg", "e2e", "sst2")
@@ -325,7 +327,8 @@ def report_test(results: dict) -> str:
         "Healing on the test texts (WebNLG 2017 test references, E2E test references, SST-2 test sentences; "
         "200 of each drawn at random; no choice was made on them and they never heal): each row compressed as "
         "`mlp-fusion compress` makes it (`prune`: `--method prune`, the same sampled calibration texts; `size`: "
-        "`--size` at the setting's parameter count, so compress plans where to cut), then "
+        "`--size` at the setting's parameter count, so compress plans where to cut; `block`: `--block-steps "
+        "300`), then "
         f"healed with the settings chosen above on {TEXTS} texts sampled from the original (bfloat16 sampler; "
         "a seed changes the healing texts, their order and k-means). Perplexity over the original's per "
         "domain, the geometric mean over seeds, with the 95% paired-bootstrap interval over texts. Healing "
