@@ -122,6 +122,27 @@ def test_healing_brings_a_compressed_smollm2_closer_to_the_original_on_texts_it_
     assert base < scores["healed"] < 0.8 * scores["compressed"], scores
 
 
+def test_block_fit_brings_a_compressed_smollm2_closer_on_texts_it_never_saw():
+    """Calibrated on the probe sentences, fitted toward the original's layer outputs: lower perplexity on
+    other texts than the same compress without the fit."""
+    from mlp_fusion import compress
+    from mlp_fusion.batches import PROBE_SENTENCES
+    from mlp_fusion.diagnostics.perplexity import perplexity
+
+    held_out = [
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
+        "Alan Bean was born in Wheeler, Texas, and served as a test pilot before joining NASA.",
+        "Aarhus Airport serves the city of Aarhus in Denmark and has a runway of 2,776 metres.",
+    ]
+    scores = {}
+    for steps in (0, 100):
+        done = compress(
+            "smollm2", calibration_texts=PROBE_SENTENCES, layers="24-29", ratio=0.25, block_steps=steps
+        )
+        scores[steps] = perplexity(done.model, done.tokenizer, held_out)["perplexity"]
+    assert scores[100] < 0.95 * scores[0], scores
+
+
 def test_the_bfloat16_sampler_draws_from_nearly_smollm2s_own_distribution():
     """Calibration and healing texts are decoded by a bfloat16 copy of the weights: its next-token
     distributions on real text stay close to the float32 model's."""

@@ -157,3 +157,9 @@ def test_info_prints_the_recipe_and_its_calibration(capsys, tmp_path, decoder_di
     assert main(["info", str(tmp_path / "a")]) == 0
     shown = capsys.readouterr().out
     assert "recipe calibrated: calibration sampled" in shown and "keep_fraction=0.5" in shown
+    assert "block_steps" not in shown  # fitting steps are shown only when used
+    compress(
+        capsys, decoder_dir, "--ratio", "0.5", "--layers", "1", "--block-steps", "3", "--out", tmp_path / "b"
+    )
+    assert main(["info", str(tmp_path / "b")]) == 0
+    assert "block_steps=3" in capsys.readouterr().out

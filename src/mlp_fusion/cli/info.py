@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import UserError
 
 SETTINGS_SHOWN = ("keep_fraction", "canonical", "weighting", "refit", "ridge", "budget", "n_init")
+STEPS_SHOWN = ("reconstruct_steps", "block_steps")  # shown only when used
 
 
 def add_parser(commands) -> None:
@@ -54,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
     )
     for site in fusion["sites"]:
         settings = site.get("settings") or {}
-        shown = ", ".join(f"{k}={settings[k]}" for k in SETTINGS_SHOWN if settings.get(k) is not None)
+        names = [k for k in SETTINGS_SHOWN if settings.get(k) is not None]
+        names += [k for k in STEPS_SHOWN if settings.get(k)]
+        shown = ", ".join(f"{k}={settings[k]}" for k in names)
         print(
             f"{site['layer']:>5} {site.get('experts') or '-':>7} {site['width_before']:>6} -> {site['width']:<4} "
             f"{site['method']:>7} {'yes' if site.get('scaled') else 'no':>5} {site.get('rank') or '-':>5}  "
