@@ -126,3 +126,23 @@ def test_block_fit_layer_by_layer_equals_in_memory(tmp_path):
     streamed = from_pretrained(tmp_path / "streamed").state_dict()
     assert streamed.keys() == in_memory.state_dict().keys()
     assert all(torch.equal(streamed[k], v) for k, v in in_memory.state_dict().items())
+
+
+def test_fitting_steps_without_calibration_are_refused_before_anything_changes(tmp_path, capsys):
+    from mlp_fusion.cli import main
+
+    model = build("llama")
+    before = copy.deepcopy(model.state_dict())
+    for field in ("block_steps", "reconstruct_steps"):
+        with pytest.raises(UserError, match=f"{field} need calibration"):
+            fuse(model, FusionConfig(ratio=0.5, **{field: 5}))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path / "base")
+    capsys.readouterr()  # the save's own progress
+    out = tmp_path / "fused"
+    code = main(
+        ["compress", str(tmp_path / "base"), "--recipe", "paper", "--block-steps", "5", "--out", str(out)]
+    )
+    stderr = capsys.readouterr().err
+    assert code == 2 and "block_steps need calibration" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists()

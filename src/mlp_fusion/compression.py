@@ -95,6 +95,7 @@ def compress(
         config = FusionConfig(**recipes.apply_recipe(chosen, config_fields))
     elif config_fields:
         raise UserError("give a FusionConfig or its fields, not both")
+    config.check_calibration(chosen.calibrate or calibration_texts is not None)
     healing = heal if heal is not None and heal.heal_steps else None
     job = _Job(
         source, path, None if out is None else Path(out), config, chosen, settings, calibration_texts,

@@ -131,6 +131,14 @@ class FusionConfig:
             raise UserError(f"hartigan_rounds must be at least 0, got {self.hartigan_rounds}")
         self.layers = parse_layers(self.layers)
 
+    def check_calibration(self, given: bool) -> None:
+        """Refuse fitting steps when no calibration inputs are ``given``: they fit toward them."""
+        asked = [name for name in ("reconstruct_steps", "block_steps") if getattr(self, name)]
+        if asked and not given:
+            raise UserError(
+                f"{' and '.join(asked)} need calibration inputs (the calibrated recipe, or --calibration FILE)"
+            )
+
     def target_width(self, width: int) -> int:
         """The new width of an MLP that is ``width`` neurons wide now (with a budget: planned by fuse)."""
         if self.budget is not None:

@@ -31,6 +31,7 @@ def fuse(
     """
     if not isinstance(config, FusionConfig):
         raise UserError(f"config must be a FusionConfig, got {type(config).__name__}")
+    config.check_calibration(calibration is not None)
     report = None
     if calibration is not None and not hasattr(calibration, "parts"):  # a batch, not Runs
         calibration = checked_calibration_batch(calibration, model)

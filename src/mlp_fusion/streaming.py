@@ -80,6 +80,7 @@ def fuse_checkpoint(
     recipe records itself there). Raises :class:`NotStreamable` before writing anything when the checkpoint
     cannot be read this way.
     """
+    config.check_calibration(calibration is not None)
     _return_large_blocks()
     device = torch.device(device)
     reader, model, sites, groups = _checked_plan(source, config, dtype, device)
