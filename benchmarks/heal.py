@@ -9,8 +9,8 @@ Two steps, as every study here (METHOD.md section 11):
   domains) at the last step wins. That candidate then heals in bfloat16 (`--heal-precision`), which is
   taken when it ends at most 1% above float32. Each run is saved as it finishes.
 - ``test``: each row compressed (the default recipe, calibrated pruning on the same sampled calibration
-  texts, or the default with block reconstruction) at S1 or S2 (row ``size``: the default recipe at S1's or S2's parameter count, cut where
-  `compress --size` plans it), healed with the chosen settings on texts sampled from the original (one sampling seed
+  texts, or the default with block reconstruction) at S1 or S2 (row ``size``: the default recipe at S1's
+  or S2's parameter count, cut where `compress --size` plans it), healed with the chosen settings on texts sampled from the original (one sampling seed
   per run), perplexity measured at 0 and after each of STEPS on the test texts of the same three domains
   (never healed on, no choice made on them), every text's loss kept so that comparisons get paired
   intervals. Refused until ``choose`` has run.

@@ -37,7 +37,7 @@ def fuse(
         calibration = checked_calibration_batch(calibration, model)
         report = fuse_walking(model, config, calibration, progress, find_sites(model))
         calibration = ModelRuns(model, calibration) if report is None else None
-    if report is None and calibration is not None and config.block_steps:  # nothing has changed yet
+    if report is None and config.block_steps:  # own Runs, or no one list of layers; nothing has changed
         raise UserError("block_steps needs a calibration batch and the chosen MLPs in one list of layers")
     if report is None:
         report = fuse_sites(model, config, progress, calibration)
