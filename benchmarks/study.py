@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import run_cli, run_header  # noqa: E402
+from _report import machine, run_cli, run_header  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("..") / "shared" / "data" / "webnlg2017" / "enriched_v1.6_flat"  # relative to ROOT
@@ -188,7 +188,7 @@ def run(row: Row, rate: str, seed: int, split: str) -> dict:
         "finetune_command": shlex.join(command), "metrics": result["metrics"],
         "train_steps": result["train_steps"], "seconds_per_step": result["step_seconds"] / result["train_steps"],
         "peak_memory_mb": result["peak_memory_mb"], "trainable_params": result["trainable_params"],
-        "params": result["params"], "wall_seconds": time.perf_counter() - start,
+        "params": result["params"], "wall_seconds": time.perf_counter() - start, "cpu": machine()["cpu"],
     }  # fmt: skip
     predictions = [json.loads(line) for line in (ROOT / out / "predictions.jsonl").read_text().splitlines()]
     return {"settings": settings, "predictions": predictions}

@@ -73,6 +73,14 @@ def validation_table() -> list[str]:
     return lines
 
 
+def cpu_line() -> str:
+    """Which CPUs the validation runs ran on: the header names the first run's machine only, and runs record
+    their own CPU only since some runs had already finished."""
+    cpus = [run.get("cpu", "not recorded") for run in load_validation()["runs"].values()]
+    counts = ", ".join(f"{cpu}: {cpus.count(cpu)}" for cpu in dict.fromkeys(cpus))
+    return f"Validation runs by CPU ({counts}); the header below names the machine of the first run."
+
+
 def float32_table() -> list[str]:
     """The first grid, trained in float32 and withdrawn when the study moved to bfloat16 (kept for the
     record: the same inputs and seed, so it shows what the precision changed)."""
@@ -228,6 +236,7 @@ def main() -> None:
             INTRO,
             "Validation grid (seed 0; s / step as each run went, not a cost: runs above 10 s per step shared the CPU):",
             "\n".join(validation_table()),
+            cpu_line(),
             "\n".join(float32_table()),
             "Test:",
             "\n".join(test_lines(found)),
