@@ -196,3 +196,64 @@ def test_finetune_overwrite_never_replaces_a_folder_that_holds_no_run(tmp_path, 
         "no run, so it is never replaced; choose another --out"
     )
     assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def _contents(folder) -> dict:
+    """Every file under ``folder`` (relative name -> bytes), to show a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def fused_llama(tmp_path, cli):
+    """A tiny decoder and its fused copy, side by side in ``tmp_path/models``."""
+    models = tmp_path / "models"
+    build("llama").save_pretrained(models / "base")
+    assert cli("compress", models / "base", "--ratio", "0.5", "--out", models / "fused")[0] == 0
+    return models
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("compress", "base", "--ratio", "0.5"),
+        ("compress", "base", "--ratio", "0.5", "--in-memory"),
+        ("export", "fused"),
+        ("upcycle", "base"),
+    ],
+    ids=["compress-streamed", "compress-in-memory", "export", "upcycle"],
+)
+@pytest.mark.parametrize("where", ["itself", "its parent"])
+def test_no_command_writes_over_the_model_it_reads(fused_llama, cli, command, where):
+    verb, model, *options = command
+    source = fused_llama / model
+    out = source if where == "itself" else fused_llama
+    (fused_llama / "config.json").write_text("{}")  # a parent that looks like a checkpoint is still refused
+    before = _contents(fused_llama)
+    line = refusal(*cli(verb, source, *options, "--out", out, "--overwrite")[::2])
+    assert line.endswith("which writing there would replace; choose another directory")
+    assert _contents(fused_llama) == before
+
+
+def test_finetune_never_writes_over_the_model_it_trains(fused_llama, cli, tmp_path):
+    from tiny_models import write_sentiment_task
+
+    write_sentiment_task(tmp_path / "data", train=16, dev=4)
+    run = fused_llama / "fused"
+    (run / "run.json").write_text("{}")  # as if the model were an earlier run's output
+    before = _contents(run)
+    args = ["finetune", run, "--task", "sst2", "--data", tmp_path / "data", "--out", run, "--overwrite"]
+    assert refusal(*cli(*args)[::2]).endswith("which writing there would replace; choose another directory")
+    assert _contents(run) == before
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("compress", "base", "--ratio", "0.5"), ("export", "fused"), ("export", "fused", "--format", "gguf")],
+    ids=["compress", "export", "export-gguf"],
+)
+def test_an_output_under_a_file_is_refused_in_one_line(fused_llama, cli, command):
+    verb, model, *options = command
+    (fused_llama / "notes").write_text("mine")
+    line = refusal(*cli(verb, fused_llama / model, *options, "--out", fused_llama / "notes" / "out")[::2])
+    assert "is a file, so" in line
+    assert (fused_llama / "notes").read_text() == "mine"

@@ -142,11 +142,14 @@ def write_side_files(
         (directory / name).write_text(json.dumps(content, indent=2) + "\n")
 
 
-def check_writable(directory: str | Path, overwrite: bool) -> None:
+def check_writable(directory: str | Path, overwrite: bool, source: str | Path | None = None) -> None:
     """Fail early, before any work, when ``directory`` exists and may not be replaced: without
     ``overwrite``, or (even with it) when it is not empty and holds no checkpoint, so that a mistyped
-    ``--out`` never replaces a folder of the user's."""
+    ``--out`` never replaces a folder of the user's; nor when it is, or holds, the model being read
+    (``source``), which the write would replace by its own compressed copy."""
     directory = Path(directory)
+    check_parents(directory)
+    check_not_source(directory, source)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory} exists and is not a directory; choose another output path")
     if directory.exists() and not overwrite:
@@ -156,6 +159,26 @@ def check_writable(directory: str | Path, overwrite: bool) -> None:
     if directory.exists() and not _replaceable(directory):
         raise UserError(
             f"{directory} holds files but no model checkpoint, so --overwrite will not replace it; "
+            "choose another directory"
+        )
+
+
+def check_parents(target: Path) -> None:
+    """Refuse a path under a file: no folder can be made there."""
+    for parent in target.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{parent} is a file, so {target} cannot be written; choose another path")
+
+
+def check_not_source(directory: Path, source: str | Path | None) -> None:
+    """Refuse an output folder that is, or holds, the model being read (``source``; None or a hub id: no
+    check): replacing it would delete the original, even the files a layer-by-layer write still reads."""
+    if source is None or not Path(source).exists():
+        return
+    out, read = directory.resolve(), Path(source).resolve()
+    if out == read or out in read.parents:
+        raise UserError(
+            f"{directory} holds the model being read ({source}), which writing there would replace; "
             "choose another directory"
         )
 
@@ -175,6 +198,7 @@ def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None
     Every check comes before anything is removed: the leftovers of this library's own killed writes are
     cleaned only once the write may go ahead.
     """
+    check_parents(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     restore_interrupted(target)
     check_writable(target, overwrite)
@@ -200,8 +224,8 @@ def atomic_file(target: Path, overwrite: bool, write: Callable[[Path], None], ma
     """Write one file through a temporary sibling renamed over ``target`` at the end; a failure leaves
     ``target`` as it was. With ``overwrite`` only a file that starts with ``magic`` (one of the kind being
     written) is replaced, so a mistyped path never replaces a file of the user's."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     check_writable_file(target, overwrite, magic)
+    target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_leftovers(target)
     tmp = _sibling(target, "tmp")
     try:
@@ -214,6 +238,7 @@ def atomic_file(target: Path, overwrite: bool, write: Callable[[Path], None], ma
 
 def check_writable_file(target: Path, overwrite: bool, magic: bytes) -> None:
     """Fail early, before any work, when the file ``target`` exists and may not be replaced."""
+    check_parents(target)
     if target.is_dir():
         raise UserError(f"{target} is a directory; give the path of a file to write")
     if target.exists() and not overwrite:

@@ -102,7 +102,7 @@ def compress(
         calibration_samples, max_length, overwrite, say, healing, _heal_texts(healing, source, path),
     )  # fmt: skip
     if job.out is not None:
-        check_writable(job.out, overwrite)
+        check_writable(job.out, overwrite, source=path)
     streamable = not (in_memory or job.out is None or path is None or is_fused(path))
     if streamable and not (verify or healing):
         streamed = _streamed(job, shard_bytes)

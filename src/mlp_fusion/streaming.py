@@ -84,7 +84,7 @@ def fuse_checkpoint(
     _return_large_blocks()
     device = torch.device(device)
     reader, model, sites, groups = _checked_plan(source, config, dtype, device)
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, source=source)
     if calibration is not None:
         calibration = checked_calibration_batch(calibration, model)
     widths = None
@@ -293,7 +293,7 @@ def export_checkpoint(
     """
     model, _ = fused_skeleton(source)
     widths = export_widths(model)  # refused here, before anything is written
-    check_writable(out, overwrite)
+    check_writable(out, overwrite, source=source)
     reader = CheckpointReader(weight_files(source))
     missing = missing_tensors(model, reader.names())
     if missing:

@@ -128,11 +128,12 @@ class _Plan:
     out: Path
     run_record: dict
     options: object  # TaskOptions
+    source: Path | None  # the model's folder (None: a hub id), which --out may not hold
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     plan = _check(args)  # everything is checked before anything is written
-    check_out(plan.out, plan.run_record, args.resume, args.overwrite)
+    check_out(plan.out, plan.run_record, args.resume, args.overwrite, source=plan.source)
     job, params_before, original = _prepare(args, plan)
     outcome, distilled, trainable = _train(args, plan, job, original)
     if outcome is None:
@@ -178,7 +179,7 @@ def _check(args: argparse.Namespace) -> _Plan:
         calibrate=calibrate,
     )
     return _Plan(
-        generation, settings, method, config, recipe, calibrate, lora, device, out, run_record, options
+        generation, settings, method, config, recipe, calibrate, lora, device, out, run_record, options, path
     )
 
 

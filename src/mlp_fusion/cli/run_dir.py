@@ -13,6 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from ..checkpoint_files import check_not_source, check_parents
 from ..errors import UserError
 
 RUN_FILE = "run.json"
@@ -21,7 +22,11 @@ PREDICTIONS_FILE = "predictions.jsonl"  # generation tasks: input, output and re
 CHECKPOINTS = "checkpoints"
 
 
-def check_out(out: Path, run_record: dict, resume: bool, overwrite: bool) -> None:
+def check_out(out: Path, run_record: dict, resume: bool, overwrite: bool, source: Path | None = None) -> None:
+    """Refuse, before any work, an ``out`` this run may not write: see the messages. ``source``: the model's
+    folder (None: a hub id)."""
+    check_parents(out)
+    check_not_source(out, source)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another --out")
     if resume:

@@ -20,11 +20,11 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint_files import check_writable
-    from ..loading import load_model
+    from ..loading import load_model, resolve
     from ..plain_export import save_plain
     from ..upcycle import upcycle
 
-    check_writable(args.out, args.overwrite)
+    check_writable(args.out, args.overwrite, source=resolve(args.model))
     loaded = load_model(args.model)
     moe = upcycle(loaded.model, num_experts=args.experts, top_k=args.top_k)
     save_plain(moe, args.out, loaded.tokenizer, overwrite=args.overwrite)
