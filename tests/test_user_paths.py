@@ -257,3 +257,25 @@ def test_an_output_under_a_file_is_refused_in_one_line(fused_llama, cli, command
     line = refusal(*cli(verb, fused_llama / model, *options, "--out", fused_llama / "notes" / "out")[::2])
     assert "is a file, so" in line
     assert (fused_llama / "notes").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("compress", "base", "--ratio", "0.5"),  # read a layer at a time
+        ("compress", "base", "--ratio", "0.5", "--in-memory"),
+        ("export", "fused"),  # folded a tensor at a time
+        ("perplexity", "base", "--data", "text.txt"),
+    ],
+    ids=["compress-streamed", "compress-in-memory", "export", "perplexity"],
+)
+def test_a_weights_file_cut_short_is_refused_in_one_line(fused_llama, cli, command):
+    verb, model, *options = command
+    weights = fused_llama / model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (fused_llama / "text.txt").write_text("a few words\n")
+    options = [fused_llama / o if o.endswith(".txt") else o for o in options]
+    out = [] if verb == "perplexity" else ["--out", fused_llama / "out"]
+    code, _, err = cli(verb, fused_llama / model, *options, *out)
+    assert refusal(code, err).endswith("the file is damaged, save it again")
+    assert not (fused_llama / "out").exists()

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 from .checkpoint_files import atomic_directory, named_classes, resolve_dtype
 from .errors import UserError, first_line
 from .persistence import FUSION_FILE, from_pretrained
+from .shard_io import damaged
 
 DEFAULT_MODEL = "minilm"
 
@@ -267,7 +269,10 @@ def _from_pretrained(name: str, settings: LoadSettings) -> torch.nn.Module:
     options = transformers_options(settings)
     missing: list[str] = []
     if model_class is not None:
-        model, info = model_class.from_pretrained(name, output_loading_info=True, **options)
+        try:
+            model, info = model_class.from_pretrained(name, output_loading_info=True, **options)
+        except SafetensorError as error:
+            raise damaged(name, error) from None
         if not info["missing_keys"]:
             return model.eval()
         missing = sorted(info["missing_keys"])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 from torch import nn
 
@@ -36,6 +35,7 @@ from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_ker
 from .parametrizations import has_input_scales
 from .recipes import RECIPE_ATTR, SAMPLES_FILE
 from .records import RECORD_ATTR, SiteRecord, fusion_records
+from .shard_io import open_stored
 from .sites import MlpSite
 from .textfiles import read_text
 from .version import __version__
@@ -186,18 +186,13 @@ def _load_stored_tensors(model: nn.Module, files: list[Path], device: torch.devi
     """Put every stored tensor in place (cast to the dtype the model holds it in), then tie shared weights."""
     expected = model.state_dict()
     state = {}
-    try:
-        for path in files:
-            with safe_open(str(path), framework="pt", device=str(device)) as stored:
-                for key in stored.keys():
-                    if key in expected:
-                        state[key] = aligned(stored.get_tensor(key).to(expected[key].dtype))
-                    else:
-                        state[key] = None
-    except (SafetensorError, RuntimeError, OSError) as error:
-        raise UserError(
-            f"cannot load {files[0].parent}: {first_line(error)}; the file is damaged, save it again"
-        ) from None
+    for path in files:
+        with open_stored(path, device) as stored:
+            for key in stored.keys():
+                if key in expected:
+                    state[key] = aligned(stored.get_tensor(key).to(expected[key].dtype))
+                else:
+                    state[key] = None
     unexpected = sorted(key for key, value in state.items() if value is None)
     for group in shared_names(model):  # tied weights: the file stores one of their names
         stored = next((state[name] for name in group if state.get(name) is not None), None)

@@ -9,13 +9,16 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint_files import INDEX_FILE, WEIGHTS_FILE
+from .errors import UserError, first_line
 
 SHARD_BYTES = 2 << 30  # output shard size (shards are written as they fill, never held in memory)
 RENAMES = ((".block_sparse_moe.", ".mlp."),)  # Mixtral's checkpoint name of its sparse MLP
@@ -29,6 +32,22 @@ SAFETENSORS_DTYPES = {
 STORED_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
 
 
+@contextmanager
+def open_stored(path: Path, device: torch.device | str = "cpu") -> Iterator:
+    """``safe_open`` of one safetensors file; a damaged one (cut short, not safetensors) refused in one line,
+    whether opening or reading it fails."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as stored:
+            yield stored
+    except (SafetensorError, RuntimeError, OSError) as error:
+        raise damaged(path.parent, error) from None
+
+
+def damaged(directory: Path | str, error: BaseException) -> UserError:
+    """The one-line refusal of a checkpoint whose weights file cannot be read."""
+    return UserError(f"cannot load {directory}: {first_line(error)}; the file is damaged, save it again")
+
+
 class CheckpointReader:
     """The tensors of safetensors files under the names the model gives them, read one at a time."""
 
@@ -37,7 +56,7 @@ class CheckpointReader:
         self.experts: dict[str, dict[str, dict[int, tuple[Path, str]]]] = {}  # experts path -> part -> index
         self.first_dtype: torch.dtype | None = None
         for path in files:
-            with safe_open(str(path), framework="pt") as stored:
+            with open_stored(path) as stored:
                 for key in stored.keys():
                     self._add(path, key)
                     dtype = STORED_DTYPES.get(stored.get_slice(key).get_dtype())
@@ -79,7 +98,7 @@ class CheckpointReader:
 
 def _read_one(path: Path, key: str, device: torch.device) -> torch.Tensor:
     # Opened for each read: a file mapping kept open would count every page read so far as resident.
-    with safe_open(str(path), framework="pt", device=str(device)) as stored:
+    with open_stored(path, device) as stored:
         return stored.get_tensor(key)
 
 

@@ -122,13 +122,13 @@ def load_sharded(directory: Path, dtype: torch.dtype, device: torch.device) -> n
 def _read_own_rows(model: nn.Module, files: list[Path]) -> None:
     """Fill every sharded parameter with its process's rows of the stored tensor (FSDP2 splits dim 0 as
     ``torch.chunk`` does) and every buffer with the whole stored one; refuse a checkpoint that misses one."""
-    from safetensors import safe_open
+    from ..shard_io import open_stored
 
     targets = model.state_dict()
     filled = set()  # storage of the local tensors written (tied weights share one)
     with torch.no_grad():
         for path in files:
-            with safe_open(str(path), framework="pt") as stored:
+            with open_stored(path) as stored:
                 for key in stored.keys():
                     if key not in targets:
                         raise UserError(f"{path} holds {key!r}, which the fused model lacks: save it again")
