@@ -144,6 +144,8 @@ def test_export_refuses_mixed_widths(tmp_path):
 def test_model_without_mlp_is_refused():
     with pytest.raises(mlp_fusion.UserError, match="supported families"):
         fuse(torch.nn.Sequential(torch.nn.Linear(3, 3)), FusionConfig())
+    with pytest.raises(mlp_fusion.UserError, match="load it first"):  # a name, not a model
+        fuse("smollm2", FusionConfig())
 
 
 @pytest.mark.parametrize("family", ["bert", "llama", "mixtral", "gpt2"])

@@ -79,6 +79,9 @@ def test_estimator_twin_and_bad_arguments():
         k_means(x, 51)
     with pytest.raises(ValueError):
         k_means(x, 0)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        k_means(x, 5)
 
 
 def test_matches_scikit_learn_on_random_data():

@@ -61,6 +61,8 @@ def k_means(
         raise ValueError("n_init and max_iter must be at least 1, hartigan_rounds at least 0")
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
+    if not torch.isfinite(x).all():  # else seeding fails deep inside with a misleading message
+        raise ValueError("k_means got NaN or infinite values; cluster finite rows")
 
     # Distances do not change under a common shift, but the expansion ||a||^2 - 2ab + ||b||^2 loses
     # precision when every row shares a large offset: cluster the centred rows, shift the centres back.
