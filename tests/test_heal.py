@@ -99,6 +99,33 @@ def test_a_stopped_heal_resumes_to_the_tensors_of_one_that_never_stopped(pair, t
     assert done["kl_last"] is not None
 
 
+@pytest.mark.parametrize("change", ["another compression", "other texts"])
+def test_a_state_left_by_another_model_or_other_texts_is_never_resumed(pair, tmp_path, change):
+    original, fused, tokenizer = pair
+    settings = HealSettings(heal_steps=30, heal_lr=3e-3, heal_batch_size=4)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_27(line):
+        if "step 27/" in line:
+            raise Stop
+
+    with pytest.raises(Stop):  # a killed heal leaves its state at step 25
+        heal(copy.deepcopy(fused), original, tokenizer, TEXTS, settings, stop_at_27, tmp_path / "state")
+    student, texts = copy.deepcopy(fused), TEXTS
+    if change == "another compression":  # the same shapes and healing settings: only the weights differ
+        student = copy.deepcopy(original)
+        fuse(student, FusionConfig(ratio=0.25, seed=1))
+    else:
+        texts = TEXTS[::-1]
+    fresh = copy.deepcopy(student)
+    heal(fresh, original, tokenizer, texts, settings)
+    heal(student, original, tokenizer, texts, settings, None, tmp_path / "state")
+    for (name, a), b in zip(fresh.state_dict().items(), student.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_compress_heals_records_it_and_removes_its_state(tmp_path, cli):
     build("llama").save_pretrained(tmp_path / "base")
     save_tokenizer(tmp_path / "base")

@@ -9,13 +9,14 @@ train is a setting. Both models are held whole: healing costs the memory of two 
 gradients and optimizer state.
 
 A healing run with a state folder saves its trainable tensors, the optimizer's moments and the step every
-``SAVE_EVERY`` steps (safetensors and JSON, never pickle); started again with the same settings it goes on
-from there, and ends with the same tensors as a run that was never stopped (the batch order is a function
-of the seed and the step).
+``SAVE_EVERY`` steps (safetensors and JSON, never pickle); started again with the same settings, weights and
+texts it goes on from there, and ends with the same tensors as a run that was never stopped (the batch order
+is a function of the seed and the step). A state left by any other run is not resumed but replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -118,7 +119,8 @@ def heal(
     batch = fit_to_positions(padded_batch(tokenizer, texts, max_length=settings.heal_max_length), student)
     trained = trainable(student, settings.heal_train)
     optimizer = torch.optim.AdamW(trained, lr=settings.heal_lr, weight_decay=0.0)
-    first_step, kls = _resume(state, settings, len(texts), trained, optimizer)
+    start_of_run = fingerprint(trained, texts) if state is not None else None
+    first_step, kls = _resume(state, settings, start_of_run, trained, optimizer)
     teacher.eval().requires_grad_(False)
     was_training = student.training
     student.eval()
@@ -141,7 +143,7 @@ def heal(
             if (step + 1) % max(1, settings.heal_steps // 20) == 0 or step + 1 == settings.heal_steps:
                 say(f"heal: step {step + 1}/{settings.heal_steps}, KL {kls[-1]:.4f}")
             if state is not None and ((step + 1) % SAVE_EVERY == 0 or step + 1 == settings.heal_steps):
-                _save(state, settings, len(texts), step + 1, trained, optimizer, kls)
+                _save(state, settings, start_of_run, step + 1, trained, optimizer, kls)
             if after_step is not None:
                 after_step(step + 1)
     finally:
@@ -207,7 +209,16 @@ def _tensors_file(step: int) -> str:
     return f"heal-state-{step:06d}.safetensors"
 
 
-def _save(state: Path, settings: HealSettings, texts: int, step: int, trained, optimizer, kls) -> None:
+def fingerprint(trained: list[nn.Parameter], texts: list[str]) -> str:
+    """A digest of what a healing run starts from, its texts and trainable weights: a state saved by a
+    run of another compression (the same shapes, other weights) or on other texts is never resumed."""
+    digest = hashlib.blake2b(json.dumps(texts).encode(), digest_size=16)
+    for parameter in trained:
+        digest.update(parameter.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _save(state: Path, settings: HealSettings, start: str, step: int, trained, optimizer, kls) -> None:
     """The run's state after ``step`` steps. The tensors go to a file of their own step, and the JSON that
     names it is replaced last: a kill at any point leaves a JSON and the tensors of the step it names."""
     state.mkdir(parents=True, exist_ok=True)
@@ -219,7 +230,7 @@ def _save(state: Path, settings: HealSettings, texts: int, step: int, trained, o
             if key in moments:
                 tensors[f"{number}.{key}"] = moments[key].contiguous()
     save_file(tensors, str(state / _tensors_file(step)))
-    record = {"settings": settings.record(), "texts": texts, "step": step, "kls": kls}
+    record = {"settings": settings.record(), "start": start, "step": step, "kls": kls}
     (state / f".{STATE_FILE}.tmp").write_text(json.dumps({**record, "tensors": _tensors_file(step)}))
     (state / f".{STATE_FILE}.tmp").replace(state / STATE_FILE)
     for older in state.glob("heal-state-*.safetensors"):
@@ -235,13 +246,16 @@ def drop_state(state: Path) -> None:
         state.rmdir()
 
 
-def _resume(state: Path | None, settings: HealSettings, texts: int, trained, optimizer) -> tuple[int, list]:
+def _resume(
+    state: Path | None, settings: HealSettings, start: str | None, trained, optimizer
+) -> tuple[int, list]:
     """The step to start from and the KLs so far: 0 and none, unless ``state`` holds a run of the same
-    settings and texts, whose tensors and optimizer moments are then put back."""
+    settings that started from the same weights and texts (``start``, a :func:`fingerprint`), whose tensors
+    and optimizer moments are then put back."""
     if state is None or not (state / STATE_FILE).is_file():
         return 0, []
     saved = json.loads((state / STATE_FILE).read_text())
-    if saved["settings"] != settings.record() or saved["texts"] != texts:
+    if saved["settings"] != settings.record() or saved.get("start") != start:
         return 0, []
     tensors = load_file(str(state / saved["tensors"]))
     with torch.no_grad():
