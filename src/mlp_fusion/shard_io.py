@@ -39,6 +39,8 @@ def open_stored(path: Path, device: torch.device | str = "cpu") -> Iterator:
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as stored:
             yield stored
+    except torch.OutOfMemoryError:
+        raise  # a RuntimeError too, but the file is not to blame
     except (SafetensorError, RuntimeError, OSError) as error:
         raise damaged(path.parent, error) from None
 
