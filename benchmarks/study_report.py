@@ -128,7 +128,8 @@ def test_lines(found: dict[str, list]) -> list[str]:
     lines = ["| row | seeds | test BLEU (mean ± std) |", "|---|---|---|"]
     for row, runs in found.items():
         mean, std = mean_std([corpus_bleu(stats) for stats in runs])
-        lines.append(f"| {row} | {len(runs)} | {mean:.2f} ± {std:.2f} |")
+        spread = f"± {std:.2f}" if len(runs) > 1 else "(one seed so far)"
+        lines.append(f"| {row} | {len(runs)} | {mean:.2f} {spread} |")
     lines += ["", "| goal | difference (95% paired interval) | verdict |", "|---|---|---|"]
     for text, first, second, (side, bound) in GOALS:
         if len(found.get(first, [])) < 3 or len(found.get(second, [])) < 3:
