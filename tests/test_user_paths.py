@@ -279,3 +279,16 @@ def test_a_weights_file_cut_short_is_refused_in_one_line(fused_llama, cli, comma
     code, _, err = cli(verb, fused_llama / model, *options, *out)
     assert refusal(code, err).endswith("the file is damaged, save it again")
     assert not (fused_llama / "out").exists()
+
+
+def test_compressing_a_fused_layer_again_is_refused_before_any_sampling(fused_llama, cli, monkeypatch):
+    from mlp_fusion import recipes
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("texts were sampled before the refusal")
+
+    save_tokenizer(fused_llama / "fused")  # with a tokenizer the default recipe would sample texts
+    monkeypatch.setattr(recipes, "sample_texts", no_sampling)
+    code, _, err = cli("compress", fused_llama / "fused", "--ratio", "0.5", "--out", fused_llama / "again")
+    assert refusal(code, err).endswith("is already fused; start again from the original model")
+    assert not (fused_llama / "again").exists()

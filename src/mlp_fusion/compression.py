@@ -96,6 +96,8 @@ def compress(
     elif config_fields:
         raise UserError("give a FusionConfig or its fields, not both")
     config.check_calibration(chosen.calibrate or calibration_texts is not None)
+    if path is not None and is_fused(path):
+        _check_not_fused_again(path, config)
     healing = heal if heal is not None and heal.heal_steps else None
     job = _Job(
         source, path, None if out is None else Path(out), config, chosen, settings, calibration_texts,
@@ -122,6 +124,18 @@ def _fields_for_size(source, path: Path | None, size: float, config, fields: dic
     if path is not None and is_fused(path):
         raise UserError(f"{source} is already fused: a size applies to the original model")
     return fields_for_size(skeleton(str(path or source)), size, fields.get("layers") or "all")
+
+
+def _check_not_fused_again(path: Path, config: FusionConfig) -> None:
+    """Refuse, before any model is loaded or text sampled, a layer the fused checkpoint at ``path`` has
+    fused already. A stack-qualified choice (``encoder:3``) is left to the check at fusing time, since the
+    stored records name no stack."""
+    from .config import names_site
+    from .persistence import read_fusion_file
+
+    for site in read_fusion_file(path)["sites"]:
+        if isinstance(site.get("layer"), int) and names_site(config.layers, None, site["layer"]):
+            raise UserError(f"{site['name']} is already fused; start again from the original model")
 
 
 @dataclass
