@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,6 +188,18 @@ def test_resume_refuses_changed_settings(capsys, base_dir, task_dir, tmp_path, m
     monkeypatch.undo()
     code, _, stderr = sst2(capsys, base_dir, task_dir, out, "--epochs", "3", "--resume")
     assert code == 2 and "epochs 2 -> 3" in stderr
+
+
+def test_resume_refuses_a_model_written_again_since_the_run_began(capsys, base_dir, task_dir, tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    shutil.copytree(base_dir, model)
+    out = tmp_path / "run"
+    interrupt_at_first_save(monkeypatch)
+    assert sst2(capsys, model, task_dir, out, "--epochs", "2")[0] == 130
+    monkeypatch.undo()
+    build("bert", seed=1).save_pretrained(model)  # another model of the same shapes, at the same path
+    code, _, stderr = sst2(capsys, model, task_dir, out, "--epochs", "2", "--resume")
+    assert code == 2 and "was written again since the run" in stderr
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])

@@ -54,6 +54,16 @@ def weight_files(directory: Path) -> list[Path]:
     return [directory / name for name in names]
 
 
+def folder_stamp(directory: Path) -> str:
+    """A short digest of the names, sizes and modification times of the files in ``directory``: it changes
+    when a checkpoint is written again there, without reading gigabytes of weights."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")):
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def named_classes(config) -> list[type]:
     """The transformers model classes the config's ``architectures`` name (those transformers has)."""
     names = getattr(config, "architectures", None) or []

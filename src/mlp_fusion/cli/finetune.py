@@ -143,6 +143,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> _Plan:
+    from ..checkpoint_files import folder_stamp
     from ..loading import is_fused, resolve
     from ..training.finetune import TrainSettings
     from ..training.jobs import check_task
@@ -172,6 +173,7 @@ def _check(args: argparse.Namespace) -> _Plan:
     run_record = {key: _plain(getattr(args, key, None)) for key in run_keys()}
     run_record.update(
         model=str(path) if path is not None else args.model,
+        model_files=folder_stamp(path) if path is not None else None,  # a model written again there differs
         method=method,
         ratio=config and config.ratio,
         recipe=recipe and recipe.name,

@@ -38,6 +38,12 @@ def check_out(out: Path, run_record: dict, resume: bool, overwrite: bool, source
             saved = json.loads((out / RUN_FILE).read_text())
         except (ValueError, UnicodeDecodeError):
             raise UserError(f"{out / RUN_FILE} is damaged; start again with --overwrite") from None
+        same_path = saved.get("model") == run_record["model"]
+        if same_path and saved.get("model_files") != run_record["model_files"]:
+            raise UserError(
+                f"the model {run_record['model']} was written again since the run in {out} began, so its "
+                "checkpoints belong to another model; start again with --overwrite"
+            )
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_record.items() if saved.get(k) != v]
         if changed:
             raise UserError(f"--resume needs the settings of the run in {out}; changed: {'; '.join(changed)}")
