@@ -190,7 +190,9 @@ def test_resume_refuses_changed_settings(capsys, base_dir, task_dir, tmp_path, m
     assert code == 2 and "epochs 2 -> 3" in stderr
 
 
-def test_resume_refuses_a_model_written_again_since_the_run_began(capsys, base_dir, task_dir, tmp_path, monkeypatch):
+def test_resume_refuses_a_model_written_again_since_the_run_began(
+    capsys, base_dir, task_dir, tmp_path, monkeypatch
+):
     model = tmp_path / "model"
     shutil.copytree(base_dir, model)
     out = tmp_path / "run"

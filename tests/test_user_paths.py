@@ -281,14 +281,34 @@ def test_a_weights_file_cut_short_is_refused_in_one_line(fused_llama, cli, comma
     assert not (fused_llama / "out").exists()
 
 
-def test_compressing_a_fused_layer_again_is_refused_before_any_sampling(fused_llama, cli, monkeypatch):
+@pytest.mark.parametrize(
+    ("model", "options", "message"),
+    [
+        ("fused", ["--ratio", "0.5"], "is already fused; start again from the original model"),
+        (
+            "fused",
+            ["--ratio", "0.5", "--layers", "1"],
+            "is already fused; start again from the original model",
+        ),
+        ("base", ["--width", "1000"], "choose at most 24"),
+        (
+            "base",
+            ["--ratio", "0.5", "--layers", "5-9"],
+            "layer 5 is out of range: this model's MLP layers are 0-2",
+        ),
+    ],
+    ids=["fused-again", "one-fused-layer", "too-wide", "no-such-layer"],
+)
+def test_what_compress_cannot_do_is_refused_before_any_sampling(
+    fused_llama, cli, monkeypatch, model, options, message
+):
     from mlp_fusion import recipes
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("texts were sampled before the refusal")
 
-    save_tokenizer(fused_llama / "fused")  # with a tokenizer the default recipe would sample texts
+    save_tokenizer(fused_llama / model)  # with a tokenizer the default recipe would sample texts
     monkeypatch.setattr(recipes, "sample_texts", no_sampling)
-    code, _, err = cli("compress", fused_llama / "fused", "--ratio", "0.5", "--out", fused_llama / "again")
-    assert refusal(code, err).endswith("is already fused; start again from the original model")
+    code, _, err = cli("compress", fused_llama / model, *options, "--out", fused_llama / "again")
+    assert refusal(code, err).endswith(message)
     assert not (fused_llama / "again").exists()

@@ -96,8 +96,8 @@ def compress(
     elif config_fields:
         raise UserError("give a FusionConfig or its fields, not both")
     config.check_calibration(chosen.calibrate or calibration_texts is not None)
-    if path is not None and is_fused(path):
-        _check_not_fused_again(path, config)
+    if path is not None:
+        _check_choices(path, config)
     healing = heal if heal is not None and heal.heal_steps else None
     job = _Job(
         source, path, None if out is None else Path(out), config, chosen, settings, calibration_texts,
@@ -126,16 +126,18 @@ def _fields_for_size(source, path: Path | None, size: float, config, fields: dic
     return fields_for_size(skeleton(str(path or source)), size, fields.get("layers") or "all")
 
 
-def _check_not_fused_again(path: Path, config: FusionConfig) -> None:
-    """Refuse, before any model is loaded or text sampled, a layer the fused checkpoint at ``path`` has
-    fused already. A stack-qualified choice (``encoder:3``) is left to the check at fusing time, since the
-    stored records name no stack."""
-    from .config import names_site
+def _check_choices(path: Path, config: FusionConfig) -> None:
+    """Refuse, before any model is loaded or text sampled, the layers and widths ``config`` cannot give
+    the checkpoint at ``path`` (a layer it lacks or has fused already, a width above a layer's), checked on
+    the model built on the meta device."""
+    from .families import find_sites
+    from .loading import is_fused
+    from .model_size import skeleton
     from .persistence import read_fusion_file
+    from .site_fusion import chosen_sites
 
-    for site in read_fusion_file(path)["sites"]:
-        if isinstance(site.get("layer"), int) and names_site(config.layers, None, site["layer"]):
-            raise UserError(f"{site['name']} is already fused; start again from the original model")
+    done = {site["name"] for site in read_fusion_file(path)["sites"]} if is_fused(path) else set()
+    chosen_sites(find_sites(skeleton(str(path))), config, done)
 
 
 @dataclass

@@ -177,17 +177,24 @@ def planned(
     return plans
 
 
+def chosen_sites(sites: list[MlpSite], config: FusionConfig, done: set[str]) -> list[MlpSite]:
+    """The sites ``config`` chooses, refused when one is in ``done`` (fused already) or cannot have its
+    width. Reads no weight, so it also serves a model built on the meta device, before any work."""
+    chosen = select_sites(sites, config.layers)
+    for site in chosen:
+        if site.name in done:
+            raise UserError(f"{site.name} is already fused; start again from the original model")
+        planned_width(site, config)
+    return chosen
+
+
 def checked_sites(
     model: nn.Module, sites: list[MlpSite], config: FusionConfig
 ) -> list[tuple[MlpSite, tuple[int, torch.device]]]:
     """The sites ``config`` chooses, in model order, each with its row length and device, once its weights
     are checked (loaded, finite, not fused already) and its width is one it can have."""
-    done = {record.name for record in fusion_records(model)}
     checked = []
-    for site in select_sites(sites, config.layers):
-        if site.name in done:
-            raise UserError(f"{site.name} is already fused; start again from the original model")
-        planned_width(site, config)
+    for site in chosen_sites(sites, config, {record.name for record in fusion_records(model)}):
         sub = site.read()  # not kept: one site's copy at a time
         if any(t.is_meta for t in (*sub.inputs, sub.output)):
             raise UserError(
