@@ -154,7 +154,7 @@ def test_compress_refuses_bad_calibration_before_writing(cli, lm_dir, model_dir,
     texts.write_text("the film is good\n")
     out = tmp_path / "fused"
     for args, message in [
-        ((lm_dir, "--calibration", tmp_path / "missing.txt"), "cannot read"),
+        ((lm_dir, "--calibration", tmp_path / "missing.txt"), "cannot read calibration file"),
         ((lm_dir, "--calibration", texts, "--calibration-samples", "0"), "--calibration-samples"),
         ((model_dir, "--calibration", texts), "tokenizer"),
         ((lm_dir, "--calibration", texts, "--ridge", "-2"), "ridge"),

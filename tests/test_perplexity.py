@@ -63,7 +63,7 @@ def test_perplexity_refuses_bad_input(cli, lm_dir, model_dir, tmp_path):
     text = tmp_path / "texts.txt"
     text.write_text("\n".join(TEXTS))
     for args, message in [
-        (("perplexity", lm_dir, "--data", tmp_path / "missing.txt"), "cannot read"),
+        (("perplexity", lm_dir, "--data", tmp_path / "missing.txt"), "cannot read text file"),
         (("perplexity", lm_dir, "--data", text, "--max-length", "0"), "--max-length"),
         (("perplexity", model_dir, "--data", text), "tokenizer"),
     ]:

@@ -122,7 +122,7 @@ def calibration_texts(args: argparse.Namespace) -> list[str] | None:
     if args.calibration_samples < 1 or args.max_length < 1:
         raise UserError("--calibration-samples and --max-length must be at least 1")
     path = getattr(args, "calibration", None)
-    return None if path is None else read_probe_texts(path, args.calibration_samples)
+    return None if path is None else read_probe_texts(path, args.calibration_samples, what="calibration file")
 
 
 def calibration_inputs(

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    texts = read_probe_texts(args.data, args.max_samples)
+    texts = read_probe_texts(args.data, args.max_samples, what="text file")
     settings = load_settings(args)
     log(f"loading {args.model}")
     loaded = load_model(args.model, settings)
