@@ -100,8 +100,37 @@ def test_fused_decoder_fine_tunes_and_generates_the_same_after_loading(capsys, t
         "6",
         "--max-length",
         "32",
+        "--predictions",
+        tmp_path / "new" / "outputs.jsonl",  # its folder is made
     )
     assert code == 0 and json.loads(stdout)["metrics"] == pytest.approx(result["metrics"])
+    kept = [json.loads(line) for line in (tmp_path / "new" / "outputs.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in kept] == [r["output"] for r in records]
+
+
+@pytest.mark.parametrize(
+    ("task", "where", "message"),
+    [
+        (TASK, "notes/outputs.jsonl", "cannot be written; choose another path"),
+        (TASK, "notes", "notes already exists; choose another --predictions file"),
+        (["--task", "sst2"], "outputs.jsonl", "and sst2 generates none; leave it out"),
+    ],
+    ids=["under-a-file", "existing", "classification"],
+)
+def test_evaluate_refuses_a_predictions_file_before_scoring(capsys, tmp_path, task_dir, task, where, message):
+    (tmp_path / "notes").write_text("mine")
+    args = [
+        "evaluate",
+        model_dir(tmp_path, "llama"),
+        *task,
+        "--data",
+        task_dir,
+        "--predictions",
+        tmp_path / where,
+    ]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and err.strip().splitlines()[-1].endswith(message) and "Traceback" not in err
+    assert (tmp_path / "notes").read_text() == "mine" and not (tmp_path / "outputs.jsonl").exists()
 
 
 def test_lora_on_a_fused_decoder_generates_the_same_after_merging_and_loading(capsys, tmp_path, task_dir):

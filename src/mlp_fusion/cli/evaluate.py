@@ -30,10 +30,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)  # checked before the data is read
     options = task_options(args)
-    if check_task(args.task, options) and args.predictions is not None and args.predictions.exists():
-        raise UserError(f"{args.predictions} already exists; choose another --predictions file")
+    generation = check_task(args.task, options)
+    if args.predictions is not None:
+        _check_predictions(args.predictions, args.task, generation)
     result, records = score_task(args.model, args.task, options, settings)
     if args.predictions is not None and records:
+        args.predictions.parent.mkdir(parents=True, exist_ok=True)
         write_jsonl(args.predictions, records)
     if args.json:
         print(json.dumps(result))
@@ -43,3 +45,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"{result['model']} on {result['task']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         )
     return 0
+
+
+def _check_predictions(path: Path, task: str, generation: bool) -> None:
+    """Refuse, before any scoring, a ``--predictions`` file that could not be written or would replace one."""
+    from ..checkpoint_files import check_parents
+
+    if not generation:
+        raise UserError(f"--predictions keeps generated outputs, and {task} generates none; leave it out")
+    check_parents(path)
+    if path.exists():
+        raise UserError(f"{path} already exists; choose another --predictions file")
