@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import build, inputs, outputs, save_tokenizer, write_sentiment_task
 
-from mlp_fusion import from_pretrained
+from mlp_fusion import UserError, from_pretrained
 from mlp_fusion.cli import main
 from mlp_fusion.records import fusion_records
 
@@ -157,6 +157,30 @@ def test_calibrated_fusion_on_the_training_inputs(capsys, base_dir, task_dir, tm
     assert result["metrics"]["accuracy"] > 0.85
     fusion = json.loads((tmp_path / "run" / "fusion.json").read_text())
     assert all(site["settings"]["refit"] and site["settings"]["weighting"] for site in fusion["sites"])
+
+
+def test_the_library_verb_is_what_the_command_runs(capsys, base_dir, task_dir, tmp_path):
+    import mlp_fusion
+    from mlp_fusion.training.finetune import TrainSettings
+    from mlp_fusion.training.tasks import TaskOptions
+
+    settings = dict(lr=1e-2, batch_size=16, warmup_ratio=0.0, epochs=1, seed=2)
+    result = mlp_fusion.finetune(
+        base_dir, "sst2", tmp_path / "library", options=TaskOptions(data=task_dir, max_length=32),
+        train=TrainSettings(**settings), ratio=0.5, layers="1-2",
+    )  # fmt: skip
+    command = finetune(capsys, base_dir, task_dir, tmp_path / "cli", "--ratio", "0.5", "--layers", "1-2",
+                       "--epochs", "1", "--seed", "2")  # fmt: skip
+    assert result["metrics"] == pytest.approx(command["metrics"]) and result["params"] == command["params"]
+    recorded = [json.loads((tmp_path / run / "run.json").read_text()) for run in ("library", "cli")]
+    assert recorded[0] == recorded[1]  # so either can resume the other's run
+    with pytest.raises(UserError, match="unknown fusion setting 'ratios'"):
+        mlp_fusion.finetune(base_dir, "sst2", tmp_path / "x", options=TaskOptions(data=task_dir), ratios=0.5)
+    with pytest.raises(UserError, match="already fused; leave out --n-init, which"):
+        mlp_fusion.finetune(
+            tmp_path / "cli", "sst2", tmp_path / "x", options=TaskOptions(data=task_dir), n_init=3
+        )
+    assert not (tmp_path / "x").exists()
 
 
 def test_resume_continues_from_the_checkpoint(capsys, base_dir, task_dir, tmp_path, monkeypatch):

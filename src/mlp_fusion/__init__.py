@@ -20,6 +20,10 @@ def __getattr__(name: str):
         from .training import distill
 
         return distill
+    if name == "finetune":
+        from .training.finetune_run import finetune
+
+        return finetune
     if name in ("add_lora", "load_lora", "merge_lora"):
         from .training import lora
 
@@ -40,6 +44,7 @@ __all__ = [
     "distill",
     "export",
     "find_sites",
+    "finetune",
     "from_pretrained",
     "fuse",
     "k_means",

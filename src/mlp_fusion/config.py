@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from .errors import UserError
 from .methods import METHODS
 
+# the fields that matter only with calibration inputs
+CALIBRATION_FIELDS = ("weighting", "refit", "ridge", "reconstruct_steps", "block_steps")
+
 
 @dataclass
 class FusionConfig:

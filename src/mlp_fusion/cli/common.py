@@ -19,10 +19,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
 
 
-# FusionConfig fields that only matter with calibration inputs (compress and finetune both take them)
-CALIBRATION_OPTIONS = ("weighting", "refit", "ridge", "reconstruct_steps", "block_steps")
-
-
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -7,9 +7,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import FusionConfig
+from ..config import CALIBRATION_FIELDS, FusionConfig
 from .common import (
-    CALIBRATION_OPTIONS,
     add_calibration_options,
     add_config_options,
     add_load_options,
@@ -58,7 +57,7 @@ def add_parser(commands) -> None:
     calibration.add_argument(
         "--max-length", type=int, default=128, help="longest calibration input in tokens (default 128)"
     )
-    add_config_options(calibration, FusionConfig, CALIBRATION_OPTIONS)
+    add_config_options(calibration, FusionConfig, CALIBRATION_FIELDS)
     healing = compress.add_argument_group("healing (causal language models; both models held whole)")
     add_config_options(healing, HealSettings, tuple(f.name for f in fields(HealSettings)))
     add_load_options(compress)

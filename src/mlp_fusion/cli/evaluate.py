@@ -9,7 +9,6 @@ from pathlib import Path
 from ..errors import UserError
 from .common import add_load_options, load_settings
 from .jobs import task_arguments, task_options
-from .run_dir import write_jsonl
 
 
 def add_parser(commands) -> None:
@@ -27,6 +26,7 @@ def add_parser(commands) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..training.jobs import check_task, score_task
+    from ..training.run_dir import write_jsonl
 
     settings = load_settings(args)  # checked before the data is read
     options = task_options(args)
