@@ -48,7 +48,7 @@ class _Plan:
     device: str
     sharded: bool
     out: Path
-    run_record: dict
+    run_record: dict  # what run.json keeps
     generation: bool
     source: Path | None  # the model's folder (None: a hub id), which ``out`` may not hold
 
@@ -104,7 +104,6 @@ def _check(
     model, task, out, options, settings, method, recipe, calibrate, calibration_samples, distill_epochs, lora,
     device, sharded, resume, fusion_fields,
 ) -> _Plan:  # fmt: skip
-    from ..checkpoint_files import folder_stamp
     from ..loading import is_fused, resolve
     from .jobs import check_task
 
@@ -132,31 +131,38 @@ def _check(
     if distill_epochs < 0:
         raise UserError(f"--distill-epochs must be at least 0, not {distill_epochs}")
     out = Path(out) if out is not None else Path("runs") / f"{task}-{method or 'fused'}-seed{settings.seed}"
-    record = {
-        "model": str(path) if path is not None else model,
-        "task": task,
-        **{name: _plain(value) for name, value in asdict(options).items()},
-        "method": method,
-        "recipe": chosen and chosen.name,
+    plan = _Plan(
+        model, task, options, settings, method, config, chosen, calibrate, calibration_samples, distill_epochs,
+        lora, device, sharded, out, {}, generation, path,
+    )  # fmt: skip
+    plan.run_record = _run_record(plan, fusion)
+    return plan
+
+
+def _run_record(plan: _Plan, fusion: dict) -> dict:
+    """The settings ``run.json`` keeps, which a resumed run must repeat, and a stamp of the model's files."""
+    from ..checkpoint_files import folder_stamp
+
+    config, path = plan.config, plan.source
+    return {
+        "model": str(path) if path is not None else plan.model,
+        "task": plan.task,
+        **{name: _plain(value) for name, value in asdict(plan.options).items()},
+        "method": plan.method,
+        "recipe": plan.recipe and plan.recipe.name,
         **{name: fusion[name] for name in FUSION_FIELDS},
         "ratio": config and config.ratio,
         "keep_fraction": config and config.keep_fraction,
-        "calibrate": calibrate,
-        "calibration_samples": calibration_samples,
+        "calibrate": plan.calibrate,
+        "calibration_samples": plan.calibration_samples,
         **{name: fusion[name] for name in CALIBRATION_FIELDS},
-        "distill_epochs": distill_epochs,
-        "peft": "lora" if lora else None,
-        **asdict(lora or LoraSettings()),
-        **{name: getattr(settings, name) for name in TRAIN_FIELDS},
-        "fsdp": sharded,
-        "model_files": folder_stamp(path)
-        if path is not None
-        else None,  # a model written again there differs
+        "distill_epochs": plan.distill_epochs,
+        "peft": "lora" if plan.lora else None,
+        **asdict(plan.lora or LoraSettings()),
+        **{name: getattr(plan.settings, name) for name in TRAIN_FIELDS},
+        "fsdp": plan.sharded,
+        "model_files": None if path is None else folder_stamp(path),  # a model written again there differs
     }
-    return _Plan(
-        model, task, options, settings, method, config, chosen, calibrate, calibration_samples, distill_epochs,
-        lora, device, sharded, out, record, generation, path,
-    )  # fmt: skip
 
 
 def _fusion_fields(given: dict, seed: int) -> dict:
@@ -165,7 +171,7 @@ def _fusion_fields(given: dict, seed: int) -> dict:
     from ..recipes import RECIPE_FIELDS
 
     known = {f.name: f.default for f in fields(FusionConfig)}
-    unknown = sorted(set(given) - set(known) - {"method"})
+    unknown = sorted(set(given) - set(known))
     if unknown:
         raise UserError(f"unknown fusion setting {unknown[0]!r}: use the fields of FusionConfig")
     defaults = {name: None if name in RECIPE_FIELDS else known[name] for name in known if name != "method"}
