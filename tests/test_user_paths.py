@@ -312,3 +312,46 @@ def test_what_compress_cannot_do_is_refused_before_any_sampling(
     code, _, err = cli("compress", fused_llama / model, *options, "--out", fused_llama / "again")
     assert refusal(code, err).endswith(message)
     assert not (fused_llama / "again").exists()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, out: m.compress(out.parent / "base", out, ratios=0.5), "unknown fusion setting 'ratios'"),
+        (
+            lambda m, out: m.compress(out.parent / "base", out, ratio=0.5, calibration_texts="one text"),
+            "a list",
+        ),
+        (
+            lambda m, out: m.compress(out.parent / "base", out, ratio=0.5, calibration_texts=[""]),
+            "holds no text",
+        ),
+        (lambda m, out: m.save_pretrained(str(out.parent / "fused"), out), "loaded torch module, got str"),
+        (lambda m, out: m.upcycle(out.parent / "base"), "loaded torch module, got PosixPath"),
+        (lambda m, out: m.export(out.parent / "fused", out, tokenizer=object()), "give no tokenizer"),
+    ],
+    ids=[
+        "misspelt-field",
+        "texts-as-one-string",
+        "no-texts",
+        "save-a-name",
+        "upcycle-a-folder",
+        "export-tokenizer",
+    ],
+)
+def test_the_python_verbs_refuse_what_they_cannot_use(fused_llama, call, message):
+    import mlp_fusion
+
+    with pytest.raises(mlp_fusion.UserError, match=message):
+        call(mlp_fusion, fused_llama / "out")
+    assert not (fused_llama / "out").exists()
+
+
+def test_export_of_a_saved_model_is_what_the_command_writes(fused_llama, cli):
+    import mlp_fusion
+
+    assert mlp_fusion.export(fused_llama / "fused", fused_llama / "library") == fused_llama / "library"
+    assert cli("export", fused_llama / "fused", "--out", fused_llama / "command")[0] == 0
+    written = [load_file(fused_llama / name / "model.safetensors") for name in ("library", "command")]
+    assert written[0].keys() == written[1].keys()
+    assert all(written[0][key].equal(written[1][key]) for key in written[0])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import recipes
-from .config import FusionConfig
+from .config import FusionConfig, check_field_names
 from .errors import UserError
 from .fuse import fuse
 from .records import FusionReport
@@ -87,6 +87,9 @@ def compress(
     settings = LoadSettings(dtype=dtype, device=device)
     if calibration_samples < 1 or max_length < 1:
         raise UserError("calibration_samples and max_length must be at least 1")
+    check_field_names(config_fields)
+    if calibration_texts is not None:
+        _check_texts(calibration_texts)
     path = resolve(str(source))
     chosen = _recipe(recipe, source, path, calibration_texts is not None, say)
     if size is not None:
@@ -113,6 +116,13 @@ def compress(
     elif streamable:
         say(f"fusing in memory: {'--verify' if verify else 'healing'} needs the whole model")
     return _in_memory(job, verify)
+
+
+def _check_texts(texts) -> None:
+    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+        raise UserError("calibration_texts must be a list of texts (strings), one text each")
+    if not any(text.strip() for text in texts):
+        raise UserError("calibration_texts holds no text")
 
 
 def _fields_for_size(source, path: Path | None, size: float, config, fields: dict) -> dict:

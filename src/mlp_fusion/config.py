@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .errors import UserError
 from .methods import METHODS
@@ -149,6 +149,13 @@ class FusionConfig:
         if self.width is not None:
             return self.width
         return max(1, round(self.ratio * width))
+
+
+def check_field_names(given) -> None:
+    """Refuse a name among ``given`` that is no FusionConfig field (a misspelt keyword, say)."""
+    unknown = sorted(set(given) - {f.name for f in fields(FusionConfig)})
+    if unknown:
+        raise UserError(f"unknown fusion setting {unknown[0]!r}: use the fields of FusionConfig")
 
 
 def parse_layers(spec: list[int | str] | tuple | range | str) -> list[int | str] | str:

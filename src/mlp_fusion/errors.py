@@ -9,3 +9,11 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (or its type's name), for a one-line report."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_loaded(model: object) -> None:
+    """Refuse anything but a loaded torch module (a name or a folder, say) in one line."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be a loaded torch module, got {type(model).__name__}: load it first")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, check_loaded
 from .persistence import check_fused_format, read_fusion_file
 from .plain_export import export_notes, export_widths, folded_copy, save_plain, set_widths
 from .shard_io import SHARD_BYTES
@@ -18,7 +18,7 @@ EXPORT_FORMATS = ("hf", "gguf")
 
 
 def export(
-    model: nn.Module,
+    model: nn.Module | str | Path,
     out: str | Path,
     tokenizer=None,
     *,
@@ -32,8 +32,15 @@ def export(
     config field sets must have the same width. ``format="gguf"``: one file that llama.cpp runs, with each
     layer's own width (Llama-family decoders), ``gguf_type`` one of f32, f16, q8_0, q4_k_m (the quantised
     types need the ``serve`` extra). Either computes the same function as the fused model, but no longer has
-    its fine-tuning dynamics.
+    its fine-tuning dynamics. ``model`` may also be a saved one (what :func:`export_saved` takes, its
+    tokenizer read from it), exported as ``mlp-fusion export`` does.
     """
+    if isinstance(model, str | Path):
+        if tokenizer is not None:
+            raise UserError("a saved model is exported with its own tokenizer: give no tokenizer")
+        export_saved(model, out, format=format, gguf_type=gguf_type, overwrite=overwrite)
+        return Path(out)
+    check_loaded(model)
     check_fused_format(model)
     _check_format(format)
     if format == "gguf":

@@ -8,7 +8,7 @@ from torch import nn
 
 from .calibration import ModelRuns, Runs
 from .config import FusionConfig
-from .errors import UserError
+from .errors import UserError, check_loaded
 from .families import find_sites
 from .layer_runs import fuse_walking
 from .persistence import follow_native_save
@@ -29,8 +29,7 @@ def fuse(
     ``attention_mask``, right-padded; cut to the model's positions), turns on calibration-aware fusion (see
     :mod:`mlp_fusion.calibration`); :class:`~mlp_fusion.calibration.Runs` of one's own are taken as they are.
     """
-    if not isinstance(model, nn.Module):
-        raise UserError(f"model must be a loaded torch module, got {type(model).__name__}: load it first")
+    check_loaded(model)
     if not isinstance(config, FusionConfig):
         raise UserError(f"config must be a FusionConfig, got {type(config).__name__}")
     config.check_calibration(calibration is not None)

@@ -29,7 +29,7 @@ from .checkpoint_files import (
     weight_files,
     write_side_files,
 )
-from .errors import UserError, first_line
+from .errors import UserError, check_loaded, first_line
 from .families import find_sites
 from .narrowing import attach_low_rank, attach_scale, use_compatible_experts_kernel
 from .parametrizations import has_input_scales
@@ -48,6 +48,7 @@ def save_pretrained(
     model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False
 ) -> Path:
     """Save a fused model (and its tokenizer) to ``directory`` in the fused format."""
+    check_loaded(model)
     check_fused_format(model)
     return atomic_directory(Path(directory), overwrite, lambda tmp: _write_fused(model, tmp, tokenizer))
 

@@ -12,13 +12,14 @@ import transformers
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import UserError
+from .errors import UserError, check_loaded
 
 UPCYCLABLE = ("llama", "mistral")  # SwiGLU MLPs, RMSNorm, bias-free attention: Mixtral's layer
 
 
 def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2) -> nn.Module:
     """A ``MixtralForCausalLM`` with ``num_experts`` copies of each dense MLP and zero routers."""
+    check_loaded(model)
     config = model.config
     if getattr(config, "model_type", None) not in UPCYCLABLE or not hasattr(model, "lm_head"):
         raise UserError(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from ..config import CALIBRATION_FIELDS, FusionConfig
+from ..config import CALIBRATION_FIELDS, FusionConfig, check_field_names
 from ..errors import UserError
 from ..loading import DEFAULT_MODEL, LoadSettings
 from .finetune import TrainSettings
@@ -170,10 +170,8 @@ def _fusion_fields(given: dict, seed: int) -> dict:
     recipe's fields, which the recipe fills in); k-means takes the training seed unless one is given."""
     from ..recipes import RECIPE_FIELDS
 
+    check_field_names(given)
     known = {f.name: f.default for f in fields(FusionConfig)}
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise UserError(f"unknown fusion setting {unknown[0]!r}: use the fields of FusionConfig")
     defaults = {name: None if name in RECIPE_FIELDS else known[name] for name in known if name != "method"}
     return {**defaults, "seed": seed, **given}
 
