@@ -175,3 +175,15 @@ def test_healing_refuses_an_encoder_and_a_model_without_tokenizer(tmp_path, cli,
 def test_bad_healing_settings_are_refused_with_one_line(tmp_path, cli, option, value):
     code, _, err = cli("compress", "--heal-steps", "5", option, value, "--out", tmp_path / "out")
     assert code == 2 and err.count("error:") == 1 and option in err
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--heal-lr", "1e-3"), ("--heal-train", "mlps"), ("--heal-texts", "50")]
+)
+def test_a_healing_setting_without_heal_steps_is_refused(tmp_path, cli, option, value):
+    build("llama").save_pretrained(tmp_path / "base")
+    code, _, err = cli(
+        "compress", tmp_path / "base", "--ratio", "0.5", option, value, "--out", tmp_path / "out"
+    )
+    assert code == 2 and err.strip().endswith(f"{option} sets up healing: add --heal-steps N")
+    assert not (tmp_path / "out").exists()

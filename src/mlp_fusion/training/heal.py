@@ -20,7 +20,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -92,6 +92,13 @@ class HealSettings:
         if self.heal_train not in TRAINED:
             raise UserError(f"unknown --heal-train {self.heal_train!r}: choose one of {', '.join(TRAINED)}")
         check_precision(self.heal_precision, "--heal-precision")
+        changed = [
+            f.name for f in fields(self) if f.name != "heal_steps" and getattr(self, f.name) != f.default
+        ]
+        if (
+            changed and not self.heal_steps
+        ):  # a setting for a heal that would not run: a forgotten --heal-steps
+            raise UserError(f"--{changed[0].replace('_', '-')} sets up healing: add --heal-steps N")
 
     def record(self) -> dict:
         """The settings as ``fusion.json`` keeps them (without the ``heal_`` prefixes)."""
