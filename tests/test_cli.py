@@ -154,7 +154,7 @@ def test_existing_output_is_kept_without_overwrite(capsys, model_dir, tmp_path):
     assert code == 2 and "--overwrite" in stderr
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
     code, _, stderr = run(capsys, "compress", model_dir, "--out", out, "--overwrite")
-    assert code == 2 and "no model checkpoint" in stderr  # not a checkpoint: never replaced
+    assert code == 2 and "more than a model checkpoint" in stderr  # not a checkpoint: never replaced
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
     (out / "precious.txt").unlink()
     assert run(capsys, "compress", model_dir, "--out", out)[0] == 2  # empty, but still only with --overwrite

@@ -125,7 +125,7 @@ def test_overwrite_never_replaces_a_folder_that_holds_no_checkpoint(tmp_path, cl
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     code, _, err = cli("compress", tmp_path / "base", "--ratio", "0.5", "--out", out, "--overwrite")
-    assert code == 2 and err.count("error:") == 1 and "no model checkpoint" in err
+    assert code == 2 and err.count("error:") == 1 and "more than a model checkpoint" in err
     assert (out / "thesis.tex").read_text() == "years of work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "documents"]
 

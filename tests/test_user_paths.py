@@ -193,7 +193,7 @@ def test_finetune_overwrite_never_replaces_a_folder_that_holds_no_run(tmp_path, 
     (out / "thesis.tex").write_text("years of work")
     args = ["finetune", "--task", "sst2", "--data", tmp_path / "data", "--out", out]
     assert refusal(*cli(*args, "--overwrite")[::2]).endswith(
-        "no run, so it is never replaced; choose another --out"
+        "more than a run's files, so it is never replaced; choose another --out"
     )
     assert (out / "thesis.tex").read_text() == "years of work"
 
@@ -355,3 +355,34 @@ def test_export_of_a_saved_model_is_what_the_command_writes(fused_llama, cli):
     written = [load_file(fused_llama / name / "model.safetensors") for name in ("library", "command")]
     assert written[0].keys() == written[1].keys()
     assert all(written[0][key].equal(written[1][key]) for key in written[0])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("compress", "base", "--ratio", "0.5"),
+        ("export", "fused"),
+        ("upcycle", "base"),
+        ("finetune", "fused", "--task", "sst2", "--data", "data"),
+    ],
+    ids=["compress", "export", "upcycle", "finetune"],
+)
+@pytest.mark.parametrize("project", ["with-a-folder", "config-without-weights"])
+def test_overwrite_never_replaces_a_project_that_holds_a_config(fused_llama, cli, command, project):
+    from tiny_models import write_sentiment_task
+
+    write_sentiment_task(fused_llama / "data", train=16, dev=4)
+    out = fused_llama / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"app": 1}')  # many projects have one
+    if project == "with-a-folder":  # all that a checkpoint or a run holds, and a folder of the user's
+        (out / "model.safetensors").write_bytes(b"")
+        (out / "run.json").write_text("{}")
+        (out / "src").mkdir()
+        (out / "src" / "main.py").write_text("print('mine')")
+    before = _contents(out)
+    verb, model, *options = command
+    options = [fused_llama / o if o == "data" else o for o in options]
+    line = refusal(*cli(verb, fused_llama / model, *options, "--out", out, "--overwrite")[::2])
+    assert "so --overwrite will not replace it" in line or "so it is never replaced" in line
+    assert _contents(out) == before

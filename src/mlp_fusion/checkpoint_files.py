@@ -168,8 +168,8 @@ def check_writable(directory: str | Path, overwrite: bool, source: str | Path | 
         )
     if directory.exists() and not _replaceable(directory):
         raise UserError(
-            f"{directory} holds files but no model checkpoint, so --overwrite will not replace it; "
-            "choose another directory"
+            f"{directory} holds more than a model checkpoint (config and weights, no folder), so --overwrite "
+            "will not replace it; choose another directory"
         )
 
 
@@ -193,13 +193,19 @@ def check_not_source(directory: Path, source: str | Path | None) -> None:
         )
 
 
-CHECKPOINT_MARKERS = ("config.json", "fusion.json")  # a folder holding one of these is a checkpoint
+CHECKPOINT_MARKERS = ("config.json", "fusion.json")  # with weights beside one of these: a checkpoint
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def _replaceable(directory: Path) -> bool:
-    return any(directory.joinpath(name).is_file() for name in CHECKPOINT_MARKERS) or not any(
-        directory.iterdir()
-    )
+    """An empty folder, or a checkpoint alone: a config with weights beside it and no folder inside (a
+    folder that holds folders, or a config with no weights, is a project of the user's)."""
+    entries = list(directory.iterdir())
+    if any(entry.is_dir() for entry in entries):
+        return False
+    names = {entry.name for entry in entries}
+    weights = any(entry.suffix in WEIGHT_SUFFIXES for entry in entries)
+    return not entries or (weights and any(name in names for name in CHECKPOINT_MARKERS))
 
 
 def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:

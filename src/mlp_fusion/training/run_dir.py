@@ -20,6 +20,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"  # generation tasks: input, output and references per evaluated input
 CHECKPOINTS = "checkpoints"
+STAGING = ".model-"  # the saved model's folder inside the run before its files move up
 
 
 def check_out(out: Path, run_record: dict, resume: bool, overwrite: bool, source: Path | None = None) -> None:
@@ -47,12 +48,21 @@ def check_out(out: Path, run_record: dict, resume: bool, overwrite: bool, source
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_record.items() if saved.get(k) != v]
         if changed:
             raise UserError(f"--resume needs the settings of the run in {out}; changed: {'; '.join(changed)}")
-    elif out.exists() and any(out.iterdir()) and not (out / RUN_FILE).is_file():
-        raise UserError(f"{out} holds files but no run, so it is never replaced; choose another --out")
+    elif out.exists() and any(out.iterdir()) and not _a_run_alone(out):
+        raise UserError(f"{out} holds more than a run's files, so it is never replaced; choose another --out")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         unfinished = not (out / METRICS_FILE).is_file()
         hint = "pass --resume to continue it, or --overwrite" if unfinished else "pass --overwrite"
         raise UserError(f"{out} already holds {'an unfinished run' if unfinished else 'a run'}; {hint}")
+
+
+def _a_run_alone(out: Path) -> bool:
+    """A run folder and nothing else: ``run.json``, and no folder inside but the checkpoints (and the
+    model's staging copy), so that replacing it never takes a project of the user's with it."""
+    folders = [entry.name for entry in out.iterdir() if entry.is_dir()]
+    return (out / RUN_FILE).is_file() and all(
+        name == CHECKPOINTS or name.startswith(STAGING) for name in folders
+    )
 
 
 def start_out(out: Path, run_record: dict, resume: bool, overwrite: bool) -> None:
@@ -67,7 +77,7 @@ def finish_out(out: Path, model, tokenizer, result: dict, outputs: list[dict]) -
     """Save the model (fused format) next to run.json, the generated outputs, metrics.json; drop the checkpoints."""
     from ..persistence import save_pretrained
 
-    staging = out / f".model-{uuid.uuid4().hex[:8]}"
+    staging = out / f"{STAGING}{uuid.uuid4().hex[:8]}"
     save_pretrained(model, staging, tokenizer)
     for item in staging.iterdir():
         os.replace(item, out / item.name)
