@@ -386,3 +386,22 @@ def test_overwrite_never_replaces_a_project_that_holds_a_config(fused_llama, cli
     line = refusal(*cli(verb, fused_llama / model, *options, "--out", out, "--overwrite")[::2])
     assert "so --overwrite will not replace it" in line or "so it is never replaced" in line
     assert _contents(out) == before
+
+
+def test_finetune_refuses_a_width_or_layer_it_cannot_give_before_loading(fused_llama, cli, monkeypatch):
+    from tiny_models import write_sentiment_task
+
+    from mlp_fusion.training import jobs
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model and data were loaded before the refusal")
+
+    write_sentiment_task(fused_llama / "data", train=16, dev=4)
+    monkeypatch.setattr(jobs, "load_job", no_loading)
+    task = ["--task", "sst2", "--data", fused_llama / "data", "--out", fused_llama / "run"]
+    for options, message in (
+        (["--width", "999"], "choose at most 24"),
+        (["--layers", "7"], "layer 7 is out of range"),
+    ):
+        assert message in refusal(*cli("finetune", fused_llama / "base", *task, *options)[::2])
+    assert not (fused_llama / "run").exists()

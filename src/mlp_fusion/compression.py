@@ -100,7 +100,7 @@ def compress(
         raise UserError("give a FusionConfig or its fields, not both")
     config.check_calibration(chosen.calibrate or calibration_texts is not None)
     if path is not None:
-        _check_choices(path, config)
+        check_choices(path, config)
     healing = heal if heal is not None and heal.heal_steps else None
     job = _Job(
         source, path, None if out is None else Path(out), config, chosen, settings, calibration_texts,
@@ -136,7 +136,7 @@ def _fields_for_size(source, path: Path | None, size: float, config, fields: dic
     return fields_for_size(skeleton(str(path or source)), size, fields.get("layers") or "all")
 
 
-def _check_choices(path: Path, config: FusionConfig) -> None:
+def check_choices(path: Path, config: FusionConfig) -> None:
     """Refuse, before any model is loaded or text sampled, the layers and widths ``config`` cannot give
     the checkpoint at ``path`` (a layer it lacks or has fused already, a width above a layer's), checked on
     the model built on the meta device."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from ..compression import check_choices
 from ..config import CALIBRATION_FIELDS, FusionConfig, check_field_names
 from ..errors import UserError
 from ..loading import DEFAULT_MODEL, LoadSettings
@@ -116,6 +117,8 @@ def _check(
     method, config, chosen, calibrate = _fusion(
         model, path, path is not None and is_fused(path), method, recipe, calibrate, distill_epochs, fusion
     )
+    if config is not None and path is not None:
+        check_choices(path, config)  # before the model and the data are loaded
     if settings.teacher_weight and (method in (None, "full") or not generation):
         raise UserError(
             "--teacher-weight distils the unfused model into the fused one on a generation task: "
