@@ -329,6 +329,18 @@ def test_what_compress_cannot_do_is_refused_before_any_sampling(
         (lambda m, out: m.save_pretrained(str(out.parent / "fused"), out), "loaded torch module, got str"),
         (lambda m, out: m.upcycle(out.parent / "base"), "loaded torch module, got PosixPath"),
         (lambda m, out: m.export(out.parent / "fused", out, tokenizer=object()), "give no tokenizer"),
+        (
+            lambda m, out: m.compress(out.parent / "base", out, {"ratio": 0.5}),
+            "config must be a FusionConfig",
+        ),
+        (
+            lambda m, out: m.compress(out.parent / "base", out, ratio=0.5, heal={"heal_steps": 2}),
+            "HealSettings",
+        ),
+        (
+            lambda m, out: m.finetune(out.parent / "base", "sst2", out, options={"data": "x"}),
+            "TaskOptions, got",
+        ),
     ],
     ids=[
         "misspelt-field",
@@ -337,6 +349,9 @@ def test_what_compress_cannot_do_is_refused_before_any_sampling(
         "save-a-name",
         "upcycle-a-folder",
         "export-tokenizer",
+        "config-as-dict",
+        "heal-as-dict",
+        "finetune-options-as-dict",
     ],
 )
 def test_the_python_verbs_refuse_what_they_cannot_use(fused_llama, call, message):

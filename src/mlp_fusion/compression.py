@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from . import recipes
 from .config import FusionConfig, check_field_names
-from .errors import UserError
+from .errors import UserError, check_instance
 from .fuse import fuse
 from .records import FusionReport
 
@@ -94,6 +94,8 @@ def compress(
     chosen = _recipe(recipe, source, path, calibration_texts is not None, say)
     if size is not None:
         config_fields.update(_fields_for_size(source, path, size, config, config_fields))
+    if config is not None:
+        check_instance(config, FusionConfig, "config")
     if config is None:
         config = FusionConfig(**recipes.apply_recipe(chosen, config_fields))
     elif config_fields:
@@ -101,6 +103,10 @@ def compress(
     config.check_calibration(chosen.calibrate or calibration_texts is not None)
     if path is not None:
         check_choices(path, config)
+    if heal is not None:
+        from .training.heal import HealSettings  # healing is asked for: its settings may be imported
+
+        check_instance(heal, HealSettings, "heal")
     healing = heal if heal is not None and heal.heal_steps else None
     job = _Job(
         source, path, None if out is None else Path(out), config, chosen, settings, calibration_texts,

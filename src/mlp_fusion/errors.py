@@ -17,3 +17,10 @@ def check_loaded(model: object) -> None:
 
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a loaded torch module, got {type(model).__name__}: load it first")
+
+
+def check_instance(value: object, kind: type, name: str) -> None:
+    """Refuse a ``value`` for the argument ``name`` that is not a ``kind`` (a dict for a settings
+    dataclass, say) in one line, instead of an AttributeError deep inside."""
+    if not isinstance(value, kind):
+        raise UserError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")

@@ -8,7 +8,7 @@ from torch import nn
 
 from .calibration import ModelRuns, Runs
 from .config import FusionConfig
-from .errors import UserError, check_loaded
+from .errors import UserError, check_instance, check_loaded
 from .families import find_sites
 from .layer_runs import fuse_walking
 from .persistence import follow_native_save
@@ -30,8 +30,7 @@ def fuse(
     :mod:`mlp_fusion.calibration`); :class:`~mlp_fusion.calibration.Runs` of one's own are taken as they are.
     """
     check_loaded(model)
-    if not isinstance(config, FusionConfig):
-        raise UserError(f"config must be a FusionConfig, got {type(config).__name__}")
+    check_instance(config, FusionConfig, "config")
     config.check_calibration(calibration is not None)
     report = None
     if calibration is not None and not hasattr(calibration, "parts"):  # a batch, not Runs
