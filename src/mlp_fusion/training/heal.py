@@ -95,9 +95,7 @@ class HealSettings:
         changed = [
             f.name for f in fields(self) if f.name != "heal_steps" and getattr(self, f.name) != f.default
         ]
-        if (
-            changed and not self.heal_steps
-        ):  # a setting for a heal that would not run: a forgotten --heal-steps
+        if changed and not self.heal_steps:  # a setting of a heal that will not run: --heal-steps forgotten
             raise UserError(f"--{changed[0].replace('_', '-')} sets up healing: add --heal-steps N")
 
     def record(self) -> dict:

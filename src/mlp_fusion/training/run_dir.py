@@ -31,29 +31,34 @@ def check_out(out: Path, run_record: dict, resume: bool, overwrite: bool, source
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another --out")
     if resume:
-        if not (out / RUN_FILE).is_file():
-            raise UserError(f"nothing to resume: {out / RUN_FILE} does not exist")
-        if (out / METRICS_FILE).is_file():
-            raise UserError(f"the run in {out} is complete (it has {METRICS_FILE}); nothing to resume")
-        try:
-            saved = json.loads((out / RUN_FILE).read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise UserError(f"{out / RUN_FILE} is damaged; start again with --overwrite") from None
-        same_path = saved.get("model") == run_record["model"]
-        if same_path and saved.get("model_files") != run_record["model_files"]:
-            raise UserError(
-                f"the model {run_record['model']} was written again since the run in {out} began, so its "
-                "checkpoints belong to another model; start again with --overwrite"
-            )
-        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_record.items() if saved.get(k) != v]
-        if changed:
-            raise UserError(f"--resume needs the settings of the run in {out}; changed: {'; '.join(changed)}")
+        _check_resumable(out, run_record)
     elif out.exists() and any(out.iterdir()) and not _a_run_alone(out):
         raise UserError(f"{out} holds more than a run's files, so it is never replaced; choose another --out")
     elif out.exists() and any(out.iterdir()) and not overwrite:
         unfinished = not (out / METRICS_FILE).is_file()
         hint = "pass --resume to continue it, or --overwrite" if unfinished else "pass --overwrite"
         raise UserError(f"{out} already holds {'an unfinished run' if unfinished else 'a run'}; {hint}")
+
+
+def _check_resumable(out: Path, run_record: dict) -> None:
+    """Refuse to resume anything but an unfinished run of the same settings and the same model files."""
+    if not (out / RUN_FILE).is_file():
+        raise UserError(f"nothing to resume: {out / RUN_FILE} does not exist")
+    if (out / METRICS_FILE).is_file():
+        raise UserError(f"the run in {out} is complete (it has {METRICS_FILE}); nothing to resume")
+    try:
+        saved = json.loads((out / RUN_FILE).read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{out / RUN_FILE} is damaged; start again with --overwrite") from None
+    same_path = saved.get("model") == run_record["model"]
+    if same_path and saved.get("model_files") != run_record["model_files"]:
+        raise UserError(
+            f"the model {run_record['model']} was written again since the run in {out} began, so its "
+            "checkpoints belong to another model; start again with --overwrite"
+        )
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_record.items() if saved.get(k) != v]
+    if changed:
+        raise UserError(f"--resume needs the settings of the run in {out}; changed: {'; '.join(changed)}")
 
 
 def _a_run_alone(out: Path) -> bool:
