@@ -81,6 +81,17 @@ def cpu_line() -> str:
     return f"Validation runs by CPU ({counts}); the header below names the machine of the first run."
 
 
+def test_cpu_line() -> str:
+    """Which CPUs the test runs ran on (each run's settings file records it)."""
+    cpus = [
+        json.loads(path.read_text()).get("cpu", "not recorded")
+        for row in ROWS
+        for path in sorted((STUDY / MODEL / row).glob("seed*.json"))
+    ]
+    counts = ", ".join(f"{cpu}: {cpus.count(cpu)}" for cpu in dict.fromkeys(cpus))
+    return f"Test runs by CPU ({counts}); their s / step are not costs (other work shared the CPU at times)."
+
+
 def float32_table() -> list[str]:
     """The first grid, trained in float32 and withdrawn when the study moved to bfloat16 (kept for the
     record: the same inputs and seed, so it shows what the precision changed)."""
@@ -241,6 +252,7 @@ def main() -> None:
             "\n".join(float32_table()),
             "Test:",
             "\n".join(test_lines(found)),
+            test_cpu_line(),
             "Costs (`benchmarks/study_cost.py`; nothing else running, the rows taking turns, median of the rounds):",
             "\n".join(cost_lines(found)),
             provenance(record, validation_file(), ROOT),
