@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .batches import model_inputs, padded_batch
+from .errors import UserError
 from .methods import SubMlps
 from .sites import ExpertModules, LinearMlp, MlpSite, StackedExperts, WeightSlot
 
@@ -359,3 +360,15 @@ def calibration_batch(
 ) -> dict:
     """Calibration inputs as :func:`fuse` takes them: tokenised with special tokens, right-padded."""
     return padded_batch(tokenizer, texts, pairs, max_length)
+
+
+def first_calibration_batch(
+    tokenizer, texts: list[str] | None, pairs: list[str] | None, count: int, max_length: int
+) -> dict | None:
+    """The first ``count`` of ``texts`` (and ``pairs``) as :func:`calibration_batch` makes them; None
+    without texts, refused without a tokenizer."""
+    if texts is None:
+        return None
+    if tokenizer is None:
+        raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
+    return calibration_batch(tokenizer, texts[:count], pairs[:count] if pairs else None, max_length)

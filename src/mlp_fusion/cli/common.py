@@ -121,20 +121,6 @@ def calibration_texts(args: argparse.Namespace) -> list[str] | None:
     return None if path is None else read_probe_texts(path, args.calibration_samples, what="calibration file")
 
 
-def calibration_inputs(
-    args: argparse.Namespace, tokenizer, texts: list[str] | None, pairs: list[str] | None = None
-) -> dict | None:
-    """``texts`` (and ``pairs``), the first ``--calibration-samples`` of them, tokenised; None without texts."""
-    from ..calibration import calibration_batch
-
-    if texts is None:
-        return None
-    if tokenizer is None:
-        raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
-    count = args.calibration_samples
-    return calibration_batch(tokenizer, texts[:count], pairs[:count] if pairs else None, args.max_length)
-
-
 def add_recipe_option(target) -> None:
     """``--recipe``; it also makes ``--keep-fraction`` and ``--ridge`` default to the recipe's (None until a
     recipe decides)."""

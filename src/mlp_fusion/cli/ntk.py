@@ -12,7 +12,6 @@ from .common import (
     add_calibration_options,
     add_config_options,
     add_load_options,
-    calibration_inputs,
     calibration_texts,
     load_settings,
     log,
@@ -75,6 +74,7 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..batches import PROBE_SENTENCES, probe_batch, read_probe_texts
+    from ..calibration import first_calibration_batch
     from ..config import parse_layers
     from ..diagnostics import compare_methods
     from ..diagnostics.kernels import KERNELS
@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         max_memory_mb=args.max_memory,
         progress=log,
         fusion_options=options,
-        calibration=calibration_inputs(args, loaded.tokenizer, calibration),
+        calibration=first_calibration_batch(
+            loaded.tokenizer, calibration, None, args.calibration_samples, args.max_length
+        ),
     )
     result.pop("reference")  # tensors, for callers that compare more methods later
     result = {"model": loaded.source, "layers": layers, "params_set": args.params, **result}

@@ -219,6 +219,7 @@ def _option(name: str) -> str:
 def _prepare(plan: _Plan, say):
     """The task's job (data and model loaded), fused by the plan; the parameter count before fusion, and
     the unfused copy that layer-wise tuning or a teacher needs."""
+    from ..calibration import first_calibration_batch
     from ..fuse import fuse
     from ..recipes import record as record_recipe
     from ..records import count_parameters
@@ -234,26 +235,13 @@ def _prepare(plan: _Plan, say):
     original = copy.deepcopy(model) if plan.distill_epochs or plan.settings.teacher_weight else None
     if plan.config is not None:
         texts, pairs = job.distill_texts if plan.calibrate else (None, None)
-        calibration = _calibration(job.loaded.tokenizer, texts, pairs, plan)
+        count, length = plan.calibration_samples, plan.settings.max_length
+        calibration = first_calibration_batch(job.loaded.tokenizer, texts, pairs, count, length)
         used = len(calibration["input_ids"]) if calibration else 0
         source = {"source": "task", "max_length": plan.settings.max_length, "texts": used}
         record_recipe(model, plan.recipe, source if calibration else None, None)
         fuse(model, plan.config, progress=say, calibration=calibration)
     return job, params_before, original
-
-
-def _calibration(tokenizer, texts: list[str] | None, pairs: list[str] | None, plan: _Plan) -> dict | None:
-    """The first ``calibration_samples`` of the task's inputs, tokenised; None without texts."""
-    from ..calibration import calibration_batch
-
-    if texts is None:
-        return None
-    if tokenizer is None:
-        raise UserError("calibration needs the model's tokenizer, and this model has no tokenizer files")
-    count = plan.calibration_samples
-    return calibration_batch(
-        tokenizer, texts[:count], pairs[:count] if pairs else None, plan.settings.max_length
-    )
 
 
 def _train(plan: _Plan, job, original, resume: bool, overwrite: bool, progress_bar: bool, say):
