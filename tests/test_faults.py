@@ -102,7 +102,8 @@ def test_a_refused_save_touches_no_folder_of_the_users(tmp_path, cli):
     model = build("llama")
     out = tmp_path / "model"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text("{}")  # an earlier checkpoint: a config with weights beside it
+    (out / "model.safetensors").write_bytes(b"")
     folders = _user_folders(tmp_path)
     from mlp_fusion import FusionConfig, fuse, save_pretrained
 
