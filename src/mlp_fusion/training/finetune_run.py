@@ -178,24 +178,28 @@ def _run_record(plan: _Plan, fusion: dict) -> dict:
 def _fusion_fields(given: dict, seed: int) -> dict:
     """Every FusionConfig field a run takes: those ``given``, the rest at their defaults (None for the
     recipe's fields, which the recipe fills in); k-means takes the training seed unless one is given."""
+    check_field_names(given)
+    return {**_fusion_defaults(), "seed": seed, **given}
+
+
+def _fusion_defaults() -> dict:
+    """FusionConfig's defaults, None for the recipe's fields (the recipe fills them in)."""
     from ..recipes import RECIPE_FIELDS
 
-    check_field_names(given)
-    known = {f.name: f.default for f in fields(FusionConfig)}
-    defaults = {name: None if name in RECIPE_FIELDS else known[name] for name in known if name != "method"}
-    return {**defaults, "seed": seed, **given}
+    return {
+        f.name: None if f.name in RECIPE_FIELDS else f.default
+        for f in fields(FusionConfig)
+        if f.name != "method"
+    }
 
 
 def _fusion(model, path, fused_input: bool, method, recipe, calibrate, distill_epochs, fusion: dict):
     """What happens to the model before training: the method (None for an already fused model), its
     config and recipe (None without fusion), and whether the task's inputs calibrate it."""
-    from ..recipes import RECIPE_FIELDS, apply_recipe, choose_recipe, source_config
+    from ..recipes import apply_recipe, choose_recipe, source_config
 
-    defaults = {f.name: f.default for f in fields(FusionConfig)}
-    changed = [
-        name for name in (*FUSION_FIELDS, *CALIBRATION_FIELDS)
-        if fusion[name] != (None if name in RECIPE_FIELDS else defaults[name])
-    ]  # fmt: skip
+    defaults = _fusion_defaults()
+    changed = [name for name in (*FUSION_FIELDS, *CALIBRATION_FIELDS) if fusion[name] != defaults[name]]
     changed += ["calibrate"] * calibrate + ["distill_epochs"] * bool(distill_epochs)
     if fused_input and (method or changed):
         named = ", ".join(_option(name) for name in changed) or f"--method {method}"
