@@ -382,7 +382,7 @@ def test_export_of_a_saved_model_is_what_the_command_writes(fused_llama, cli):
     ],
     ids=["compress", "export", "upcycle", "finetune"],
 )
-@pytest.mark.parametrize("project", ["with-a-folder", "config-without-weights"])
+@pytest.mark.parametrize("project", ["with-a-folder", "with-a-file-of-its-own", "config-without-weights"])
 def test_overwrite_never_replaces_a_project_that_holds_a_config(fused_llama, cli, command, project):
     from tiny_models import write_sentiment_task
 
@@ -395,6 +395,10 @@ def test_overwrite_never_replaces_a_project_that_holds_a_config(fused_llama, cli
         (out / "run.json").write_text("{}")
         (out / "src").mkdir()
         (out / "src" / "main.py").write_text("print('mine')")
+    if project == "with-a-file-of-its-own":  # all that a checkpoint or a run holds, and the user's code
+        (out / "model.safetensors").write_bytes(b"")
+        (out / "run.json").write_text("{}")
+        (out / "main.py").write_text("print('mine')")
     before = _contents(out)
     verb, model, *options = command
     options = [fused_llama / o if o == "data" else o for o in options]

@@ -168,8 +168,8 @@ def check_writable(directory: str | Path, overwrite: bool, source: str | Path | 
         )
     if directory.exists() and not _replaceable(directory):
         raise UserError(
-            f"{directory} holds more than a model checkpoint (config and weights, no folder), so --overwrite "
-            "will not replace it; choose another directory"
+            f"{directory} holds more than a model checkpoint (config, weights and their side files, no folder), so "
+            "--overwrite will not replace it; choose another directory"
         )
 
 
@@ -195,17 +195,30 @@ def check_not_source(directory: Path, source: str | Path | None) -> None:
 
 CHECKPOINT_MARKERS = ("config.json", "fusion.json")  # with weights beside one of these: a checkpoint
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# What a checkpoint (or a run of this library) holds beside its weights: configs, tokenizer files, chat
+# templates, notes, a model card. A file of any other kind (source code, an archive) is the user's.
+CHECKPOINT_SUFFIXES = (*WEIGHT_SUFFIXES, ".json", ".jsonl", ".txt", ".model", ".jinja", ".md", ".gguf")
+
+
+def only_checkpoint_files(directory: Path, folders: Callable[[str], bool] = lambda name: False) -> bool:
+    """Every entry of ``directory`` is a file of a kind a checkpoint holds, or a folder ``folders``
+    accepts by name."""
+    return all(
+        folders(entry.name)
+        if entry.is_dir()
+        else entry.suffix in CHECKPOINT_SUFFIXES or entry.name == ".gitattributes"
+        for entry in directory.iterdir()
+    )
 
 
 def _replaceable(directory: Path) -> bool:
-    """An empty folder, or a checkpoint alone: a config with weights beside it and no folder inside (a
-    folder that holds folders, or a config with no weights, is a project of the user's)."""
+    """An empty folder, or a checkpoint alone: a config with weights beside it, no folder inside, and no
+    file of a kind a checkpoint never holds (anything else is a project of the user's)."""
     entries = list(directory.iterdir())
-    if any(entry.is_dir() for entry in entries):
-        return False
     names = {entry.name for entry in entries}
     weights = any(entry.suffix in WEIGHT_SUFFIXES for entry in entries)
-    return not entries or (weights and any(name in names for name in CHECKPOINT_MARKERS))
+    checkpoint = weights and any(name in names for name in CHECKPOINT_MARKERS)
+    return not entries or (checkpoint and only_checkpoint_files(directory))
 
 
 def atomic_directory(target: Path, overwrite: bool, write: Callable[[Path], None]) -> Path:

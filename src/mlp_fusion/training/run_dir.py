@@ -13,7 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ..checkpoint_files import check_not_source, check_parents
+from ..checkpoint_files import check_not_source, check_parents, only_checkpoint_files
 from ..errors import UserError
 
 RUN_FILE = "run.json"
@@ -62,11 +62,11 @@ def _check_resumable(out: Path, run_record: dict) -> None:
 
 
 def _a_run_alone(out: Path) -> bool:
-    """A run folder and nothing else: ``run.json``, and no folder inside but the checkpoints (and the
-    model's staging copy), so that replacing it never takes a project of the user's with it."""
-    folders = [entry.name for entry in out.iterdir() if entry.is_dir()]
-    return (out / RUN_FILE).is_file() and all(
-        name == CHECKPOINTS or name.startswith(STAGING) for name in folders
+    """A run folder and nothing else: ``run.json``, files of the kinds a run and its model hold, and no
+    folder inside but the checkpoints (and the model's staging copy), so that replacing it never takes a
+    project of the user's with it."""
+    return (out / RUN_FILE).is_file() and only_checkpoint_files(
+        out, lambda name: name == CHECKPOINTS or name.startswith(STAGING)
     )
 
 
