@@ -72,9 +72,25 @@ def test_healing_in_bfloat16_lowers_the_kl_and_keeps_float32_weights(pair):
     assert {p.dtype for p in original.parameters()} == {torch.float32}
 
 
-def test_a_stopped_heal_resumes_to_the_tensors_of_one_that_never_stopped(pair, tmp_path):
+def test_a_linear_schedule_falls_from_the_rate_to_zero(pair, monkeypatch):
     original, fused, tokenizer = pair
-    settings = HealSettings(heal_steps=60, heal_lr=3e-3, heal_batch_size=4)
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(optimizer, *args, **kwargs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    settings = HealSettings(heal_steps=4, heal_lr=2e-3, heal_schedule="linear")
+    done = heal(fused, original, tokenizer, TEXTS, settings)
+    assert seen == pytest.approx([2e-3, 1.5e-3, 1e-3, 0.5e-3]) and done["schedule"] == "linear"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_a_stopped_heal_resumes_to_the_tensors_of_one_that_never_stopped(pair, tmp_path, schedule):
+    original, fused, tokenizer = pair
+    settings = HealSettings(heal_steps=60, heal_lr=3e-3, heal_batch_size=4, heal_schedule=schedule)
     whole = copy.deepcopy(fused)
     heal(whole, original, tokenizer, TEXTS, settings)
 
@@ -170,7 +186,8 @@ def test_healing_refuses_an_encoder_and_a_model_without_tokenizer(tmp_path, cli,
 
 
 @pytest.mark.parametrize(
-    "option, value", [("--heal-steps", "-1"), ("--heal-lr", "0"), ("--heal-batch-size", "0")]
+    "option, value",
+    [("--heal-steps", "-1"), ("--heal-lr", "0"), ("--heal-batch-size", "0"), ("--heal-schedule", "cosine")],
 )
 def test_bad_healing_settings_are_refused_with_one_line(tmp_path, cli, option, value):
     code, _, err = cli("compress", "--heal-steps", "5", option, value, "--out", tmp_path / "out")

@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
         healed = recipe.get("heal")
         if healed:
             print(
-                f"healed: {healed['steps']} steps on {healed['texts']} {healed['source']} texts, lr {healed['lr']}, "
-                f"{healed['train']} weights, {healed.get('precision', 'float32')}, "
+                f"healed: {healed['steps']} steps on {healed['texts']} {healed['source']} texts, "
+                f"lr {healed['lr']} {healed.get('schedule', 'constant')}, {healed['train']} weights, {healed.get('precision', 'float32')}, "
                 f"KL {healed['kl_first']:.4f} -> {healed['kl_last']:.4f}"
             )
     print(

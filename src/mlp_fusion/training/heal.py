@@ -3,8 +3,8 @@ distributions, once, before any task (as Minitron and Sheared-LLaMA distil a pru
 
 The original is the frozen teacher; both models run in eval mode (no dropout), and the loss is the KL
 divergence from the teacher's next-token distribution to the student's over every real token, with AdamW at
-a constant rate. The texts need no data set: by default they are sampled from the original model (seeded),
-or they are the user's own. The fixed scales of a fused model are buffers and never change; which weights
+a constant rate or one that falls linearly to 0. The texts need no data set: by default they are sampled
+from the original model (seeded), or they are the user's own. The fixed scales of a fused model are buffers and never change; which weights
 train is a setting. Both models are held whole: healing costs the memory of two models plus the student's
 gradients and optimizer state.
 
@@ -36,6 +36,7 @@ from .distill import fused_tensors, next_token_kl
 from .precision import PRECISIONS, autocast, check_device_precision, check_precision
 
 TRAINED = ("all", "layers", "mlps")
+SCHEDULES = ("constant", "linear")  # the rate over the steps: fixed, or falling in a straight line to 0
 SAVE_EVERY = 25
 
 
@@ -59,7 +60,15 @@ class HealSettings:
             "help": "heal on the texts of this file (one a line, or a TSV/CSV/JSONL text column) instead"
         },
     )
-    heal_lr: float = field(default=2e-4, metadata={"help": "healing learning rate (AdamW, constant)"})
+    heal_lr: float = field(default=2e-4, metadata={"help": "healing learning rate (AdamW)"})
+    heal_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "the healing rate over the steps: 'constant', or 'linear' (from --heal-lr down to 0 at "
+            "the last step)",
+            "choices": SCHEDULES,
+        },
+    )
     heal_batch_size: int = field(default=8, metadata={"help": "texts per healing step"})
     heal_max_length: int = field(default=128, metadata={"help": "longest healing text in tokens"})
     heal_train: str = field(
@@ -89,6 +98,10 @@ class HealSettings:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
         if not self.heal_lr > 0:
             raise UserError(f"--heal-lr must be above 0, not {self.heal_lr}")
+        if self.heal_schedule not in SCHEDULES:
+            raise UserError(
+                f"unknown --heal-schedule {self.heal_schedule!r}: choose one of {', '.join(SCHEDULES)}"
+            )
         if self.heal_train not in TRAINED:
             raise UserError(f"unknown --heal-train {self.heal_train!r}: choose one of {', '.join(TRAINED)}")
         check_precision(self.heal_precision, "--heal-precision")
@@ -133,6 +146,8 @@ def heal(
     try:
         for step in range(first_step, settings.heal_steps):
             rows = _rows(step, len(texts), settings)
+            for group in optimizer.param_groups:  # a function of the step alone, so a resumed run matches
+                group["lr"] = rate(settings, step)
             inputs = {key: value[rows] for key, value in batch.items()}
             longest = int(inputs["attention_mask"].sum(1).max())
             inputs = {key: value[:, :longest] for key, value in inputs.items()}
@@ -162,6 +177,13 @@ def heal(
         "kl_last": kls[-1] if kls else None,
         "seconds": time.perf_counter() - start,
     }
+
+
+def rate(settings: HealSettings, step: int) -> float:
+    """The learning rate of the 0-based ``step``."""
+    if settings.heal_schedule == "linear":
+        return settings.heal_lr * (1 - step / settings.heal_steps)
+    return settings.heal_lr
 
 
 def trainable(model: nn.Module, which: str) -> list[nn.Parameter]:
