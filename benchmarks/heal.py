@@ -7,7 +7,9 @@ Two steps, as every study here (METHOD.md section 11):
   does at S1 (layers 20-29 at 0.5), healed by each candidate for CHOICE_STEPS steps on texts sampled from
   the original (sampling seed 0); the lowest perplexity over the original (geometric mean of the three
   domains) at the last step wins. That candidate then heals in bfloat16 (`--heal-precision`), which is
-  taken when it ends at most 1% above float32. Each run is saved as it finishes.
+  taken when it ends at most 1% above float32; then the chosen settings with a rate falling linearly to 0
+  at the last step (`--heal-schedule linear`), taken when it ends at least 1% lower. Each run is saved as
+  it finishes.
 - ``test``: each row compressed (the default recipe, calibrated pruning on the same sampled calibration
   texts, or the default with block reconstruction) at S1 or S2 (row ``size``: the default recipe at S1's
   or S2's parameter count, cut where `compress --size` plans it), healed with the chosen settings on texts sampled from the original (one sampling seed
@@ -79,6 +81,7 @@ CANDIDATES = {  # which weights heal, and the rate
 }
 CHOICE_STEPS = (50, 100)
 PRECISION_TOLERANCE = 1.01  # bfloat16 healing is taken when its ratio to the original is at most 1% higher
+SCHEDULE_GAIN = 0.99  # a linear schedule is taken when its ratio to the original is at least 1% lower
 # the choices heal on texts of the float32 sampler (the default before bfloat16); results on the default's
 CHOICE_SAMPLING, SAMPLING = None, recipes.Sampling.dtype
 STEPS = (100, 200, 300)
@@ -172,11 +175,14 @@ def ratio_to_original(run: dict, step: int) -> float:
 
 def choose() -> None:
     """Every candidate on validation texts (SmolLM2 at S1, sampling seed 0), then the best of them healing in
-    bfloat16; each saved as it finishes."""
+    bfloat16, then the chosen one with a linear schedule; each saved as it finishes."""
     for name, candidate in CANDIDATES.items():
         _choice_run(name, candidate)
     best = _best(_choice_runs())
     _choice_run(f"{best}, bfloat16", {**CANDIDATES[best], "heal_precision": "bfloat16"})
+    name, settings = _constant_choice(_choice_runs())
+    settings.pop("candidate")
+    _choice_run(f"{name}, linear", {**settings, "heal_schedule": "linear"})
     print(json.dumps(chosen(), indent=2))
 
 
@@ -202,19 +208,28 @@ def _best(runs: dict) -> str:
     return min(CANDIDATES, key=lambda name: ratio_to_original(runs[name], str(max(CHOICE_STEPS))))
 
 
+def _constant_choice(runs: dict) -> tuple[str, dict]:
+    """The best float32 candidate, in bfloat16 when that ends no more than PRECISION_TOLERANCE above float32
+    (it is the faster): its run's name and its settings."""
+    best, last = _best(runs), str(max(CHOICE_STEPS))
+    fast = f"{best}, bfloat16"
+    close = ratio_to_original(runs[fast], last) <= PRECISION_TOLERANCE * ratio_to_original(runs[best], last)
+    settings = {"candidate": best, **CANDIDATES[best], "heal_precision": "bfloat16" if close else "float32"}
+    return fast if close else best, settings
+
+
 def chosen() -> dict | None:
-    """The best candidate's settings, healing in bfloat16 when that ends no more than PRECISION_TOLERANCE
-    above float32 (it is the faster); None until every choice run has finished."""
+    """The settings chosen on validation: :func:`_constant_choice`, with the linear schedule when that ends
+    at least 1% lower (SCHEDULE_GAIN); None until every choice run has finished."""
     runs = _choice_runs()
-    if any(name not in runs for name in CANDIDATES):
+    if any(name not in runs for name in CANDIDATES) or f"{_best(runs)}, bfloat16" not in runs:
         return None
-    best = _best(runs)
-    fast = runs.get(f"{best}, bfloat16")
-    if fast is None:
+    name, settings = _constant_choice(runs)
+    linear, last = runs.get(f"{name}, linear"), str(max(CHOICE_STEPS))
+    if linear is None:
         return None
-    last = str(max(CHOICE_STEPS))
-    close = ratio_to_original(fast, last) <= PRECISION_TOLERANCE * ratio_to_original(runs[best], last)
-    return {"candidate": best, **CANDIDATES[best], "heal_precision": "bfloat16" if close else "float32"}
+    lower = ratio_to_original(linear, last) <= SCHEDULE_GAIN * ratio_to_original(runs[name], last)
+    return {**settings, "heal_schedule": "linear" if lower else "constant"}
 
 
 def test(models: list[str], settings: list[str], rows: list[str], seeds: list[int]) -> None:
@@ -229,7 +244,7 @@ def test(models: list[str], settings: list[str], rows: list[str], seeds: list[in
         for model_name in models:
             for setting in settings:
                 for row in rows:
-                    key = f"{model_name} | {row} | {setting} | seed {seed}"
+                    key = f"{model_name} | {_labelled(row, choice)} | {setting} | seed {seed}"
                     if key in results["runs"]:
                         continue
                     print(f"heal: {key}", file=sys.stderr, flush=True)
@@ -239,6 +254,13 @@ def test(models: list[str], settings: list[str], rows: list[str], seeds: list[in
                     results["runs"][key] = run
                     RESULTS.parent.mkdir(parents=True, exist_ok=True)
                     RESULTS.write_text(json.dumps(results) + "\n")
+
+
+def _labelled(row: str, healing: dict) -> str:
+    """The row's name, with the schedule when the rate was not constant (runs made before and after the
+    choice of a schedule are kept apart)."""
+    schedule = healing.get("heal_schedule", healing.get("schedule", "constant"))
+    return row if schedule == "constant" else f"{row}, {schedule}"
 
 
 def report() -> None:
@@ -264,12 +286,15 @@ def report() -> None:
         f"healing, geometric mean of the three domains), healed for {last} steps of 8 texts on "
         f"{TEXTS} texts sampled from the original (seed 0, float32 sampler), AdamW at a constant rate. Rule, "
         f"fixed before the runs: the lowest ratio at {last} steps among the float32 candidates; then that "
-        "candidate in bfloat16, taken when it ends at most 1% above. Seconds exclude the measurements; the "
+        "candidate in bfloat16, taken when it ends at most 1% above; then the chosen settings with the rate "
+        "falling linearly to 0 at the last step, taken when it ends at least 1% lower. Seconds exclude the measurements; the "
         "first candidate's ran while other work shared the CPU. One sampling seed, no interval: a choice, "
         "not a result."
     )
     if choice is not None:
-        intro += f" **Chosen: {choice['candidate']}, {choice['heal_precision']}.**"
+        intro += (
+            f" **Chosen: {choice['candidate']}, {choice['heal_precision']}, {choice['heal_schedule']} rate.**"
+        )
     print(publish("heal-choice-smollm2", intro, table, record, CHOICES))
     if RESULTS.is_file():
         print(report_test(json.loads(RESULTS.read_text())))
@@ -293,7 +318,9 @@ def report_test(results: dict) -> str:
     step, with the 95% paired-bootstrap interval over texts (seeds paired), and the healing seconds."""
     groups: dict[tuple, list[dict]] = {}
     for run in results["runs"].values():
-        groups.setdefault((run["model"], run["row"], run["setting"]), []).append(run)
+        groups.setdefault((run["model"], _labelled(run["row"], run["healing"]), run["setting"]), []).append(
+            run
+        )
     table = [
         "| model | row | setting | seeds | step | healing s | "
         + " | ".join(f"{d} x original (95% interval)" for d in DOMAINS)
@@ -314,7 +341,7 @@ def report_test(results: dict) -> str:
                 + " | ".join(cells)
                 + " |"
             )
-        if row in ("default", *SIZED):
+        if row.split(", ")[0] in ("default", *SIZED):
             worst = max(high for _, _, high in intervals[steps[-1]].values())
             met = "met" if worst <= GOALS[setting] and len(runs) >= 3 else "not met"
             verdicts.append(
@@ -377,8 +404,10 @@ def _versus_prune(groups: dict[tuple, list[dict]]) -> list[str]:
     spread over seeds (the larger sample std of either row's per-seed ratio to the original)."""
     lines = []
     for (model, row, setting), fused in groups.items():
-        pruned = groups.get((model, "prune", setting))
-        if row != "default" or pruned is None:
+        base, *schedule = row.split(", ")
+        pruned_row = ", ".join(["prune", *schedule])
+        pruned = groups.get((model, pruned_row, setting))
+        if base != "default" or pruned is None:
             continue
         seeds = sorted({run["seed"] for run in fused} & {run["seed"] for run in pruned})
         fused, pruned = ([r for s in seeds for r in runs if r["seed"] == s] for runs in (fused, pruned))
@@ -396,7 +425,7 @@ def _versus_prune(groups: dict[tuple, list[dict]]) -> list[str]:
                 f"{domain} {ratio:.3f} ({low:.3f}-{high:.3f}), lead {lead:.3f}x against spread {spread:.3f}x"
             )
         lines.append(
-            f"- {model} {setting}, default over prune after {step} steps ({len(seeds)} paired seeds): "
+            f"- {model} {setting}, {row} over {pruned_row} after {step} steps ({len(seeds)} paired seeds): "
             + "; ".join(cells)
             + f" ({'met' if met else 'not met'}{_seeds_short(seeds)})"
         )
