@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict
+from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +46,7 @@ from _held_out import (  # noqa: E402
     perplexity_of,
     ratio_interval,
 )
-from _report import ROOT, publish, run_header  # noqa: E402
+from _report import ROOT, machine, publish, run_header  # noqa: E402
 
 from mlp_fusion import compress, recipes  # noqa: E402
 from mlp_fusion.config import parse_layers  # noqa: E402
@@ -197,6 +198,7 @@ def _choice_run(name: str, candidate: dict) -> None:
     settings = HealSettings(heal_steps=max(CHOICE_STEPS), heal_seed=0, **HEALING, **candidate)
     run = curve("smollm2", "default", "S1", 0, settings, domains("validation"), CHOICE_STEPS, CHOICE_SAMPLING)
     run["curve"] = {str(step): point for step, point in run["curve"].items()}
+    run.update(date=date.today().isoformat(), cpu=machine()["cpu"])  # a later run may use another machine
     record = json.loads(CHOICES.read_text()) if CHOICES.is_file() else {**run_header(), "runs": {}}
     record["runs"][name] = run
     CHOICES.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +293,15 @@ def report() -> None:
         "first candidate's ran while other work shared the CPU. One sampling seed, no interval: a choice, "
         "not a result."
     )
+    elsewhere = [
+        f"{name} ({run['cpu']}, {run['date']})"
+        for name, run in runs.items()
+        if run.get("cpu", record["machine"]["cpu"]) != record["machine"]["cpu"]
+    ]
+    if elsewhere:
+        intro += (
+            f" Ran on another machine, so its seconds compare with no other row's: {'; '.join(elsewhere)}."
+        )
     if choice is not None:
         intro += (
             f" **Chosen: {choice['candidate']}, {choice['heal_precision']}, {choice['heal_schedule']} rate.**"
