@@ -56,3 +56,20 @@ def test_upcycle_command_writes_a_vanilla_moe_checkpoint(tmp_path, capsys):
     moe = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe")  # plain transformers loads it
     torch.testing.assert_close(outputs(moe, inputs()), outputs(dense, inputs()), rtol=1e-5, atol=1e-5)
     assert main(["upcycle", str(tmp_path / "dense"), "--out", str(tmp_path / "moe")]) == 2  # exists
+
+
+def test_upcycle_command_refuses_expert_counts_before_loading(tmp_path, capsys, monkeypatch):
+    from mlp_fusion import loading
+    from mlp_fusion.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    build("llama").save_pretrained(tmp_path / "dense")
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    for experts, top_k in (("0", "2"), ("2", "3"), ("4", "0")):
+        command = ["upcycle", str(tmp_path / "dense"), "--experts", experts, "--top-k", top_k]
+        assert main([*command, "--out", str(tmp_path / "moe")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and f"got {top_k} of {experts}" in error
+    assert not (tmp_path / "moe").exists()

@@ -17,6 +17,15 @@ from .errors import UserError, check_loaded
 UPCYCLABLE = ("llama", "mistral")  # SwiGLU MLPs, RMSNorm, bias-free attention: Mixtral's layer
 
 
+def check_counts(num_experts: int, top_k: int) -> None:
+    """Refuse expert counts no MoE has (the command checks them before it loads the model)."""
+    if not 1 <= top_k <= num_experts:
+        raise UserError(
+            "the experts per token (top_k, --top-k) must be at least 1 and at most the experts per layer "
+            f"(num_experts, --experts); got {top_k} of {num_experts}"
+        )
+
+
 def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2) -> nn.Module:
     """A ``MixtralForCausalLM`` with ``num_experts`` copies of each dense MLP and zero routers."""
     check_loaded(model)
@@ -25,8 +34,7 @@ def upcycle(model: nn.Module, num_experts: int = 4, top_k: int = 2) -> nn.Module
         raise UserError(
             f"upcycle takes a dense causal LM of the {', '.join(UPCYCLABLE)} families, not {type(model).__name__}"
         )
-    if not 1 <= top_k <= num_experts:
-        raise UserError(f"need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+    check_counts(num_experts, top_k)
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise UserError("the model is already fused; upcycle the dense model first, then fuse the experts")
     if getattr(config, "mlp_bias", False) or getattr(config, "hidden_act", "silu") != "silu":

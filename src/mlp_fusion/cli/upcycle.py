@@ -22,8 +22,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint_files import check_writable
     from ..loading import load_model, resolve
     from ..plain_export import save_plain
-    from ..upcycle import upcycle
+    from ..upcycle import check_counts, upcycle
 
+    check_counts(args.experts, args.top_k)
     check_writable(args.out, args.overwrite, source=resolve(args.model))
     loaded = load_model(args.model)
     moe = upcycle(loaded.model, num_experts=args.experts, top_k=args.top_k)
