@@ -6,10 +6,11 @@ import pytest
 import torch
 from tiny_models import build, inputs, save_tokenizer, write_data_to_text_task
 
-from mlp_fusion import FusionConfig, export, from_pretrained, fuse, save_pretrained
+from mlp_fusion import FusionConfig, evaluate, export, from_pretrained, fuse, save_pretrained
 from mlp_fusion.cli import main
 from mlp_fusion.training.data2text import read_text2text
 from mlp_fusion.training.generation import PadCollator, PairDataset, generate
+from mlp_fusion.training.tasks import TaskOptions
 
 TASK = ["--task", "text2text", "--source-column", "mr", "--target-column", "text"]
 FAST = [
@@ -106,6 +107,12 @@ def test_fused_decoder_fine_tunes_and_generates_the_same_after_loading(capsys, t
     assert code == 0 and json.loads(stdout)["metrics"] == pytest.approx(result["metrics"])
     kept = [json.loads(line) for line in (tmp_path / "new" / "outputs.jsonl").read_text().splitlines()]
     assert [r["output"] for r in kept] == [r["output"] for r in records]
+    options = TaskOptions(
+        data=task_dir, source_column="mr", target_column="text", max_new_tokens=6, max_length=32
+    )
+    library = evaluate(out, "text2text", options=options, predictions=tmp_path / "library.jsonl")
+    assert library["metrics"] == pytest.approx(result["metrics"])  # the library verb is the command's
+    assert (tmp_path / "library.jsonl").read_text() == (tmp_path / "new" / "outputs.jsonl").read_text()
 
 
 @pytest.mark.parametrize(

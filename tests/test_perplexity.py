@@ -57,6 +57,33 @@ def test_perplexity_command_on_plain_and_fused_models(cli, lm_dir, tmp_path):
     fused = json.loads(stdout)
     assert code == 0 and fused["texts"] == 2
     assert fused["perplexity"] == pytest.approx(hand_computed(model, tokenizer, TEXTS[:2])[0], rel=1e-6)
+    import mlp_fusion  # the library verb: a file or a list of texts, as the command scores them
+
+    assert mlp_fusion.perplexity(tmp_path / "fused", data, max_samples=2) == fused
+    listed = mlp_fusion.perplexity(str(tmp_path / "fused"), TEXTS[:2])
+    assert listed["data"] is None and listed["perplexity"] == fused["perplexity"]
+
+
+@pytest.mark.parametrize(
+    "texts, options, message",
+    [
+        ("one text", {}, "cannot read text file"),
+        ([], {}, "non-empty list of strings"),
+        ([1, 2], {}, "non-empty list of strings"),
+        (TEXTS, {"batch_size": 0}, "--batch-size must be at least 1"),
+        (TEXTS, {"load": {"dtype": "float32"}}, "LoadSettings, got"),
+    ],
+    ids=["string-not-a-file", "no-texts", "not-strings", "batch-size", "load-as-dict"],
+)
+def test_the_perplexity_verb_refuses_what_it_cannot_score_before_loading(
+    lm_dir, monkeypatch, texts, options, message
+):
+    import mlp_fusion
+    from mlp_fusion import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded before the refusal"))
+    with pytest.raises(mlp_fusion.UserError, match=message):
+        mlp_fusion.perplexity(lm_dir, texts, **options)
 
 
 def test_perplexity_refuses_bad_input(cli, lm_dir, model_dir, tmp_path):

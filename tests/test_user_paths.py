@@ -341,6 +341,14 @@ def test_what_compress_cannot_do_is_refused_before_any_sampling(
             lambda m, out: m.finetune(out.parent / "base", "sst2", out, options={"data": "x"}),
             "TaskOptions, got",
         ),
+        (
+            lambda m, out: m.evaluate(out.parent / "fused", "sst2", load={"dtype": "float32"}),
+            "LoadSettings, got",
+        ),
+        (
+            lambda m, out: m.evaluate(out.parent / "fused", "sst2", predictions=out / "outputs.jsonl"),
+            "sst2 generates none",
+        ),
     ],
     ids=[
         "misspelt-field",
@@ -352,6 +360,8 @@ def test_what_compress_cannot_do_is_refused_before_any_sampling(
         "config-as-dict",
         "heal-as-dict",
         "finetune-options-as-dict",
+        "evaluate-load-as-dict",
+        "evaluate-predictions-of-a-classifier",
     ],
 )
 def test_the_python_verbs_refuse_what_they_cannot_use(fused_llama, call, message):

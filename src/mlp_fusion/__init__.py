@@ -20,10 +20,18 @@ def __getattr__(name: str):
         from .training import distill
 
         return distill
+    if name == "evaluate":
+        from .training.evaluate_run import evaluate
+
+        return evaluate
     if name == "finetune":
         from .training.finetune_run import finetune
 
         return finetune
+    if name == "perplexity":
+        from .diagnostics.perplexity_run import perplexity
+
+        return perplexity
     if name in ("add_lora", "load_lora", "merge_lora"):
         from .training import lora
 
@@ -42,6 +50,7 @@ __all__ = [
     "add_lora",
     "compress",
     "distill",
+    "evaluate",
     "export",
     "find_sites",
     "finetune",
@@ -50,6 +59,7 @@ __all__ = [
     "k_means",
     "load_lora",
     "merge_lora",
+    "perplexity",
     "save_pretrained",
     "upcycle",
 ]

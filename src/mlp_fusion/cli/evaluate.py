@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import UserError
 from .common import add_load_options, load_settings
 from .jobs import task_arguments, task_options
 
@@ -25,18 +24,15 @@ def add_parser(commands) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from ..training.jobs import check_task, score_task
-    from ..training.run_dir import write_jsonl
+    from ..training.evaluate_run import evaluate
 
-    settings = load_settings(args)  # checked before the data is read
-    options = task_options(args)
-    generation = check_task(args.task, options)
-    if args.predictions is not None:
-        _check_predictions(args.predictions, args.task, generation)
-    result, records = score_task(args.model, args.task, options, settings)
-    if args.predictions is not None and records:
-        args.predictions.parent.mkdir(parents=True, exist_ok=True)
-        write_jsonl(args.predictions, records)
+    result = evaluate(
+        args.model,
+        args.task,
+        options=task_options(args),
+        load=load_settings(args),
+        predictions=args.predictions,
+    )
     if args.json:
         print(json.dumps(result))
     else:
@@ -45,14 +41,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"{result['model']} on {result['task']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         )
     return 0
-
-
-def _check_predictions(path: Path, task: str, generation: bool) -> None:
-    """Refuse, before any scoring, a ``--predictions`` file that could not be written or would replace one."""
-    from ..checkpoint_files import check_parents
-
-    if not generation:
-        raise UserError(f"--predictions keeps generated outputs, and {task} generates none; leave it out")
-    check_parents(path)
-    if path.exists():
-        raise UserError(f"{path} already exists; choose another --predictions file")

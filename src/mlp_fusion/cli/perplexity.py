@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import UserError
 from .common import add_load_options, load_settings, log
 
 
@@ -38,31 +37,14 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batches import read_probe_texts
-    from ..diagnostics.perplexity import has_lm_head, perplexity
-    from ..loading import load_model
+    from ..diagnostics.perplexity_run import perplexity
 
-    for name in ("max_samples", "max_length", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    texts = read_probe_texts(args.data, args.max_samples, what="text file")
-    settings = load_settings(args)
-    log(f"loading {args.model}")
-    loaded = load_model(args.model, settings)
-    if loaded.tokenizer is None:
-        raise UserError(f"{loaded.source} has no tokenizer files; perplexity needs the model's tokenizer")
-    if not has_lm_head(loaded.model):
-        raise UserError(f"{loaded.source} is not a causal language model: perplexity needs one")
-    log(f"scoring {len(texts)} texts")
-    result = perplexity(loaded.model, loaded.tokenizer, texts, args.max_length, args.batch_size)
-    if result["max_length"] < args.max_length:
-        log(f"texts cut to {result['max_length']} tokens, the model's position limit")
-    result = {"model": loaded.source, "data": str(args.data), **result}
+    options = {name: getattr(args, name) for name in ("max_samples", "max_length", "batch_size")}
+    result = perplexity(args.model, args.data, **options, load=load_settings(args), progress=log)
     if args.json:
         print(json.dumps(result))
     else:
         print(
-            f"{loaded.source}: perplexity {result['perplexity']:.3f} over {result['tokens']:,} predicted tokens"
+            f"{result['model']}: perplexity {result['perplexity']:.3f} over {result['tokens']:,} predicted tokens"
         )
     return 0
