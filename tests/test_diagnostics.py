@@ -116,6 +116,24 @@ def test_ntk_command_json_and_plot(capsys, model_dir, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_ntk_verb_is_the_command(capsys, model_dir):
+    import mlp_fusion
+
+    options = ["--methods", "fusion,prune", "--ratios", "0.5", "--probes", "4", "--kernels", "adam"]
+    assert main(["ntk", str(model_dir), *options, "--n-init", "2", "--json"]) == 0
+    command = json.loads(capsys.readouterr().out)
+    settings = mlp_fusion.NtkSettings(methods=["fusion", "prune"], ratios=[0.5], probes=4, kernels=("adam",))
+    library = mlp_fusion.ntk(str(model_dir), settings, n_init=2)
+    drop = ("seconds",)  # the rest must be equal
+    assert [{k: v for k, v in r.items() if k not in drop} for r in library["rows"]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in command["rows"]
+    ]
+    with pytest.raises(mlp_fusion.UserError, match="set by ntk itself"):
+        mlp_fusion.ntk(str(model_dir), settings, ratio=0.5)
+    with pytest.raises(mlp_fusion.UserError, match="NtkSettings, got dict"):
+        mlp_fusion.ntk(str(model_dir), {"probes": 4})
+
+
 def test_ntk_reads_a_tsv_probe_file(capsys, model_dir, tmp_path):
     probe_file = tmp_path / "probes.tsv"
     probe_file.write_text("sentence\tlabel\na fine film \t1\nnot good \t0\n")

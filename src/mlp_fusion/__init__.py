@@ -1,5 +1,7 @@
 """mlp-fusion: fuse the MLP blocks of pre-trained transformers (MLP Fusion, ICML 2023) for cheaper fine-tuning."""
 
+import importlib
+
 from .compression import Compressed, compress
 from .config import FusionConfig
 from .errors import UserError
@@ -13,30 +15,24 @@ from .records import FusionReport
 from .upcycle import upcycle
 from .version import __version__
 
+# verbs of the training and diagnostics stacks, which importing the core must not pull in: name -> module
+_LAZY = {
+    "distill": ".training",
+    "evaluate": ".training.evaluate_run",
+    "finetune": ".training.finetune_run",
+    "add_lora": ".training.lora",
+    "load_lora": ".training.lora",
+    "merge_lora": ".training.lora",
+    "ntk": ".diagnostics.ntk_run",
+    "NtkSettings": ".diagnostics.ntk_run",
+    "perplexity": ".diagnostics.perplexity_run",
+}
+
 
 def __getattr__(name: str):
-    # these live in the training stack, which importing the core must not pull in
-    if name == "distill":
-        from .training import distill
-
-        return distill
-    if name == "evaluate":
-        from .training.evaluate_run import evaluate
-
-        return evaluate
-    if name == "finetune":
-        from .training.finetune_run import finetune
-
-        return finetune
-    if name == "perplexity":
-        from .diagnostics.perplexity_run import perplexity
-
-        return perplexity
-    if name in ("add_lora", "load_lora", "merge_lora"):
-        from .training import lora
-
-        return getattr(lora, name)
-    raise AttributeError(f"module 'mlp_fusion' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mlp_fusion' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
 
 
 __all__ = [
@@ -46,6 +42,7 @@ __all__ = [
     "FusionConfig",
     "FusionReport",
     "KMeans",
+    "NtkSettings",
     "UserError",
     "add_lora",
     "compress",
@@ -59,6 +56,7 @@ __all__ = [
     "k_means",
     "load_lora",
     "merge_lora",
+    "ntk",
     "perplexity",
     "save_pretrained",
     "upcycle",
