@@ -223,6 +223,9 @@ def test_info_shows_what_a_fused_checkpoint_holds(capsys, model_dir, tmp_path):
     (site,) = info["sites"]
     assert (site["layer"], site["width_before"], site["width"], site["method"]) == (1, 24, 12, "fusion")
     assert site["settings"]["ratio"] == 0.5 and site["settings"]["canonical"] is True
+    import mlp_fusion
+
+    assert mlp_fusion.info(out) == info  # the library verb is what the command prints
     code, stdout, _ = run(capsys, "info", out)
     assert code == 0 and "24 -> 12" in stdout and "canonical=True" in stdout
     code, _, stderr = run(capsys, "info", model_dir)

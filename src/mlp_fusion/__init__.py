@@ -10,7 +10,7 @@ from .families import find_sites
 from .fuse import fuse
 from .kmeans import KMeans, k_means
 from .methods import METHODS
-from .persistence import from_pretrained, save_pretrained
+from .persistence import from_pretrained, info, save_pretrained
 from .records import FusionReport
 from .upcycle import upcycle
 from .version import __version__
@@ -53,6 +53,7 @@ __all__ = [
     "finetune",
     "from_pretrained",
     "fuse",
+    "info",
     "k_means",
     "load_lora",
     "merge_lora",

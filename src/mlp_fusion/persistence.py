@@ -8,6 +8,7 @@ are :mod:`mlp_fusion.checkpoint_files`; export to a plain checkpoint is :mod:`ml
 from __future__ import annotations
 
 import json
+import math
 import types
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -244,6 +245,20 @@ def read_fusion_file(directory: Path) -> dict:
             f"{path} has format version {version}; this mlp-fusion reads up to {FORMAT_VERSION}: upgrade it"
         )
     return fusion
+
+
+def info(directory: str | Path) -> dict:
+    """What a fused checkpoint holds, read from its files without building the model: its ``fusion.json``
+    (architecture, source, recipe and healing, one entry a fused site) and ``parameters``, the numbers
+    stored in its weights files (weights and scales), counted from their headers."""
+    directory = Path(directory)
+    fusion = read_fusion_file(directory)
+    total = 0
+    for path in weight_files(directory):
+        with open_stored(path) as stored:
+            for name in stored.keys():
+                total += math.prod(stored.get_slice(name).get_shape())
+    return {**fusion, "parameters": total}
 
 
 def _valid_site(site: object) -> bool:

@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import UserError
-
 SETTINGS_SHOWN = ("keep_fraction", "canonical", "weighting", "refit", "ridge", "budget", "n_init")
 STEPS_SHOWN = ("reconstruct_steps", "block_steps")  # shown only when used
 
@@ -24,11 +22,9 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint_files import weight_files
-    from ..persistence import read_fusion_file
+    from ..persistence import info
 
-    fusion = read_fusion_file(args.fused)
-    fusion["parameters"] = sum(_stored_numbers(path) for path in weight_files(args.fused))
+    fusion = info(args.fused)
     if args.json:
         print(json.dumps(fusion))
         return 0
@@ -66,21 +62,3 @@ def run(args: argparse.Namespace) -> int:
     if not fusion["sites"]:
         print("no fused MLP (a full model saved in the fused format)")
     return 0
-
-
-def _stored_numbers(path: Path) -> int:
-    """Elements of every tensor in a safetensors file, from its header alone."""
-    try:
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(size))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {path}: {type(error).__name__}; save the model again") from None
-    total = 0
-    for name, entry in header.items():
-        if name != "__metadata__":
-            count = 1
-            for dimension in entry["shape"]:
-                count *= dimension
-            total += count
-    return total
