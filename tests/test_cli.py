@@ -232,6 +232,16 @@ def test_info_shows_what_a_fused_checkpoint_holds(capsys, model_dir, tmp_path):
     assert code == 2 and "not a fused checkpoint" in stderr
 
 
+def test_a_reader_that_stops_early_gets_no_traceback():
+    code = "import sys; from mlp_fusion.cli import main; sys.exit(main())"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    process.stdout.close()  # as `| head` does, before anything is printed
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == ""
+
+
 def test_importing_the_core_leaves_training_and_diagnostics_out():
     code = (
         "import sys, mlp_fusion; "

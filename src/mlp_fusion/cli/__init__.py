@@ -7,6 +7,7 @@ Every bad input ends in one line on stderr and exit status 2, before any file is
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import UserError
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; {getattr(args, 'on_interrupt', 'nothing was saved')}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader stopped early (`| head`): what was asked is done, so stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141  # as a process ended by SIGPIPE
 
 
 def run_methods(args: argparse.Namespace) -> int:
