@@ -50,8 +50,9 @@ def check_gguf_model(model: nn.Module, tokenizer, gguf_type: str, target: Path, 
     config = model.config
     if config.model_type != "llama":
         raise UserError(
-            f"cannot export {config.model_type} to GGUF: llama.cpp builds its MLP with one width for every layer "
-            "(only Llama-family decoders have a per-layer-width block there); use the plain format"
+            f"cannot export {config.model_type} to GGUF: only Llama-family decoders are written, as llama.cpp's "
+            "deci block, which gives each layer its own MLP width (llama.cpp's other blocks build the MLP with "
+            "one width for every layer); use the plain format"
         )
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
