@@ -84,7 +84,7 @@ def ntk(
     seconds). ``fusion_fields``: the FusionConfig fields of FUSION_OPTIONS, for every method;
     ``calibration_texts`` make every fusion calibration-aware; ``plot``: a PNG of error against ratio.
     Every argument is checked before the model is loaded."""
-    from ..batches import PROBE_SENTENCES, probe_batch, read_probe_texts
+    from ..batches import probe_batch
     from ..calibration import first_calibration_batch
     from ..loading import load_model
     from .compare import compare_methods
@@ -94,14 +94,7 @@ def ntk(
     if load is not None:
         check_instance(load, LoadSettings, "load")
     options = _fusion_options(settings, fusion_fields)
-    texts, count = None, BUILT_IN_PROBES if settings.probes is None else settings.probes
-    if settings.probe_file is not None:
-        texts = read_probe_texts(settings.probe_file, settings.max_probes)
-        count = len(texts)
-    elif not 1 <= count <= len(PROBE_SENTENCES):
-        raise UserError(
-            f"--probes must be between 1 and {len(PROBE_SENTENCES)}; use --probe-file for more inputs"
-        )
+    texts, count = _probes(settings)
     plot = None if plot is None else Path(plot)
     if plot is not None and plot.suffix.lower() != ".png":
         raise UserError(f"--plot writes a PNG: give a file name ending in .png, not {plot.name}")
@@ -130,6 +123,21 @@ def ntk(
             result["rows"], settings.kernels, plot, title=f"{model}, layers {settings.layers}, {count} probes"
         )
     return result
+
+
+def _probes(settings: NtkSettings) -> tuple[list[str] | None, int]:
+    """The probe texts (None: the built-in sentences) and how many are used."""
+    from ..batches import PROBE_SENTENCES, read_probe_texts
+
+    if settings.probe_file is not None:
+        texts = read_probe_texts(settings.probe_file, settings.max_probes)
+        return texts, len(texts)
+    count = BUILT_IN_PROBES if settings.probes is None else settings.probes
+    if not 1 <= count <= len(PROBE_SENTENCES):
+        raise UserError(
+            f"--probes must be between 1 and {len(PROBE_SENTENCES)}; use --probe-file for more inputs"
+        )
+    return None, count
 
 
 def _fusion_options(settings: NtkSettings, fusion_fields: dict) -> dict:
