@@ -156,14 +156,48 @@ def compressed(row: Row, seed: int) -> tuple[str, list[str] | None]:
     and the compress command, for the record."""
     if row.compress is None:
         return MODEL, None
-    layers, ratio = SETTINGS[row.setting]
-    heal_seed = ["--heal-seed", str(seed)] if "--heal-steps" in row.compress else []
-    options = ["--layers", layers, "--ratio", ratio, *row.compress, "--seed", str(seed), *heal_seed]
-    out = WORK / "models" / "_".join(part.strip("-").replace("/", "") for part in options)
+    out, options = model_folder(row, seed)
     command = ["compress", MODEL, *options, "--out", str(out)]
     if not (ROOT / out / "fusion.json").is_file():
         run_cli(command, f"compress {shlex.join(options)}")
+    check_same_recipe(ROOT / out, ROOT / model_folder(row, 0)[0])
     return str(out), command
+
+
+def model_folder(row: Row, seed: int) -> tuple[Path, list[str]]:
+    """Where the row's compressed model of ``seed`` is kept (relative to ROOT), and its compress options."""
+    layers, ratio = SETTINGS[row.setting]
+    heal_seed = ["--heal-seed", str(seed)] if "--heal-steps" in row.compress else []
+    options = ["--layers", layers, "--ratio", ratio, *row.compress, "--seed", str(seed), *heal_seed]
+    return WORK / "models" / "_".join(part.strip("-").replace("/", "") for part in options), options
+
+
+SEED_DEPENDENT = {"seed", "kl_first", "kl_last", "seconds"}  # what may differ between a row's seeds
+
+
+def check_same_recipe(made: Path, first: Path) -> None:
+    """Stop when a row's model for one seed was made with other settings than its first seed's: compress's
+    defaults changed between them, and the row would mix two recipes. Settings recorded on one side only
+    (added to the record later) are not compared."""
+    if made == first or not (first / "fusion.json").is_file():
+        return
+
+    def settings(folder: Path) -> dict:
+        record = json.loads((folder / "fusion.json").read_text())
+        return {"recipe": record.get("recipe"), "sites": [site.get("settings") for site in record["sites"]]}
+
+    differences = _differences(settings(made), settings(first))
+    if differences:
+        raise SystemExit(f"{made} was made with other settings than {first}: {'; '.join(differences)}")
+
+
+def _differences(made: object, first: object, where: str = "") -> list[str]:
+    if isinstance(made, dict) and isinstance(first, dict):
+        shared = sorted(set(made) & set(first) - SEED_DEPENDENT)
+        return [d for key in shared for d in _differences(made[key], first[key], f"{where}.{key}")]
+    if isinstance(made, list) and isinstance(first, list) and len(made) == len(first):
+        return [d for i, pair in enumerate(zip(made, first)) for d in _differences(*pair, f"{where}[{i}]")]
+    return [] if made == first else [f"{where.lstrip('.')} {made!r} against {first!r}"]
 
 
 def run_folder(row: Row, rate: str, seed: int, split: str) -> Path:
