@@ -71,9 +71,10 @@ def test_perplexity_command_on_plain_and_fused_models(cli, lm_dir, tmp_path):
         ([], {}, "non-empty list of strings"),
         ([1, 2], {}, "non-empty list of strings"),
         (TEXTS, {"batch_size": 0}, "--batch-size must be at least 1"),
+        (TEXTS, {"max_length": None}, "--max-length must be at least 1"),
         (TEXTS, {"load": {"dtype": "float32"}}, "LoadSettings, got"),
     ],
-    ids=["string-not-a-file", "no-texts", "not-strings", "batch-size", "load-as-dict"],
+    ids=["string-not-a-file", "no-texts", "not-strings", "batch-size", "no-max-length", "load-as-dict"],
 )
 def test_the_perplexity_verb_refuses_what_it_cannot_score_before_loading(
     lm_dir, monkeypatch, texts, options, message

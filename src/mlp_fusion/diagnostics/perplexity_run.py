@@ -32,7 +32,7 @@ def perplexity(
 
     say = progress or (lambda message: None)
     for name, value in (("max_samples", max_samples), ("max_length", max_length), ("batch_size", batch_size)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if (value is not None or name != "max_samples") and (not isinstance(value, int) or value < 1):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if load is not None:
         check_instance(load, LoadSettings, "load")
