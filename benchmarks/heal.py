@@ -246,7 +246,9 @@ def test(models: list[str], settings: list[str], rows: list[str], seeds: list[in
         for model_name in models:
             for setting in settings:
                 for row in rows:
-                    key = f"{model_name} | {_labelled(row, choice)} | {setting} | seed {seed}"
+                    key = (
+                        f"{model_name} | {_labelled(row, choice['heal_schedule'])} | {setting} | seed {seed}"
+                    )
                     if key in results["runs"]:
                         continue
                     print(f"heal: {key}", file=sys.stderr, flush=True)
@@ -258,10 +260,9 @@ def test(models: list[str], settings: list[str], rows: list[str], seeds: list[in
                     RESULTS.write_text(json.dumps(results) + "\n")
 
 
-def _labelled(row: str, healing: dict) -> str:
+def _labelled(row: str, schedule: str) -> str:
     """The row's name, with the schedule when the rate was not constant (runs made before and after the
     choice of a schedule are kept apart)."""
-    schedule = healing.get("heal_schedule", healing.get("schedule", "constant"))
     return row if schedule == "constant" else f"{row}, {schedule}"
 
 
@@ -329,9 +330,10 @@ def report_test(results: dict) -> str:
     step, with the 95% paired-bootstrap interval over texts (seeds paired), and the healing seconds."""
     groups: dict[tuple, list[dict]] = {}
     for run in results["runs"].values():
-        groups.setdefault((run["model"], _labelled(run["row"], run["healing"]), run["setting"]), []).append(
-            run
-        )
+        groups.setdefault(
+            (run["model"], _labelled(run["row"], run["healing"].get("schedule", "constant")), run["setting"]),
+            [],
+        ).append(run)
     table = [
         "| model | row | setting | seeds | step | healing s | "
         + " | ".join(f"{d} x original (95% interval)" for d in DOMAINS)

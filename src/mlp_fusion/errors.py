@@ -19,6 +19,13 @@ def check_loaded(model: object) -> None:
         raise UserError(f"model must be a loaded torch module, got {type(model).__name__}: load it first")
 
 
+def check_given(*arguments: tuple[object, type, str]) -> None:
+    """:func:`check_instance` of each ``(value, kind, name)`` whose value is given (not None)."""
+    for value, kind, name in arguments:
+        if value is not None:
+            check_instance(value, kind, name)
+
+
 def check_instance(value: object, kind: type, name: str) -> None:
     """Refuse a ``value`` for the argument ``name`` that is not a ``kind`` (a dict for a settings
     dataclass, say) in one line, instead of an AttributeError deep inside."""

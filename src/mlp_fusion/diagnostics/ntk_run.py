@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import FusionConfig, check_field_names, parse_layers
-from ..errors import UserError, check_instance
+from ..errors import UserError, check_given
 from ..loading import DEFAULT_MODEL, LoadSettings
 from .kernels import KERNELS
 
@@ -90,9 +90,7 @@ def ntk(
     from .compare import compare_methods
 
     settings = settings or NtkSettings()
-    check_instance(settings, NtkSettings, "settings")
-    if load is not None:
-        check_instance(load, LoadSettings, "load")
+    check_given((settings, NtkSettings, "settings"), (load, LoadSettings, "load"))
     options = _fusion_options(settings, fusion_fields)
     texts, count = _probes(settings)
     plot = None if plot is None else Path(plot)

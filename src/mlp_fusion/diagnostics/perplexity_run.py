@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import UserError, check_instance
+from ..errors import UserError, check_given
 from ..loading import LoadSettings
 from .perplexity import has_lm_head
 from .perplexity import perplexity as perplexity_of
@@ -34,8 +34,7 @@ def perplexity(
     for name, value in (("max_samples", max_samples), ("max_length", max_length), ("batch_size", batch_size)):
         if (value is not None or name != "max_samples") and (not isinstance(value, int) or value < 1):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if load is not None:
-        check_instance(load, LoadSettings, "load")
+    check_given((load, LoadSettings, "load"))
     data = Path(texts) if isinstance(texts, (str, Path)) else None
     texts = read_probe_texts(data, max_samples, what="text file") if data else _given(texts, max_samples)
     say(f"loading {model}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoint_files import check_parents
-from ..errors import UserError, check_instance
+from ..errors import UserError, check_given
 from ..loading import LoadSettings
 from .jobs import check_task, score_task
 from .run_dir import write_jsonl
@@ -27,9 +27,7 @@ def evaluate(
     ``predictions`` (generation tasks): a new JSONL file for one record per input, its output and
     references. Every argument is checked before the model is loaded; an existing file is never replaced.
     """
-    for value, kind, name in ((options, TaskOptions, "options"), (load, LoadSettings, "load")):
-        if value is not None:
-            check_instance(value, kind, name)
+    check_given((options, TaskOptions, "options"), (load, LoadSettings, "load"))
     options = options or TaskOptions()
     generation = check_task(task, options)
     if predictions is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..compression import check_choices
 from ..config import CALIBRATION_FIELDS, FusionConfig, check_field_names
-from ..errors import UserError, check_instance
+from ..errors import UserError, check_given
 from ..loading import DEFAULT_MODEL, LoadSettings
 from .finetune import TrainSettings
 from .lora import LoraSettings
@@ -89,13 +89,9 @@ def finetune(
     None on a process other than the main one under ``sharded`` training.
     """
     say = progress or (lambda message: None)
-    for value, kind, name in (
-        (options, TaskOptions, "options"),
-        (train, TrainSettings, "train"),
-        (lora, LoraSettings, "lora"),
-    ):
-        if value is not None:
-            check_instance(value, kind, name)
+    check_given(
+        (options, TaskOptions, "options"), (train, TrainSettings, "train"), (lora, LoraSettings, "lora")
+    )
     plan = _check(
         str(model), task, out, options or TaskOptions(), train or TrainSettings(), method, recipe, calibrate,
         calibration_samples, distill_epochs, lora, device, sharded, resume, fusion_fields,
