@@ -229,7 +229,10 @@ def test_info_shows_what_a_fused_checkpoint_holds(capsys, model_dir, tmp_path):
     code, stdout, _ = run(capsys, "info", out)
     assert code == 0 and "24 -> 12" in stdout and "canonical=True" in stdout
     code, _, stderr = run(capsys, "info", model_dir)
-    assert code == 2 and "not a fused checkpoint" in stderr
+    assert code == 2 and "not a fused checkpoint" in stderr and "load it with transformers" in stderr
+    (tmp_path / "data").mkdir()
+    code, _, stderr = run(capsys, "info", tmp_path / "data")
+    assert code == 2 and "holds no model" in stderr and "save the model again" not in stderr
 
 
 def test_a_reader_that_stops_early_gets_no_traceback():

@@ -226,7 +226,7 @@ def read_fusion_file(directory: Path) -> dict:
         hint = (
             "it looks like a plain checkpoint: load it with transformers"
             if (directory / "config.json").is_file()
-            else "save the model again"
+            else "it holds no model: give the folder that compress or save_pretrained wrote"
         )
         raise UserError(f"{path} is missing, so {directory} is not a fused checkpoint; {hint}")
     try:
