@@ -17,6 +17,7 @@ from mlp_fusion.diagnostics.perplexity import text_losses
 
 DATA = ROOT.parent / "shared" / "data"
 TEXTS = 200
+MIN_WORDS = 8  # SST-2 training sentences shorter than this are phrases, not texts
 
 
 def domains(split: str) -> dict[str, list[str]]:
@@ -31,6 +32,29 @@ def domains(split: str) -> dict[str, list[str]]:
         "e2e": _draw(references),
         "sst2": _draw([line.split("\t")[1 if test else 0] for line in sst2]),
     }
+
+
+def training_texts(count: int, seed: int) -> list[str]:
+    """``count`` texts of the three domains that no split above holds, a third from each, drawn at random with
+    ``seed``: WebNLG 2017 training references, E2E dev references (its training file is not in
+    ../shared/data) and SST-2 training sentences of at least MIN_WORDS words (its training file also holds
+    short phrases). What a user heals on with their own text (`--heal-data`); no test text is among them."""
+    test = {text for group in domains("test").values() for text in group}
+    webnlg = (DATA / "webnlg2017" / "enriched_v1.6_flat" / "train.jsonl").read_text().splitlines()
+    with (DATA / "e2e" / "devset.csv").open() as handle:
+        e2e = [row["ref"] for row in csv.DictReader(handle)]
+    sst2 = [line.split("\t")[0] for line in (DATA / "sst2" / "train.tsv").read_text().splitlines()[1:]]
+    pools = [
+        [lex["text"] for line in webnlg for lex in json.loads(line)["lex"]],
+        e2e,
+        [text for text in sst2 if len(text.split()) >= MIN_WORDS],
+    ]
+    draw, texts = random.Random(seed), []
+    for share, pool in zip((count - 2 * (count // 3), count // 3, count // 3), pools, strict=True):
+        distinct = [text for text in dict.fromkeys(pool) if text.strip() and text not in test]
+        texts += draw.sample(distinct, share)
+    draw.shuffle(texts)
+    return texts
 
 
 def _draw(texts: list[str]) -> list[str]:

@@ -13,7 +13,8 @@ Two steps, as every study here (METHOD.md section 11):
 - ``test``: each row compressed (the default recipe, calibrated pruning on the same sampled calibration
   texts, or the default with block reconstruction) at S1 or S2 (row ``size``: the default recipe at S1's
   or S2's parameter count, cut where `compress --size` plans it), healed with the chosen settings on texts sampled from the original (one sampling seed
-  per run), perplexity measured at 0 and after each of STEPS on the test texts of the same three domains
+  per run; row ``own-text``: the default's model healed on texts of the domains' other files, as a user
+  with text of their own would), perplexity measured at 0 and after each of STEPS on the test texts of the same three domains
   (never healed on, no choice made on them), every text's loss kept so that comparisons get paired
   intervals. Refused until ``choose`` has run.
 
@@ -40,11 +41,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _held_out import (  # noqa: E402
     DATA,
+    MIN_WORDS,
     domains,
     measure_losses,
     over_original,
     perplexity_of,
     ratio_interval,
+    training_texts,
 )
 from _report import ROOT, machine, publish, run_header  # noqa: E402
 
@@ -67,7 +70,11 @@ SETTINGS = {
 }
 # compress options beyond the shape; "block": the default with block reconstruction at the step count
 # `benchmarks/block_fit.py` chose
-ROWS = {"default": {}, "prune": {"method": "prune"}, "size": {}, "block": {"block_steps": 300}}
+ROWS = {
+    "default": {}, "prune": {"method": "prune"}, "size": {}, "block": {"block_steps": 300}, "own-text": {},
+}  # fmt: skip
+MADE_AS = {"own-text": "default"}  # rows that heal another row's compressed model
+OWN_TEXT = {"own-text"}  # rows healed on the domains' own training texts (`--heal-data`), not sampled ones
 # rows cut to the setting's parameter count by the plan `compress --size` picks, not to its layers and ratio
 SIZED = {"size"}
 DOMAINS = ("webnlg", "e2e", "sst2")
@@ -110,6 +117,7 @@ def healing_texts(model_name: str, seed: int, original, dtype: str | None) -> tu
 def compressed(model_name: str, row: str, setting: str, seed: int, original) -> tuple[Path, float]:
     """The row's compressed model, made once (as `mlp-fusion compress` makes it, with ``seed``) and kept
     under out/heal/; and the seconds compress took."""
+    row = MADE_AS.get(row, row)
     out = WORK / "models" / f"{model_name}-{setting}-{row}-seed{seed}"
     record = out / "compress-seconds.json"
     if not record.is_file() or not _sampled_as_now(out):
@@ -147,7 +155,10 @@ def curve(
     original = load_model(model_name)
     path, compress_seconds = compressed(model_name, row, setting, seed, original.model)
     student = load_model(str(path))
-    heal_on, sampling_seconds = healing_texts(model_name, settings.heal_seed, original, sampling_dtype)
+    if row in OWN_TEXT:
+        heal_on, sampling_seconds = training_texts(TEXTS, settings.heal_seed), 0.0
+    else:
+        heal_on, sampling_seconds = healing_texts(model_name, settings.heal_seed, original, sampling_dtype)
     points = {0: {"losses": measure_losses(student.model, student.tokenizer, texts), "heal_seconds": 0.0}}
     elapsed, clock = [0.0], [time.perf_counter()]
 
@@ -354,7 +365,7 @@ def report_test(results: dict) -> str:
                 + " | ".join(cells)
                 + " |"
             )
-        if row.split(", ")[0] in ("default", *SIZED):
+        if row.split(", ")[0] in ("default", *SIZED, *OWN_TEXT):
             worst = max(high for _, _, high in intervals[steps[-1]].values())
             met = "met" if worst <= GOALS[setting] and len(runs) >= 3 else "not met"
             verdicts.append(
@@ -370,7 +381,11 @@ def report_test(results: dict) -> str:
         "`--size` at the setting's parameter count, so compress plans where to cut; `block`: `--block-steps "
         "300`), then "
         f"healed with the settings chosen above on {TEXTS} texts sampled from the original (bfloat16 sampler; "
-        "a seed changes the healing texts, their order and k-means). Perplexity over the original's per "
+        "a seed changes the healing texts, their order and k-means); `own-text`: the default's model healed "
+        f"alike on {TEXTS} texts of the three domains' other files instead (`--heal-data`: WebNLG 2017 "
+        "training references, E2E dev references, SST-2 training sentences of at least "
+        f"{MIN_WORDS} words, a third each, drawn at random per seed; about 19 words a text, where sampled "
+        "texts run to 96 tokens). Perplexity over the original's per "
         "domain, the geometric mean over seeds, with the 95% paired-bootstrap interval over texts. Healing "
         f"seconds exclude the measurements. Plot: `{PLOT.relative_to(ROOT)}`."
     )

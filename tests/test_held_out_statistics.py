@@ -54,3 +54,14 @@ def test_interval_is_paired_over_texts():
 def test_runs_of_other_texts_are_refused():
     with pytest.raises(ValueError, match="same texts"):
         ratio_interval([_losses(0, 0.0, texts=10)], [_losses(0, 0.0, texts=11)])
+
+
+def test_own_healing_texts_hold_no_test_text_and_follow_their_seed():
+    from _held_out import DATA, domains, training_texts
+
+    if not DATA.is_dir():
+        pytest.skip(f"needs the shared data sets in {DATA}")
+    texts = training_texts(90, seed=1)
+    assert len(texts) == len(set(texts)) == 90
+    assert not {text for group in domains("test").values() for text in group} & set(texts)
+    assert training_texts(90, seed=1) == texts != training_texts(90, seed=2)
