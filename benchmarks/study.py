@@ -74,6 +74,11 @@ class Row:
         name = self.tuned_as or self.name
         return name.replace("S2-", "S1-", 1)
 
+    @property
+    def one_seed(self) -> bool:
+        """A row run for the record at another row's rate (``paper``) runs seed 0 only."""
+        return self.tuned_as is not None
+
 
 def study_rows() -> dict[str, Row]:
     rows = {
@@ -288,7 +293,7 @@ def test(rows: list[Row], seeds: list[int]) -> None:
     for seed in seeds:
         for row in rows:
             folder = STUDY / MODEL / row.name
-            if (row.tuned_as is not None and seed != 0) or (folder / f"seed{seed}.jsonl").is_file():
+            if (row.one_seed and seed != 0) or (folder / f"seed{seed}.jsonl").is_file():
                 continue
             print(f"test: {row.name} seed {seed} at lr {chosen[row.name]}", file=sys.stderr, flush=True)
             done = run(row, chosen[row.name], seed, "test")

@@ -33,6 +33,20 @@ GOALS = (
     ("S1: healed, then LoRA, within 1 BLEU of LoRA", "lora", "S1-healed+lora", ("high <=", 1.0)),
 )
 
+# the other pairs a user choosing a row asks about: (question, first row, second row), first - second
+COMPARISONS = (
+    ("full fine-tuning against LoRA on the original", "full", "lora"),
+    ("LoRA on the original against the default fine-tuned", "lora", "S1-default"),
+    ("the default against calibrated pruning, S1", "S1-default", "S1-prune"),
+    ("the default against the paper's data-free fusion", "S1-default", "S1-paper"),
+    ("the default fine-tuned against the default with LoRA", "S1-default", "S1-default+lora"),
+    ("LoRA on the original against LoRA on the default", "lora", "S1-default+lora"),
+    ("healing before full fine-tuning", "S1-healed", "S1-default"),
+    ("healing before LoRA", "S1-healed+lora", "S1-default+lora"),
+    ("full fine-tuning against the default, S2", "full", "S2-default"),
+    ("LoRA on the original against the default fine-tuned, S2", "lora", "S2-default"),
+)
+
 INTRO = (
     "The protocol (`benchmarks/study.py`): SmolLM2-135M fine-tuned on 1,000 WebNLG 2017 (triples, text) pairs "
     "drawn at random per seed, stratified by category and triple count (`finetune --sample random`), one epoch, "
@@ -139,19 +153,50 @@ def test_lines(found: dict[str, list]) -> list[str]:
     lines = ["| row | seeds | test BLEU (mean ± std) |", "|---|---|---|"]
     for row, runs in found.items():
         mean, std = mean_std([corpus_bleu(stats) for stats in runs])
-        spread = f"± {std:.2f}" if len(runs) > 1 else "(one seed so far)"
+        spread = (
+            f"± {std:.2f}"
+            if len(runs) > 1
+            else f"(one seed {'by design' if ROWS[row].one_seed else 'so far'})"
+        )
         lines.append(f"| {row} | {len(runs)} | {mean:.2f} {spread} |")
     lines += ["", "| goal | difference (95% paired interval) | verdict |", "|---|---|---|"]
     for text, first, second, (side, bound) in GOALS:
-        if len(found.get(first, [])) < 3 or len(found.get(second, [])) < 3:
+        interval = _paired(found, first, second)
+        if interval is None:
             lines.append(f"| {text} | - | waits for three seeds of each |")
             continue
-        difference, low, high = paired_interval(found[first], found[second])
+        difference, low, high = interval
         met = high <= bound if side == "high <=" else low > bound
         lines.append(
             f"| {text} | {difference:+.2f} ({low:+.2f} to {high:+.2f}) | {'met' if met else 'not met'} |"
         )
+    lines += [
+        "",
+        "Other comparisons (no goal; first row minus second, seeds paired; a one-seed row against the other row's seed 0):",
+        "",
+        "| comparison | first - second | BLEU difference (95% paired interval) |",
+        "|---|---|---|",
+    ]
+    for text, first, second in COMPARISONS:
+        interval = _paired(found, first, second)
+        shown = (
+            "waits for three seeds of each"
+            if interval is None
+            else "{:+.2f} ({:+.2f} to {:+.2f})".format(*interval)
+        )
+        lines.append(f"| {text} | {first} - {second} | {shown} |")
     return lines
+
+
+def _paired(found: dict[str, list], first: str, second: str) -> tuple[float, float, float] | None:
+    """The paired interval of ``first`` minus ``second`` over their common seeds: every seed of each when
+    both have three, seed 0 alone when one row has one seed by design (``paper``); None otherwise."""
+    one, other = found.get(first, []), found.get(second, [])
+    seeds = min(len(one), len(other))
+    by_design = seeds == 1 and ROWS[first if len(one) == 1 else second].one_seed
+    if seeds < 3 and not by_design:
+        return None
+    return paired_interval(one[:seeds], other[:seeds])
 
 
 def cost_lines(found: dict[str, list]) -> list[str]:

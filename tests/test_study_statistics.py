@@ -55,3 +55,18 @@ def test_a_rows_interval_holds_its_bleu_and_narrows_with_agreeing_seeds():
     other = bleu_statistics(_outputs(3, noise=0.4)[0][::-1], references)  # outputs on the wrong inputs
     _, mixed_low, mixed_high = bleu_interval([stats, other], resamples=200)
     assert mixed_high - mixed_low < high - low  # two seeds averaged vary less than one
+
+
+def test_rows_are_compared_over_three_seeds_or_a_one_seed_row_against_seed_0():
+    from study_report import _paired
+
+    runs = {
+        name: [bleu_statistics(*_outputs(seed, noise=noise)) for seed in range(seeds)]
+        for name, seeds, noise in (("full", 3, 0.1), ("S1-default", 2, 0.3), ("S1-paper", 1, 0.5))
+    }
+    assert _paired(runs, "full", "S1-default") is None  # two seeds of one row: no verdict yet
+    assert _paired(runs, "full", "S1-paper") == paired_interval(runs["full"][:1], runs["S1-paper"])
+    runs["S1-default"].append(bleu_statistics(*_outputs(2, noise=0.3)))
+    assert _paired(runs, "full", "S1-default") == paired_interval(runs["full"], runs["S1-default"])
+    runs["S1-default"] = runs["S1-default"][:1]  # one seed of a row that should have three
+    assert _paired(runs, "full", "S1-default") is None
