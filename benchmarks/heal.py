@@ -8,8 +8,9 @@ Two steps, as every study here (METHOD.md section 11):
   the original (sampling seed 0); the lowest perplexity over the original (geometric mean of the three
   domains) at the last step wins. That candidate then heals in bfloat16 (`--heal-precision`), which is
   taken when it ends at most 1% above float32; then the chosen settings with a rate falling linearly to 0
-  at the last step (`--heal-schedule linear`), taken when it ends at least 1% lower. Each run is saved as
-  it finishes.
+  at the last step (`--heal-schedule linear`), taken when it ends at least 1% lower; then the chosen
+  settings with even centroid steps (`_centroid_steps.py`), a lead worth building into compress when it
+  ends at least 1% lower. Each run is saved as it finishes.
 - ``test``: each row compressed (the default recipe, calibrated pruning on the same sampled calibration
   texts, or the default with block reconstruction) at S1 or S2 (row ``size``: the default recipe at S1's
   or S2's parameter count, cut where `compress --size` plans it), healed with the chosen settings on texts sampled from the original (one sampling seed
@@ -39,6 +40,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _centroid_steps import even_centroid_steps  # noqa: E402
 from _held_out import (  # noqa: E402
     DATA,
     MIN_WORDS,
@@ -90,6 +92,10 @@ CANDIDATES = {  # which weights heal, and the rate
 CHOICE_STEPS = (50, 100)
 PRECISION_TOLERANCE = 1.01  # bfloat16 healing is taken when its ratio to the original is at most 1% higher
 SCHEDULE_GAIN = 0.99  # a linear schedule is taken when its ratio to the original is at least 1% lower
+# even steps for fused neurons (benchmarks/_centroid_steps.py) are worth building into compress when they
+# end at least 1% lower than the chosen settings
+EVEN_STEPS_GAIN = 0.99
+EVEN_STEPS = "even centroid steps"
 # the choices heal on texts of the float32 sampler (the default before bfloat16); results on the default's
 CHOICE_SAMPLING, SAMPLING = None, recipes.Sampling.dtype
 STEPS = (100, 200, 300)
@@ -147,11 +153,12 @@ def _sampled_as_now(out: Path) -> bool:
 
 
 def curve(
-    model_name: str, row: str, setting: str, seed: int, settings: HealSettings, texts, steps, sampling_dtype
-) -> dict:
+    model_name: str, row: str, setting: str, seed: int, settings: HealSettings, texts, steps, sampling_dtype,
+    even_steps: bool = False,
+) -> dict:  # fmt: skip
     """Heal the row's compressed model with ``settings`` on texts sampled in ``sampling_dtype``; its per-text
     losses on ``texts`` (held-out domains) at 0 and after each of ``steps``, with the healing seconds up to
-    there."""
+    there. ``even_steps``: each step of a fused neuron divided by its scale (:mod:`_centroid_steps`)."""
     original = load_model(model_name)
     path, compress_seconds = compressed(model_name, row, setting, seed, original.model)
     student = load_model(str(path))
@@ -161,8 +168,10 @@ def curve(
         heal_on, sampling_seconds = healing_texts(model_name, settings.heal_seed, original, sampling_dtype)
     points = {0: {"losses": measure_losses(student.model, student.tokenizer, texts), "heal_seconds": 0.0}}
     elapsed, clock = [0.0], [time.perf_counter()]
+    evened = even_centroid_steps(student.model) if even_steps else lambda step: None
 
     def after_step(step: int) -> None:
+        evened(step)
         elapsed[0] += time.perf_counter() - clock[0]
         if step in steps:
             losses = measure_losses(student.model, student.tokenizer, texts)
@@ -187,7 +196,8 @@ def ratio_to_original(run: dict, step: int) -> float:
 
 def choose() -> None:
     """Every candidate on validation texts (SmolLM2 at S1, sampling seed 0), then the best of them healing in
-    bfloat16, then the chosen one with a linear schedule; each saved as it finishes."""
+    bfloat16, then the chosen one with a linear schedule, then the chosen settings with even centroid steps;
+    each saved as it finishes."""
     for name, candidate in CANDIDATES.items():
         _choice_run(name, candidate)
     best = _best(_choice_runs())
@@ -195,19 +205,47 @@ def choose() -> None:
     name, settings = _constant_choice(_choice_runs())
     settings.pop("candidate")
     _choice_run(f"{name}, linear", {**settings, "heal_schedule": "linear"})
-    print(json.dumps(chosen(), indent=2))
+    final = chosen()
+    _choice_run(_even_name(final), {k: v for k, v in final.items() if k != "candidate"}, even_steps=True)
+    print(json.dumps(final, indent=2))
+
+
+def _even_name(choice: dict) -> str:
+    """The choice run of the chosen settings with even centroid steps."""
+    return f"{_chosen_name(choice)}, {EVEN_STEPS}"
+
+
+def _chosen_name(choice: dict) -> str:
+    """The choice run that healed with the chosen settings."""
+    name = choice["candidate"] + (", bfloat16" if choice["heal_precision"] == "bfloat16" else "")
+    return name + ("" if choice["heal_schedule"] == "constant" else f", {choice['heal_schedule']}")
+
+
+def even_steps_verdict() -> str | None:
+    """Whether even centroid steps ended at least 1% below the chosen settings (EVEN_STEPS_GAIN), once run."""
+    runs, choice, last = _choice_runs(), chosen(), str(max(CHOICE_STEPS))
+    if choice is None or _even_name(choice) not in runs:
+        return None
+    even, plain = (ratio_to_original(runs[name], last) for name in (_even_name(choice), _chosen_name(choice)))
+    worth = even <= EVEN_STEPS_GAIN * plain
+    return (
+        f"Even centroid steps (each step of a fused neuron divided by its scale, `benchmarks/_centroid_steps.py`) "
+        f"ended at {even:.3f}x against {plain:.3f}x with the chosen settings at {last} steps: "
+        + ("at least 1% lower, so worth building into compress." if worth else "not 1% lower, so not built.")
+    )
 
 
 def _choice_runs() -> dict:
     return json.loads(CHOICES.read_text())["runs"] if CHOICES.is_file() else {}
 
 
-def _choice_run(name: str, candidate: dict) -> None:
+def _choice_run(name: str, candidate: dict, even_steps: bool = False) -> None:
     if name in _choice_runs():
         return
     print(f"heal choose: {name}", file=sys.stderr, flush=True)
     settings = HealSettings(heal_steps=max(CHOICE_STEPS), heal_seed=0, **HEALING, **candidate)
-    run = curve("smollm2", "default", "S1", 0, settings, domains("validation"), CHOICE_STEPS, CHOICE_SAMPLING)
+    texts = domains("validation")
+    run = curve("smollm2", "default", "S1", 0, settings, texts, CHOICE_STEPS, CHOICE_SAMPLING, even_steps)
     run["curve"] = {str(step): point for step, point in run["curve"].items()}
     run.update(date=date.today().isoformat(), cpu=machine()["cpu"])  # a later run may use another machine
     record = json.loads(CHOICES.read_text()) if CHOICES.is_file() else {**run_header(), "runs": {}}
@@ -318,6 +356,9 @@ def report() -> None:
         intro += (
             f" **Chosen: {choice['candidate']}, {choice['heal_precision']}, {choice['heal_schedule']} rate.**"
         )
+    verdict = even_steps_verdict()
+    if verdict is not None:
+        intro += " " + verdict
     print(publish("heal-choice-smollm2", intro, table, record, CHOICES))
     if RESULTS.is_file():
         print(report_test(json.loads(RESULTS.read_text())))
