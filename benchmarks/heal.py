@@ -196,8 +196,9 @@ def ratio_to_original(run: dict, step: int) -> float:
 
 def choose() -> None:
     """Every candidate on validation texts (SmolLM2 at S1, sampling seed 0), then the best of them healing in
-    bfloat16, then the chosen one with a linear schedule, then the chosen settings with even centroid steps;
-    each saved as it finishes."""
+    bfloat16, then two leads with the settings so chosen (a linear schedule, even centroid steps), and the
+    chosen settings again when the leads healed another compressed model than theirs; each saved as it
+    finishes."""
     for name, candidate in CANDIDATES.items():
         _choice_run(name, candidate)
     best = _best(_choice_runs())
@@ -205,32 +206,49 @@ def choose() -> None:
     name, settings = _constant_choice(_choice_runs())
     settings.pop("candidate")
     _choice_run(f"{name}, linear", {**settings, "heal_schedule": "linear"})
-    final = chosen()
-    _choice_run(_even_name(final), {k: v for k, v in final.items() if k != "candidate"}, even_steps=True)
-    print(json.dumps(final, indent=2))
+    _choice_run(f"{name}, {EVEN_STEPS}", settings, even_steps=True)
+    runs = _choice_runs()
+    if not _same_model(runs[name], runs[f"{name}, linear"]):
+        _choice_run(f"{name}, {RERUN}", settings)
+    print(json.dumps(chosen(), indent=2))
 
 
-def _even_name(choice: dict) -> str:
-    """The choice run of the chosen settings with even centroid steps."""
-    return f"{_chosen_name(choice)}, {EVEN_STEPS}"
+# the chosen settings healing again: the default compress changed (its sampler) after they were chosen, so
+# the leads after it healed another compressed model, and each lead is compared on its own model
+RERUN = "again on the leads' model"
 
 
-def _chosen_name(choice: dict) -> str:
-    """The choice run that healed with the chosen settings."""
-    name = choice["candidate"] + (", bfloat16" if choice["heal_precision"] == "bfloat16" else "")
-    return name + ("" if choice["heal_schedule"] == "constant" else f", {choice['heal_schedule']}")
+def _same_model(run: dict, other: dict) -> bool:
+    """Whether two choice runs healed the same compressed model (the same losses before healing)."""
+    return run["curve"]["0"]["losses"] == other["curve"]["0"]["losses"]
+
+
+def _baseline(runs: dict, lead: str) -> dict | None:
+    """The run of the constant choice's settings on the compressed model the ``lead`` run healed (None until
+    it has run)."""
+    name, _ = _constant_choice(runs)
+    for candidate in (runs.get(name), runs.get(f"{name}, {RERUN}")):
+        if candidate is not None and _same_model(candidate, runs[lead]):
+            return candidate
+    return None
 
 
 def even_steps_verdict() -> str | None:
-    """Whether even centroid steps ended at least 1% below the chosen settings (EVEN_STEPS_GAIN), once run."""
-    runs, choice, last = _choice_runs(), chosen(), str(max(CHOICE_STEPS))
-    if choice is None or _even_name(choice) not in runs:
+    """Whether even centroid steps ended at least 1% below the chosen settings on the same compressed model
+    (EVEN_STEPS_GAIN), once both have run."""
+    runs, last = _choice_runs(), str(max(CHOICE_STEPS))
+    if chosen() is None:
         return None
-    even, plain = (ratio_to_original(runs[name], last) for name in (_even_name(choice), _chosen_name(choice)))
+    lead = f"{_constant_choice(runs)[0]}, {EVEN_STEPS}"
+    base = _baseline(runs, lead) if lead in runs else None
+    if base is None:
+        return None
+    even, plain = ratio_to_original(runs[lead], last), ratio_to_original(base, last)
     worth = even <= EVEN_STEPS_GAIN * plain
     return (
         f"Even centroid steps (each step of a fused neuron divided by its scale, `benchmarks/_centroid_steps.py`) "
-        f"ended at {even:.3f}x against {plain:.3f}x with the chosen settings at {last} steps: "
+        f"ended at {even:.3f}x against {plain:.3f}x with the chosen settings on the same compressed model at "
+        f"{last} steps: "
         + ("at least 1% lower, so worth building into compress." if worth else "not 1% lower, so not built.")
     )
 
@@ -271,15 +289,17 @@ def _constant_choice(runs: dict) -> tuple[str, dict]:
 
 def chosen() -> dict | None:
     """The settings chosen on validation: :func:`_constant_choice`, with the linear schedule when that ends
-    at least 1% lower (SCHEDULE_GAIN); None until every choice run has finished."""
+    at least 1% lower than the constant rate on the same compressed model (SCHEDULE_GAIN); None until every
+    choice run has finished."""
     runs = _choice_runs()
     if any(name not in runs for name in CANDIDATES) or f"{_best(runs)}, bfloat16" not in runs:
         return None
     name, settings = _constant_choice(runs)
-    linear, last = runs.get(f"{name}, linear"), str(max(CHOICE_STEPS))
-    if linear is None:
+    linear, last = f"{name}, linear", str(max(CHOICE_STEPS))
+    base = _baseline(runs, linear) if linear in runs else None
+    if base is None:
         return None
-    lower = ratio_to_original(linear, last) <= SCHEDULE_GAIN * ratio_to_original(runs[name], last)
+    lower = ratio_to_original(runs[linear], last) <= SCHEDULE_GAIN * ratio_to_original(base, last)
     return {**settings, "heal_schedule": "linear" if lower else "constant"}
 
 
@@ -339,7 +359,10 @@ def report() -> None:
         f"{TEXTS} texts sampled from the original (seed 0, float32 sampler), AdamW at a constant rate. Rule, "
         f"fixed before the runs: the lowest ratio at {last} steps among the float32 candidates; then that "
         "candidate in bfloat16, taken when it ends at most 1% above; then the chosen settings with the rate "
-        "falling linearly to 0 at the last step, taken when it ends at least 1% lower. Seconds exclude the measurements; the "
+        "falling linearly to 0 at the last step, taken when it ends at least 1% lower. Each lead is compared with "
+        f"the chosen settings healing the same compressed model: the default's calibration sampler changed after the "
+        f"candidates ran, so the leads healed a model made anew, and the chosen settings healed it again ('{RERUN}'). "
+        "Seconds exclude the measurements; the "
         "first candidate's ran while other work shared the CPU. One sampling seed, no interval: a choice, "
         "not a result."
     )
