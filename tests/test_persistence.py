@@ -2,6 +2,7 @@ import copy
 import json
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from tiny_models import build, inputs, outputs
@@ -48,7 +49,7 @@ def test_failed_save_leaves_the_old_checkpoint(saved, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("mlp_fusion.persistence.save_model", broken)
+    monkeypatch.setattr("mlp_fusion.persistence.save_file", broken)
     with pytest.raises(OSError):
         mlp_fusion.save_pretrained(model, path, overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
@@ -189,3 +190,30 @@ def test_a_loaded_half_precision_model_computes_its_derived_buffers_as_transform
         assert buffer.dtype == expected[name].dtype and torch.equal(buffer, expected[name]), name
     batch = inputs()
     assert torch.equal(outputs(loaded, batch), outputs(fused, batch))
+
+
+@pytest.mark.parametrize("method", ["svd", "fusion", "prune"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
+def test_transformers_refuses_a_fused_checkpoint_instead_of_filling_weights_at_random(
+    tmp_path, method, streamed
+):
+    """Low-rank factors keep every shape transformers checks: without the placeholders it built those MLPs
+    at random and only warned. Every fused checkpoint must be refused by it, and load here to the same
+    outputs."""
+    model = build("llama")
+    model.save_pretrained(tmp_path / "plain")
+    out = tmp_path / "fused"
+    mlp_fusion.compress(
+        str(tmp_path / "plain"), out, method=method, ratio=0.5, in_memory=not streamed, recipe="paper"
+    )
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    fused = copy.deepcopy(model)
+    fuse(fused, FusionConfig(ratio=0.5, method=method))
+    batch = inputs()
+    loaded = mlp_fusion.from_pretrained(out)
+    assert torch.allclose(outputs(loaded, batch), outputs(fused, batch), atol=1e-5)
+    # the Trainer loads the best epoch's file with load_state_dict: the placeholders are passed over
+    files = list(out.glob("*.safetensors"))
+    stored = {key: value for path in files for key, value in safetensors.torch.load_file(path).items()}
+    assert loaded.load_state_dict(stored, strict=False).unexpected_keys == []

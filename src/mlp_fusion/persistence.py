@@ -3,6 +3,11 @@
 A fused checkpoint is ``config.json`` of the base model, ``model.safetensors`` (stored weights and scale
 buffers), tokenizer files when given, and ``fusion.json`` (what was fused and how). The files underneath
 are :mod:`mlp_fusion.checkpoint_files`; export to a plain checkpoint is :mod:`mlp_fusion.exporting`.
+
+Each weight the model computes from stored tensors also has an empty placeholder under its plain name
+(:func:`placeholders`): transformers, which does not know the format, would otherwise build such a weight at
+random and only warn (low-rank factors keep every shape it checks); the placeholder's shape makes it refuse
+the file instead. Readers here skip the placeholders.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import save_model
+from safetensors.torch import save_file
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .checkpoint_files import (
     DTYPES,
@@ -64,8 +70,12 @@ def check_fused_format(model: nn.Module) -> None:
 
 def follow_native_save(model: nn.Module) -> None:
     """Make the model's own ``save_pretrained`` (transformers', which the Trainer calls too) write the fused
-    format into the directory, as that method writes its files, instead of a checkpoint that loads wrong.
+    format into the directory, as that method writes its files, instead of a checkpoint that loads wrong; and
+    its ``load_state_dict`` (the Trainer's, for the best epoch's weights) pass over the placeholders.
     :func:`mlp_fusion.fuse` calls it on every model it fuses, :func:`from_pretrained` on every model it loads."""
+    if not getattr(model, _PLACEHOLDERS_SKIPPED, False):
+        model.register_load_state_dict_pre_hook(_drop_placeholders)
+        setattr(model, _PLACEHOLDERS_SKIPPED, True)
 
     def native_save(self: nn.Module, save_directory: str | Path, *args, **kwargs) -> None:
         check_fused_format(self)
@@ -78,8 +88,33 @@ def follow_native_save(model: nn.Module) -> None:
 
 
 def _write_fused(model: nn.Module, directory: Path, tokenizer) -> None:
-    save_model(model, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    state = model.state_dict()
+    for group in shared_names(model):  # tied weights: stored once, under the first name
+        for name in group[1:]:
+            state.pop(name, None)
+    tensors = {**{key: tensor.contiguous() for key, tensor in state.items()}, **placeholders(model)}
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     write_description(model, directory, tokenizer)
+
+
+_PLACEHOLDERS_SKIPPED = "_mlp_fusion_skips_placeholders"
+
+
+def _drop_placeholders(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict``'s pre-hook: a fused checkpoint's placeholders are no tensors of the model."""
+    for key in placeholders(module, prefix.rstrip(".")):
+        state_dict.pop(key, None)
+
+
+def placeholders(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """An empty tensor under the plain name of every weight ``model`` computes from stored tensors (a fixed
+    scale, low-rank factors), each name after ``prefix``."""
+    return {
+        ".".join(part for part in (prefix, name, attr) if part): torch.empty(0)
+        for name, module in model.named_modules()
+        if parametrize.is_parametrized(module)
+        for attr in module.parametrizations
+    }
 
 
 def write_description(model: nn.Module, directory: Path, tokenizer) -> None:
@@ -186,11 +221,13 @@ def _stored_dtype(directory: Path, fusion: dict) -> torch.dtype:
 
 def _load_stored_tensors(model: nn.Module, files: list[Path], device: torch.device) -> None:
     """Put every stored tensor in place (cast to the dtype the model holds it in), then tie shared weights."""
-    expected = model.state_dict()
+    expected, skipped = model.state_dict(), set(placeholders(model))
     state = {}
     for path in files:
         with open_stored(path, device) as stored:
             for key in stored.keys():
+                if key in skipped:
+                    continue
                 if key in expected:
                     state[key] = aligned(stored.get_tensor(key).to(expected[key].dtype))
                 else:

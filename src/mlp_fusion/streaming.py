@@ -38,7 +38,7 @@ from .errors import UserError
 from .families import find_sites
 from .layer_runs import LayerStackError, LayerWalk, spread_budget, stack_index
 from .loading import check_head
-from .persistence import fused_skeleton, write_description
+from .persistence import fused_skeleton, placeholders, write_description
 from .plain_export import export_notes, export_widths, set_widths
 from .records import FusionReport, record_layers
 from .shard_io import SHARD_BYTES, CheckpointReader, ShardWriter
@@ -172,7 +172,10 @@ def _write_group(model: nn.Module, group: list[MlpSite], shards: ShardWriter) ->
     """Write a fused layer's MLP tensors, then release them."""
     for site in group:
         module = model.get_submodule(site.name)
-        for key, tensor in module.state_dict(prefix=site.name + ".").items():
+        for key, tensor in {
+            **module.state_dict(prefix=site.name + "."),
+            **placeholders(module, site.name),
+        }.items():
             shards.add(key, tensor)
         module.to("meta")
 

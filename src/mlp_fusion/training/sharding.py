@@ -122,14 +122,17 @@ def load_sharded(directory: Path, dtype: torch.dtype, device: torch.device) -> n
 def _read_own_rows(model: nn.Module, files: list[Path]) -> None:
     """Fill every sharded parameter with its process's rows of the stored tensor (FSDP2 splits dim 0 as
     ``torch.chunk`` does) and every buffer with the whole stored one; refuse a checkpoint that misses one."""
+    from ..persistence import placeholders
     from ..shard_io import open_stored
 
-    targets = model.state_dict()
+    targets, skipped = model.state_dict(), set(placeholders(model))
     filled = set()  # storage of the local tensors written (tied weights share one)
     with torch.no_grad():
         for path in files:
             with open_stored(path) as stored:
                 for key in stored.keys():
+                    if key in skipped:
+                        continue
                     if key not in targets:
                         raise UserError(f"{path} holds {key!r}, which the fused model lacks: save it again")
                     local, start = _own_rows(targets[key])
