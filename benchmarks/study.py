@@ -177,7 +177,9 @@ def model_folder(row: Row, seed: int) -> tuple[Path, list[str]]:
     return WORK / "models" / "_".join(part.strip("-").replace("/", "") for part in options), options
 
 
-SEED_DEPENDENT = {"seed", "kl_first", "kl_last", "seconds"}  # what may differ between a row's seeds
+# what may differ between a row's seeds; a heal record's "texts" is the number of sampled texts it used
+# (seed 2 of S1-healed drew one empty text of 1,000 and healed on 999), not only the number asked for
+SEED_DEPENDENT = {"seed", "kl_first", "kl_last", "seconds", "texts"}
 
 
 def check_same_recipe(made: Path, first: Path) -> None:
